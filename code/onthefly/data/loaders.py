@@ -1,0 +1,88 @@
+"""DataLoaders for single-process and torchrun runs alike.
+
+Exact resumption: the training order depends only on (seed, epoch) (DistributedSampler with
+`set_epoch`), and every sample's random augmentation is seeded from (seed, epoch, index)
+just before it is loaded. So a resumed run sees exactly the batches an uninterrupted run
+would, whatever the number of workers and even with persistent workers.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields (index, epoch) so the dataset can seed each sample."""
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """Loads dataset[i] with Python, NumPy and torch RNGs seeded from (seed, epoch, i)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        sample_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**32
+        in_main_process = torch.utils.data.get_worker_info() is None
+        if in_main_process:  # leave the training loop's own random streams untouched
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.random.default_generator.manual_seed(sample_seed)  # CPU only: CUDA streams untouched
+        try:
+            return self.dataset[index]
+        finally:
+            if in_main_process:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of w takes samples r, r+w, r+2w, ...: no padding, so evaluation counts each sample once."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    """Call `loader.sampler.set_epoch(epoch)` before each epoch."""
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if len(sampler) < batch_size:
+        raise ValueError(f"the training split has {len(sampler)} samples per process, fewer than one batch of {batch_size}")
+    return DataLoader(
+        SeededSamples(dataset, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,  # a batch of 1 would break BatchNorm's training statistics
+        persistent_workers=num_workers > 0,
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,87 @@
+"""Command line of code/preprocess.py (imports neither librosa nor OpenCV at load time)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ...errors import UserError
+from . import LAYOUTS, get_layout
+
+AUDIO_OPTS = ("sample_rate", "duration", "n_fft", "hop_length", "min_audio_seconds", "silence_threshold")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preprocess.py",
+        description="Turn a downloaded dataset into the compact cache that training reads "
+        "(see docs/datasets.md for each dataset's layout, parameters and split).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, choices=LAYOUTS)
+    p.add_argument("--root", required=True, help="the downloaded dataset's folder")
+    p.add_argument("--out", required=True, help="cache directory to write (e.g. data/cremad)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (0: run in this process)")
+    g = p.add_argument_group("frames")
+    g.add_argument("--fps", type=float, default=None, help="frames kept per second of video [1]")
+    g.add_argument("--short_side", type=int, default=None, help="stored frames are short_side x short_side [256]")
+    g.add_argument("--crop_size", type=int, default=None, help="crop the loader takes from a stored frame [224]")
+    g.add_argument("--max_frames", type=int, default=None,
+                   help="at most this many frames per clip, evenly spread (0: all) [cremad/ucf101 0, "
+                   "kinetics_sounds/ave 10, vggsound 3]")
+    g.add_argument("--flow_bound", type=float, default=None,
+                   help="ucf101: optical flow clipped to +-this many pixels before uint8 [20]")
+    a = p.add_argument_group("audio (log-magnitude STFT)")
+    a.add_argument("--sample_rate", type=int, default=None, help="[cremad 22050, others 16000]")
+    a.add_argument("--duration", type=float, default=None, help="seconds kept, shorter clips tiled [cremad 3, others 10]")
+    a.add_argument("--n_fft", type=int, default=None, help="[512]")
+    a.add_argument("--hop_length", type=int, default=None, help="[cremad 353, others 853]")
+    a.add_argument("--min_audio_seconds", type=float, default=None, help="shorter audio is skipped [0.1]")
+    a.add_argument("--silence_threshold", type=float, default=None, help="audio with a lower peak is skipped [1e-4]")
+    s = p.add_argument_group("splits")
+    s.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="ucf101: official split")
+    s.add_argument("--speaker_independent", action="store_true", help="cremad: actor-disjoint train/val/test")
+    s.add_argument("--val_fraction", type=float, default=0.1, help="val share where val is carved")
+    s.add_argument("--test_fraction", type=float, default=0.1, help="test share where test is carved")
+    s.add_argument("--seed", type=int, default=0, help="seed of carved splits")
+    i = p.add_argument_group("input and run")
+    i.add_argument("--csv", default=None, help="kinetics_sounds/vggsound: the list (id,label,split)")
+    i.add_argument("--videos", default=None, help="kinetics_sounds/vggsound: folder searched for videos [--root]")
+    i.add_argument("--keep_work", action="store_true", help="keep <out>/.work (per-clip results) after success")
+    i.add_argument("--fresh", action="store_true", help="discard unfinished work in <out>/.work and start over")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_applicable(opts: argparse.Namespace, layout) -> None:
+    given = lambda k: getattr(opts, k) is not None  # noqa: E731
+    if "audio" not in layout.MODALITIES:
+        bad = [k for k in AUDIO_OPTS if given(k)]
+        if bad:
+            raise UserError(f"--{bad[0]}: {layout.NAME} has no audio")
+    if "flow" not in layout.MODALITIES and given("flow_bound"):
+        raise UserError(f"--flow_bound: {layout.NAME} has no optical flow")
+    if opts.speaker_independent and layout.NAME != "cremad":
+        raise UserError("--speaker_independent applies to cremad only")
+    if opts.split != 1 and layout.NAME != "ucf101":
+        raise UserError("--split applies to ucf101 only")
+    if (opts.csv or opts.videos) and layout.NAME not in ("kinetics_sounds", "vggsound"):
+        raise UserError("--csv / --videos apply to kinetics_sounds and vggsound only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        layout = get_layout(opts.dataset)
+        _check_applicable(opts, layout)
+        from .pipeline import preprocess
+
+        preprocess(layout, opts)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished clips are kept)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,84 @@
+"""CREMA-D as distributed: AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav (16 kHz mono)
+and VideoFlash/<same id>.flv. The label is the emotion code in the file name."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from ...errors import UserError
+from .common import ClipJob, Scan, require_dir
+
+NAME = "cremad"
+MODALITIES = ("audio", "visual")
+# The official CREMA-D loader's class order.
+CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+EXPECTED = (
+    "CREMA-D's layout: <root>/AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav and "
+    "<root>/VideoFlash/<same id>.flv"
+)
+DEFAULTS: dict[str, Any] = {
+    # audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
+    # STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188
+    "audio_source": "file",
+    "sample_rate": 22050,
+    "duration": 3.0,
+    "n_fft": 512,
+    "hop_length": 353,
+    "stft_pad_mode": "constant",
+    "log_eps": 1e-7,
+    "min_audio_seconds": 0.1,
+    "silence_threshold": 1e-4,
+    # frames: 1 per second, stored 256 x 256, random 224 crops for training
+    "fps": 1.0,
+    "short_side": 256,
+    "max_frames": 0,
+    "crop_size": 224,
+}
+SPLIT_OPTIONS = ("speaker_independent",)
+VIDEO_EXTS = (".flv", ".mp4", ".avi", ".mkv")
+_NAME_RE = re.compile(r"^(\d+)_([A-Za-z]+)_([A-Za-z]{3})_([A-Za-z]+)$")
+
+
+def uses_groups(opts: Any) -> bool:
+    return bool(getattr(opts, "speaker_independent", False))
+
+
+def scan(root: str, opts: Any) -> Scan:
+    audio_dir = os.path.join(root, "AudioWAV")
+    video_dir = os.path.join(root, "VideoFlash")
+    if not os.path.isdir(audio_dir) and os.path.basename(root.rstrip("/")) in ("AudioWAV", "VideoFlash"):
+        raise UserError(f"--root {root}: give the CREMA-D folder that holds AudioWAV/ and VideoFlash/ (expected {EXPECTED})")
+    require_dir(audio_dir, EXPECTED)
+    require_dir(video_dir, EXPECTED)
+    videos = {}
+    for name in os.listdir(video_dir):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in VIDEO_EXTS and (stem not in videos or ext.lower() == ".flv"):
+            videos[stem] = os.path.join(video_dir, name)
+    jobs: list[ClipJob] = []
+    skipped: list[tuple[str, str, str]] = []
+    for name in sorted(os.listdir(audio_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() != ".wav":
+            continue
+        m = _NAME_RE.match(stem)
+        if not m or m.group(3).upper() not in CLASSES:
+            skipped.append((stem, "file name is not <actor>_<sentence>_<emotion>_<level> with a known emotion",
+                            f"AudioWAV/{name}"))
+            continue
+        if stem not in videos:
+            skipped.append((stem, "missing video VideoFlash/" + stem + ".flv", f"AudioWAV/{name}"))
+            continue
+        jobs.append(
+            ClipJob(
+                clip_id=stem,
+                label=CLASSES.index(m.group(3).upper()),
+                audio=os.path.join(audio_dir, name),
+                video=videos[stem],
+                group=m.group(1),
+            )
+        )
+    if not jobs and not any(s[1].startswith("missing video") for s in skipped):
+        raise UserError(f"--root {root}: no CREMA-D clips found in AudioWAV/ (expected {EXPECTED})")
+    return Scan(class_names=list(CLASSES), jobs=jobs, skipped=skipped)

@@ -1,0 +1,48 @@
+"""A small registry so datasets are looked up by name instead of an if/elif chain.
+
+A dataset module registers a `DatasetEntry`:
+  * `info(cfg)`      -> DatasetInfo (classes, modalities, shapes), cheap to call;
+  * `build(cfg, split)` -> a torch Dataset whose items are dicts
+        {<modality name>: tensor, "label": int, "index": int};
+    `split` is "train", "val" or "test"; training-time augmentation happens when split == "train".
+  * `defaults`       -> per-dataset training defaults (optimizer, lr, epochs, ...), applied
+    under anything the user gives on the command line or in a YAML file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .spec import DatasetInfo
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    info: Callable[[Any], DatasetInfo]
+    build: Callable[[Any, str], Dataset]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> DatasetEntry:
+    if entry.name in _DATASETS:
+        raise ValueError(f"dataset {entry.name!r} registered twice")
+    _DATASETS[entry.name] = entry
+    return entry
+
+
+def get_dataset_entry(name: str) -> DatasetEntry:
+    if name not in _DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_DATASETS))}")
+    return _DATASETS[name]
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)

@@ -1,0 +1,154 @@
+"""train_one_epoch and evaluate: the one training loop every modulation method shares."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .distributed import all_gather_objects, all_reduce_sum, is_main_process
+from .metrics import classification_metrics
+from .models import auxiliary_loss
+from .modulation import Modulator
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or a gradient is NaN/Inf; the message says where and how to resume."""
+
+
+@dataclass
+class TrainState:
+    """Counters that survive across epochs (and in checkpoints)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_loss(out: dict, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Cross-entropy of the fused logits (OPM's dropped-out samples weighted 0) + auxiliary z_m loss."""
+    per_sample = F.cross_entropy(out["logits"].float(), labels, reduction="none")  # (B,)
+    weight = out["sample_weight"]
+    if weight is None:
+        loss = per_sample.mean()
+    else:
+        loss = (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss + auxiliary_loss(head, out["unimodal_logits"], labels)
+
+
+def _grads_finite(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    modulator: Modulator,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    preset: Callable,
+    state: TrainState,
+    cfg,
+    autocast_dtype: torch.dtype | None,
+    writer=None,
+    resume_hint: str = "",
+) -> dict[str, float]:
+    """One pass over `loader`. Nothing is read on the host except every `cfg.log_every` steps."""
+    model.train()
+    head = (model.module if hasattr(model, "module") else model).head
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
+    totals = torch.zeros(2, device=device)  # loss sum, correct
+    seen = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    epoch = state.epoch
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False, dynamic_ncols=True)
+
+    for step, batch in enumerate(bar):
+        inputs, labels = preset(batch)
+        with autocast:
+            out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch))
+            loss = compute_loss(out, labels, head)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        modulator.modulate_gradients(out, labels, epoch)
+
+        finite = loss.detach().isfinite() & _grads_finite(params)
+        if cfg.nonfinite == "skip":
+            if not bool(finite):  # a host sync per step: the price of the opt-in skip policy
+                state.global_step += 1
+                continue
+        else:
+            nonfinite |= ~finite
+        optimizer.step()
+
+        totals += torch.stack([loss.detach() * len(labels), (out["logits"].argmax(1) == labels).sum()])
+        seen += len(labels)
+        state.global_step += 1
+        if step % cfg.log_every == 0 or step == len(loader) - 1:
+            if bool(nonfinite):
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at epoch {epoch}, step {step} (global step {state.global_step}); "
+                    f"nothing was saved from this epoch. {resume_hint}"
+                )
+            _log_step(bar, writer, modulator, loss, optimizer, state.global_step)
+
+    loss_sum, correct = all_reduce_sum(totals).tolist()
+    n = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, optimizer, step: int) -> None:
+    scalars = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}
+    for key, value in modulator.stats.items():
+        for m, v in enumerate(value.tolist()):
+            scalars[f"modulation/{key}_{m}"] = v
+    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+    if writer is not None:
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, step)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval") -> dict[str, torch.Tensor]:
+    """Logits, unimodal logits, labels and dataset indices for every sample of `loader` (on CPU).
+
+    Under DDP each rank predicts its shard and the shards are gathered, so every sample is
+    counted exactly once (shards must not overlap: see data.loaders.eval_sampler).
+    """
+    model.eval()
+    inner = model.module if hasattr(model, "module") else model
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
+    parts.update({f"logits_{n}": [] for n in inner.modality_names})
+    for batch in tqdm(loader, desc=desc, disable=not is_main_process(), leave=False, dynamic_ncols=True):
+        inputs, labels = preset(batch)
+        with autocast:
+            out = model(inputs)
+        parts["logits"].append(out["logits"].float())
+        parts["labels"].append(labels)
+        parts["index"].append(batch["index"])
+        for n, z in zip(inner.modality_names, out["unimodal_logits"]):
+            parts[f"logits_{n}"].append(z.float())
+    local = {k: torch.cat(v).cpu() for k, v in parts.items()}
+    shards = all_gather_objects(local)
+    return {k: torch.cat([s[k] for s in shards]) for k in local}
+
+
+def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval") -> dict[str, float]:
+    """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`."""
+    inner = model.module if hasattr(model, "module") else model
+    pred = predict(model, loader, preset, autocast_dtype, desc)
+    metrics = classification_metrics(
+        pred["logits"], pred["labels"], {n: pred[f"logits_{n}"] for n in inner.modality_names}
+    )
+    metrics["loss"] = float(F.cross_entropy(pred["logits"], pred["labels"]))
+    if not math.isfinite(metrics["loss"]):
+        metrics["loss"] = float("nan")
+    return metrics

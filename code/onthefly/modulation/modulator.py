@@ -1,0 +1,121 @@
+"""The two-line modulation API for any training loop.
+
+    modulator = Modulator.from_config(cfg, model)
+    ...
+    out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch))   # OPM (None otherwise)
+    loss = ...; loss.backward()
+    modulator.modulate_gradients(out, labels, epoch)                          # OGM / OGM-GE
+    optimizer.step()
+
+Scores, ratios and coefficients stay on the device; `modulator.stats` holds the latest ones
+for logging, which is the only place they are read on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .ogm import OGM_FORMS, OGM_PARAMS, modulate_gradients_, ogm_coefficients, ogm_parameters
+from .opm import opm_drop_probabilities, opm_feature_dropout
+from .scores import ReduceFn, discrepancy_ratios, unimodal_scores
+
+# method -> (uses OGM, adds GE noise, uses OPM)
+METHODS: dict[str, tuple[bool, bool, bool]] = {
+    "none": (False, False, False),
+    "OGM": (True, False, False),
+    "OGM_GE": (True, True, False),
+    "OPM": (False, False, True),
+    "OGM_OPM": (True, False, True),
+}
+
+
+@dataclass
+class ModulationConfig:
+    method: str = "none"
+    alpha: float = 0.1
+    ogm_form: str = "official"
+    ogm_params: str = "conv"
+    q_base: float = 0.5
+    lam: float = 0.5
+    p_exe: float = 0.7
+    modulation_starts: int = 0
+    modulation_ends: int = 10**9
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown modulation {self.method!r}; choose one of {list(METHODS)}")
+        if self.ogm_form not in OGM_FORMS:
+            raise ValueError(f"unknown --ogm_form {self.ogm_form!r}; choose one of {OGM_FORMS}")
+        if self.ogm_params not in OGM_PARAMS:
+            raise ValueError(f"unknown --ogm_params {self.ogm_params!r}; choose one of {OGM_PARAMS}")
+
+    def active(self, epoch: int) -> bool:
+        """Modulate in epochs [max(starts, warmup_epochs), ends], both ends inclusive, 0-based."""
+        return max(self.modulation_starts, self.warmup_epochs) <= epoch <= self.modulation_ends
+
+
+class Modulator:
+    def __init__(
+        self,
+        config: ModulationConfig,
+        encoder_parameters: tuple[list[nn.Parameter], ...],
+        reduce_fn: ReduceFn | None = None,
+    ):
+        self.config = config
+        self.use_ogm, self.gaussian_noise, self.use_opm = METHODS[config.method]
+        self.groups = [ogm_parameters(ps, config.ogm_params) for ps in encoder_parameters]
+        # Under DDP the scores are summed over ranks so every rank sees the global batch.
+        self.reduce_fn = reduce_fn
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> "Modulator":
+        fields = ModulationConfig.__dataclass_fields__
+        config = ModulationConfig(
+            method=cfg.modulation, **{k: getattr(cfg, k) for k in fields if k != "method" and hasattr(cfg, k)}
+        )
+        return cls(config, model.encoder_parameters(), reduce_fn)
+
+    def measure(self, unimodal_logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores s_m (summed over ranks) and ratios rho_m for this batch; recorded in `stats`."""
+        scores = unimodal_scores(unimodal_logits, labels)
+        if self.reduce_fn is not None:
+            scores = self.reduce_fn(scores)
+        ratios = discrepancy_ratios(scores)
+        self.stats["score"], self.stats["ratio"] = scores, ratios
+        return scores, ratios
+
+    def feature_hook(self, labels: torch.Tensor, epoch: int) -> Callable | None:
+        """OPM's feed-forward hook for this step, or None when OPM is off or outside its window."""
+        if not (self.use_opm and self.config.active(epoch)):
+            return None
+
+        def hook(out: dict):
+            _, ratios = self.measure(out["unimodal_logits"], labels)
+            q = opm_drop_probabilities(ratios, self.config.q_base, self.config.lam)
+            features, sample_weight, keep = opm_feature_dropout(out["features"], q, self.config.p_exe)
+            self.stats["drop_prob"] = q
+            self.stats["kept"] = keep.float().mean(dim=0)
+            return features, sample_weight
+
+        return hook
+
+    def modulate_gradients(self, out: dict, labels: torch.Tensor, epoch: int) -> None:
+        """Call between backward() and step(). Measures the discrepancy (for logging, every
+        method) and, for OGM / OGM-GE inside the window, rescales the encoders' gradients."""
+        active = self.config.active(epoch)
+        if not (self.use_opm and active):  # otherwise the OPM hook measured this very batch
+            self.measure(out["unimodal_logits"], labels)
+        if self.use_opm and not active:
+            self.stats["drop_prob"] = torch.zeros_like(self.stats["ratio"])
+        if self.use_ogm:
+            if active:
+                k = ogm_coefficients(self.stats["ratio"], self.config.alpha, self.config.ogm_form)
+                modulate_gradients_(self.groups, k, gaussian_noise=self.gaussian_noise)
+            else:
+                k = torch.ones_like(self.stats["ratio"])
+            self.stats["coeff"] = k

@@ -1,0 +1,62 @@
+"""On-the-fly Gradient Modulation (OGM) and its Generalisation Enhancement (OGM-GE)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+OGM_FORMS = ("official", "continuous")
+OGM_PARAMS = ("conv", "all")
+
+
+@torch.no_grad()
+def ogm_coefficients(ratios: torch.Tensor, alpha: float, form: str = "official") -> torch.Tensor:
+    """k_m = 1 - tanh(alpha * x_m) for the dominant modality (rho_m > 1), 1 for the other.
+
+    form="official": x_m = rho_m, as in the released OGM-GE code (published alphas were tuned
+    for it; note k jumps from 1 to 1 - tanh(alpha) as rho crosses 1).
+    form="continuous": x_m = rho_m - 1, so k is continuous at rho = 1.
+    """
+    if form not in OGM_FORMS:
+        raise ValueError(f"unknown OGM form {form!r}; choose one of {OGM_FORMS}")
+    x = ratios if form == "official" else ratios - 1
+    return torch.where(ratios > 1, 1 - torch.tanh(alpha * x), torch.ones_like(ratios))
+
+
+def ogm_parameters(encoder: Sequence[nn.Parameter], which: str = "conv") -> list[nn.Parameter]:
+    """The parameters OGM touches: conv weights (4-D, as the official code) or all of them."""
+    if which not in OGM_PARAMS:
+        raise ValueError(f"unknown OGM parameter set {which!r}; choose one of {OGM_PARAMS}")
+    return [p for p in encoder if p.requires_grad and (which == "all" or p.ndim == 4)]
+
+
+@torch.no_grad()
+def modulate_gradients_(
+    groups: Sequence[Sequence[nn.Parameter]],
+    coefficients: torch.Tensor,
+    gaussian_noise: bool = False,
+) -> None:
+    """In place, for every parameter p of modality m: g <- k_m g (+ N(0, std(g)^2) with GE).
+
+    Call between `loss.backward()` and `optimizer.step()`. `coefficients` is a (M,) tensor on
+    the parameters' device; it is never read on the host. With `gaussian_noise` (OGM-GE),
+    every selected gradient, the non-dominant modality's included (k = 1), also gets
+    zero-mean Gaussian noise whose std is that gradient's own std *before* scaling.
+    """
+    grads: list[torch.Tensor] = []
+    coeffs: list[torch.Tensor] = []
+    for m, group in enumerate(groups):
+        group_grads = [p.grad for p in group if p.grad is not None]
+        grads += group_grads
+        coeffs += [coefficients[m]] * len(group_grads)
+    if not grads:
+        return
+    if gaussian_noise:
+        # A 1e-8 floor (as the official code) keeps the std positive for an all-zero gradient.
+        stds = [g.std() + 1e-8 for g in grads]
+        noise = [torch.randn_like(g) for g in grads]
+        torch._foreach_mul_(grads, coeffs)
+        torch._foreach_addcmul_(grads, noise, stds)
+    else:
+        torch._foreach_mul_(grads, coeffs)

@@ -1,0 +1,251 @@
+"""main(): config -> data -> model -> epochs of train / validate / checkpoint -> test report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import RUN_IDENTITY_KEYS, config_to_dict, resolve_config
+from .data import DatasetInfo, get_dataset_entry
+from .data.loaders import eval_loader, train_loader
+from .data.presets import DevicePreset
+from .distributed import all_reduce_sum, cleanup, init_distributed_mode, is_distributed, is_main_process
+from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
+from .errors import UserError
+from .models import build_model
+from .modulation import Modulator
+
+SELECT_ON = "acc"  # best.pt is chosen on validation accuracy, never on the test split
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The checkpoint's config, overridden by options given explicitly now; identity changes refused."""
+    ckpt = ckpt_io.load_checkpoint(cfg.resume)
+    saved = ckpt["config"]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+        for k in cfg.explicit
+        if k in RUN_IDENTITY_KEYS and saved.get(k) != getattr(cfg, k)
+    ]
+    if changed:
+        raise UserError(f"--resume {ckpt['path']}: these settings differ from the run's and would break it: {'; '.join(changed)}")
+    merged = {**saved, **{k: getattr(cfg, k) for k in cfg.explicit}, "resume": ckpt["path"], "explicit": cfg.explicit}
+    return argparse.Namespace(**merged), ckpt
+
+
+def prepare_run_dir(cfg: argparse.Namespace) -> Path:
+    """Create (or reuse, when resuming) the run directory, and prove it is writable now."""
+    run_dir = Path(cfg.resume).parent if cfg.resume else Path(cfg.output_dir) / cfg.run_name
+    if not cfg.resume and (run_dir / "last.pt").exists() and not cfg.overwrite:
+        raise UserError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir / 'last.pt'}, "
+            "or pass --overwrite or another --run_name"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))  # a full disk fails here, not after the first epoch
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
+    if cfg.overwrite and not cfg.resume:
+        for name in ("metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    return run_dir
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.scheduler == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
+
+
+def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo) -> dict:
+    inner = model.module if hasattr(model, "module") else model
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile wrapper
+    return {
+        "format": ckpt_io.FORMAT,
+        "version": ckpt_io.VERSION,
+        "model": inner.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "best": state.best,
+        "config": config_to_dict(cfg),
+        "dataset_info": info.to_dict(),
+        "rng": ckpt_io.rng_state(),
+    }
+
+
+def print_table(title: str, metrics: dict[str, float]) -> None:
+    print(title)
+    for k, v in metrics.items():
+        print(f"  {k:<14} {v:.4f}" if isinstance(v, float) else f"  {k:<14} {v}")
+
+
+def train(cfg: argparse.Namespace) -> dict:
+    ckpt = None
+    if cfg.resume:
+        cfg, ckpt = merge_resume_config(cfg)
+    device = select_device(cfg.device)
+    rank, world_size, local_rank = init_distributed_mode(device.type)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+
+    entry = get_dataset_entry(cfg.dataset)
+    info = entry.info(cfg)
+    if ckpt is not None and ckpt["dataset_info"] != json.loads(json.dumps(info.to_dict())):
+        raise UserError(f"--resume {ckpt['path']}: the dataset at --data no longer matches the one the run was trained on")
+    if cfg.modality not in ("both", *info.modality_names):
+        raise UserError(f"--modality: {cfg.dataset} has modalities {', '.join(info.modality_names)} (or 'both')")
+    pin = device.type == "cuda"
+    try:
+        train_data = train_loader(entry.build(cfg, "train"), cfg.batch_size, cfg.num_workers, cfg.seed, rank, world_size, pin)
+    except ValueError as e:
+        raise UserError(f"--batch_size {cfg.batch_size}: {e}") from None
+    val_data = eval_loader(entry.build(cfg, "val"), cfg.batch_size, cfg.num_workers, rank, world_size, pin)
+    preset = DevicePreset(info, device, cfg.channels_last)
+
+    model = build_model(info, cfg.fusion, cfg.modality).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and is_distributed():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    state = TrainState()
+    if ckpt is not None:
+        ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = TrainState(epoch=ckpt["epoch"], global_step=ckpt["global_step"], best=ckpt["best"])
+        ckpt_io.set_rng_state(ckpt["rng"])
+    modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
+    train_model = model
+    if is_distributed():
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    run_dir = prepare_run_dir(cfg) if is_main_process() else None
+    writer = None
+    if is_main_process():
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.global_step or None)
+        print(f"run: {run_dir}  device: {device}  precision: {amp_dtype or torch.float32}  "
+              f"train/val samples: {len(train_data.dataset)}/{len(val_data.dataset)}")
+
+    resume_hint = f"Resume from the last good epoch with: --resume {(run_dir or Path(cfg.output_dir)) / 'last.pt'}"
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        train_data.sampler.set_epoch(epoch)
+        started = time.time()
+        train_stats = train_one_epoch(
+            train_model, modulator, optimizer, train_data, preset, state, cfg, amp_dtype, writer, resume_hint
+        )
+        scheduler.step()
+        val = evaluate(model, val_data, preset, amp_dtype, desc="val")
+        state.epoch = epoch + 1
+        improved = not state.best or val[SELECT_ON] > state.best["val_" + SELECT_ON]
+        if improved:
+            state.best = {"epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+        if is_main_process():
+            record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
+                      **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+            checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info)
+            ckpt_io.atomic_torch_save(checkpoint, run_dir / "last.pt")
+            if improved:
+                ckpt_io.atomic_torch_save(checkpoint, run_dir / "best.pt")
+            per_mod = "  ".join(f"{n} {val['acc_' + n]:.3f}" for n in model.modality_names)
+            print(f"epoch {epoch:3d}  loss {train_stats['loss']:.4f}  train acc {train_stats['acc']:.3f}  "
+                  f"val acc {val['acc']:.3f}  ({per_mod})  {record['time_s']:.1f}s", flush=True)
+
+    result = {"run_dir": str(run_dir), "best": state.best}
+    if cfg.eval_test:
+        best = ckpt_io.load_checkpoint(Path(run_dir or cfg.output_dir) / "best.pt") if is_main_process() else None
+        if best is not None:
+            ckpt_io.load_model_state(model, best["model"], best["path"])
+        test_data = eval_loader(entry.build(cfg, "test"), cfg.batch_size, cfg.num_workers, rank, world_size, pin)
+        test = evaluate(model, test_data, preset, amp_dtype, desc="test")
+        result["test"] = test
+        if is_main_process():
+            (run_dir / "test_metrics.json").write_text(json.dumps({"best_epoch": state.best.get("epoch"), **test}, indent=2))
+            print_table(f"test metrics of best.pt (epoch {state.best.get('epoch')}, chosen on validation {SELECT_ON}):", test)
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        train(cfg)
+        return 0
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        cleanup()
