@@ -5,10 +5,18 @@ A checkpoint is a dict with:
   model, optimizer, scheduler, epoch (completed), global_step, best
   config               -- the resolved run config (JSON-safe)
   dataset_info         -- what build_model needs to rebuild the network for inference
-  rng                  -- Python, NumPy, torch CPU and CUDA generator states
+  rng                  -- Python, NumPy, torch CPU and CUDA generator states (rank 0's)
+  rng_ranks            -- the same for every rank of a torchrun run (optional; rank order)
+
+Checkpoints, config.json and test_metrics.json are replaced atomically (temporary file,
+fsync, rename), so a run killed at any moment leaves each of them whole: the old version or
+the new one. A resumed run deletes the temporary files a kill left behind, and drops from
+metrics.jsonl (appended once per epoch) the epochs its checkpoint does not hold.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import tempfile
@@ -24,6 +32,13 @@ FORMAT = "onthefly-checkpoint"
 VERSION = 1
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's files are private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
@@ -36,10 +51,69 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text file written like `atomic_torch_save`: whole or not at all."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of writes a kill interrupted (never a finished file)."""
+    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
+    stale += [p for p in [Path(run_dir) / ".write_probe"] if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def trim_metrics_log(path: str | Path, epochs_done: int) -> int:
+    """Keep only the records of epochs < `epochs_done` in a metrics.jsonl (and drop a torn last
+    line): a run killed after logging an epoch but before checkpointing it redoes that epoch,
+    which must not appear twice. Returns the number of records dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["epoch"]) < epochs_done
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def rng_state_for_rank(ckpt: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """The random state rank `rank` resumes with: its own when the checkpoint was written by a
+    run with as many processes, rank 0's in a single process, otherwise None (keep the fresh
+    per-rank seed: the run continues, but not bit for bit)."""
+    per_rank = ckpt.get("rng_ranks")
+    if per_rank and len(per_rank) == world_size:
+        return per_rank[rank]
+    return ckpt["rng"] if world_size == 1 or rank == 0 else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,6 +124,18 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's `rng_state()`, in rank order, on every rank (a one-element list in a single
+    process). Sent as torch.save bytes: all_gather_object cannot carry the uint32 NumPy keys."""
+    from .distributed import all_gather_objects, is_distributed
+
+    if not is_distributed():
+        return [rng_state()]
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return [torch.load(io.BytesIO(b), weights_only=False) for b in all_gather_objects(buf.getvalue())]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

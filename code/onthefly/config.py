@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -142,8 +143,21 @@ def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
     return values
 
 
+# Float options that must be finite: NaN or infinity is never a valid setting.
+FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise")
+
+
+def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
+    value = getattr(cfg, key, None)
+    return value is None or ok(value)
+
+
 def validate_config(cfg: argparse.Namespace) -> None:
     """Reject settings that cannot work, naming the option."""
+    for key in FLOAT_OPTIONS:
+        value = getattr(cfg, key, None)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{key} must be a finite number (got {value})")
     checks = [
         (cfg.fusion in FUSIONS, f"--fusion: unknown fusion {cfg.fusion!r}; choose one of: {', '.join(FUSIONS)}"),
         (cfg.modulation in METHODS, f"--modulation: unknown {cfg.modulation!r}; choose one of: {', '.join(METHODS)}"),
@@ -165,6 +179,14 @@ def validate_config(cfg: argparse.Namespace) -> None:
         (cfg.num_workers >= 0, f"--num_workers must be >= 0 (got {cfg.num_workers})"),
         (cfg.log_every > 0, f"--log_every must be > 0 (got {cfg.log_every})"),
         (cfg.limit_samples is None or cfg.limit_samples > 0, "--limit_samples must be > 0"),
+        (0 <= cfg.seed < 2**31, f"--seed must be in [0, 2**31) (got {cfg.seed})"),
+        (_unset_or(cfg, "data_seed", lambda v: 0 <= v < 2**31), f"--data_seed must be in [0, 2**31) (got {getattr(cfg, 'data_seed', None)})"),
+        (_unset_or(cfg, "audio_frames", lambda v: v > 0), f"--audio_frames must be > 0 (got {getattr(cfg, 'audio_frames', None)})"),
+        (_unset_or(cfg, "image_downsample", lambda v: 1 <= v <= 28),
+         f"--image_downsample must be in [1, 28] (28 = off; got {getattr(cfg, 'image_downsample', None)})"),
+        (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
+        (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
+         f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -173,6 +195,10 @@ def validate_config(cfg: argparse.Namespace) -> None:
         raise UserError(f"--modality {cfg.modality}: a unimodal reference run takes --modulation none")
     if cfg.data is not None and cfg.dataset != "avdigits" and not Path(cfg.data).is_dir():
         raise UserError(f"--data: no such directory: {cfg.data}")
+    if cfg.data is not None and Path(cfg.data).exists() and not Path(cfg.data).is_dir():
+        raise UserError(f"--data: not a directory: {cfg.data}")
+    if cfg.output_dir is not None and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise UserError(f"--output_dir: not a directory: {cfg.output_dir}")
 
 
 def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> argparse.Namespace:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .distributed import all_gather_objects, all_reduce_sum, is_main_process
+from .distributed import all_gather_objects, all_reduce_min, all_reduce_sum, is_main_process, shared_randomness
 from .metrics import classification_metrics
 from .models import auxiliary_loss
 from .modulation import Modulator
@@ -64,7 +65,9 @@ def train_one_epoch(
     device = next(model.parameters()).device
     totals = torch.zeros(2, device=device)  # loss sum, correct
     seen = 0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    no_step = torch.iinfo(torch.long).max
+    first_bad = torch.full((), no_step, dtype=torch.long, device=device)  # first non-finite step (stop policy)
+    skipped = 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     epoch = state.epoch
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False, dynamic_ncols=True)
@@ -76,31 +79,43 @@ def train_one_epoch(
             loss = compute_loss(out, labels, head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        modulator.modulate_gradients(out, labels, epoch)
+        # OGM-GE's noise is added to gradients DDP has already averaged: every rank draws the same.
+        with shared_randomness(getattr(cfg, "seed", 0) * 1_000_003 + state.global_step, device) if modulator.gaussian_noise else nullcontext():
+            modulator.modulate_gradients(out, labels, epoch)
 
         finite = loss.detach().isfinite() & _grads_finite(params)
         if cfg.nonfinite == "skip":
-            if not bool(finite):  # a host sync per step: the price of the opt-in skip policy
+            # A host sync (and under DDP an all-reduce) per step: the price of the opt-in skip
+            # policy. Every rank skips the same steps, so the model replicas stay identical.
+            if bool(all_reduce_sum((~finite).float()) > 0):
+                skipped += 1
+                if is_main_process():
+                    print(f"warning: skipped a batch with a non-finite loss or gradient (epoch {epoch}, step {step})",
+                          file=sys.stderr, flush=True)
                 state.global_step += 1
                 continue
         else:
-            nonfinite |= ~finite
+            first_bad = torch.where(finite, first_bad, first_bad.clamp_max(step))
         optimizer.step()
 
         totals += torch.stack([loss.detach() * len(labels), (out["logits"].argmax(1) == labels).sum()])
         seen += len(labels)
         state.global_step += 1
         if step % cfg.log_every == 0 or step == len(loader) - 1:
-            if bool(nonfinite):
+            bad = int(all_reduce_min(first_bad))  # the earliest on any rank
+            if bad != no_step:
                 raise NonFiniteLossError(
-                    f"non-finite loss or gradient at epoch {epoch}, step {step} (global step {state.global_step}); "
-                    f"nothing was saved from this epoch. {resume_hint}"
+                    f"non-finite loss or gradient at epoch {epoch}, step {bad} of the epoch "
+                    f"(global step {state.global_step - step + bad}); nothing was saved from this epoch. {resume_hint}"
                 )
             _log_step(bar, writer, modulator, loss, optimizer, state.global_step)
 
     loss_sum, correct = all_reduce_sum(totals).tolist()
     n = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    stats = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    if cfg.nonfinite == "skip":
+        stats["skipped"] = skipped
+    return stats
 
 
 def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, optimizer, step: int) -> None:

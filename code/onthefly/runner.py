@@ -14,11 +14,14 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import RUN_IDENTITY_KEYS, config_to_dict, resolve_config
+from .config import RUN_IDENTITY_KEYS, config_to_dict, resolve_config, validate_config
 from .data import DatasetInfo, get_dataset_entry
 from .data.loaders import eval_loader, train_loader
 from .data.presets import DevicePreset
-from .distributed import all_reduce_sum, cleanup, init_distributed_mode, is_distributed, is_main_process
+from .distributed import (
+    all_reduce_sum, broadcast_module_state, cleanup, convert_sync_batchnorm,
+    init_distributed_mode, is_distributed, is_main_process, on_main_then_share,
+)
 from .engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
 from .models import build_model
@@ -67,8 +70,9 @@ def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, di
     ]
     if changed:
         raise UserError(f"--resume {ckpt['path']}: these settings differ from the run's and would break it: {'; '.join(changed)}")
-    merged = {**saved, **{k: getattr(cfg, k) for k in cfg.explicit}, "resume": ckpt["path"], "explicit": cfg.explicit}
-    return argparse.Namespace(**merged), ckpt
+    merged = argparse.Namespace(**{**saved, **{k: getattr(cfg, k) for k in cfg.explicit}, "resume": ckpt["path"], "explicit": cfg.explicit})
+    validate_config(merged)  # e.g. --modulation_ends given now against the run's --modulation_starts
+    return merged, ckpt
 
 
 def prepare_run_dir(cfg: argparse.Namespace) -> Path:
@@ -87,6 +91,8 @@ def prepare_run_dir(cfg: argparse.Namespace) -> Path:
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
+        if cfg.resume:  # what a kill left half-written; last.pt and best.pt are always whole
+            ckpt_io.remove_stale_temporaries(run_dir)
     except OSError as e:
         raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
     if cfg.overwrite and not cfg.resume:
@@ -111,7 +117,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> tuple[torch.optim.Optimizer,
     return optimizer, scheduler
 
 
-def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo) -> dict:
+def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo, rng_ranks: list | None = None) -> dict:
     inner = model.module if hasattr(model, "module") else model
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile wrapper
     return {
@@ -126,7 +132,13 @@ def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: D
         "config": config_to_dict(cfg),
         "dataset_info": info.to_dict(),
         "rng": ckpt_io.rng_state(),
+        "rng_ranks": rng_ranks if rng_ranks is not None else [ckpt_io.rng_state()],
     }
+
+
+def _best_weights(run_dir: Path) -> tuple[dict, str]:
+    best = ckpt_io.load_checkpoint(run_dir / "best.pt")
+    return best["model"], best["path"]
 
 
 def print_table(title: str, metrics: dict[str, float]) -> None:
@@ -148,10 +160,13 @@ def train(cfg: argparse.Namespace) -> dict:
 
     entry = get_dataset_entry(cfg.dataset)
     info = entry.info(cfg)
-    if ckpt is not None and ckpt["dataset_info"] != json.loads(json.dumps(info.to_dict())):
+    if ckpt is not None and json.dumps(ckpt["dataset_info"], sort_keys=True) != json.dumps(info.to_dict(), sort_keys=True):
         raise UserError(f"--resume {ckpt['path']}: the dataset at --data no longer matches the one the run was trained on")
     if cfg.modality not in ("both", *info.modality_names):
         raise UserError(f"--modality: {cfg.dataset} has modalities {', '.join(info.modality_names)} (or 'both')")
+    # Before any data or model is built: an unwritable or full disk is reported now. Rank 0
+    # creates the directory; every rank gets its path, or its error.
+    run_dir = on_main_then_share(prepare_run_dir, cfg)
     pin = device.type == "cuda"
     try:
         train_data = train_loader(entry.build(cfg, "train"), cfg.batch_size, cfg.num_workers, cfg.seed, rank, world_size, pin)
@@ -164,7 +179,7 @@ def train(cfg: argparse.Namespace) -> dict:
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and is_distributed():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device.type)  # BatchNorm statistics of the global batch
     optimizer, scheduler = build_optimizer(cfg, model)
     state = TrainState()
     if ckpt is not None:
@@ -172,7 +187,9 @@ def train(cfg: argparse.Namespace) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = TrainState(epoch=ckpt["epoch"], global_step=ckpt["global_step"], best=ckpt["best"])
-        ckpt_io.set_rng_state(ckpt["rng"])
+        rng = ckpt_io.rng_state_for_rank(ckpt, rank, world_size)
+        if rng is not None:
+            ckpt_io.set_rng_state(rng)
     modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
     train_model = model
     if is_distributed():
@@ -180,30 +197,36 @@ def train(cfg: argparse.Namespace) -> dict:
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    run_dir = prepare_run_dir(cfg) if is_main_process() else None
     writer = None
     if is_main_process():
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        if ckpt is not None:  # epochs logged after the checkpoint was written are redone
+            ckpt_io.trim_metrics_log(run_dir / "metrics.jsonl", state.epoch)
+        ckpt_io.atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.global_step or None)
         print(f"run: {run_dir}  device: {device}  precision: {amp_dtype or torch.float32}  "
               f"train/val samples: {len(train_data.dataset)}/{len(val_data.dataset)}")
 
-    resume_hint = f"Resume from the last good epoch with: --resume {(run_dir or Path(cfg.output_dir)) / 'last.pt'}"
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
+        resume_hint = (
+            f"Resume from the end of epoch {epoch - 1} with: --resume {run_dir / 'last.pt'}" if epoch > 0
+            else "No epoch was completed, so there is no checkpoint to resume from."
+        ) + " (A lower --lr, or --nonfinite skip, may avoid it.)"
         train_data.sampler.set_epoch(epoch)
         started = time.time()
         train_stats = train_one_epoch(
             train_model, modulator, optimizer, train_data, preset, state, cfg, amp_dtype, writer, resume_hint
         )
         scheduler.step()
+        broadcast_module_state(model, buffers_only=True)  # every rank evaluates what rank 0 saves
         val = evaluate(model, val_data, preset, amp_dtype, desc="val")
         state.epoch = epoch + 1
         improved = not state.best or val[SELECT_ON] > state.best["val_" + SELECT_ON]
         if improved:
             state.best = {"epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+        rng_ranks = ckpt_io.gather_rng_states()  # each rank's random streams, for --resume
         if is_main_process():
             record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
                       **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
@@ -212,24 +235,24 @@ def train(cfg: argparse.Namespace) -> dict:
             for k, v in record.items():
                 if k != "epoch":
                     writer.add_scalar(k.replace("_", "/", 1), v, epoch)
-            checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info)
-            ckpt_io.atomic_torch_save(checkpoint, run_dir / "last.pt")
-            if improved:
+            checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, rng_ranks)
+            if improved:  # best.pt first: a kill between the two writes leaves last.pt behind, so the epoch is redone
                 ckpt_io.atomic_torch_save(checkpoint, run_dir / "best.pt")
+            ckpt_io.atomic_torch_save(checkpoint, run_dir / "last.pt")
             per_mod = "  ".join(f"{n} {val['acc_' + n]:.3f}" for n in model.modality_names)
             print(f"epoch {epoch:3d}  loss {train_stats['loss']:.4f}  train acc {train_stats['acc']:.3f}  "
                   f"val acc {val['acc']:.3f}  ({per_mod})  {record['time_s']:.1f}s", flush=True)
 
     result = {"run_dir": str(run_dir), "best": state.best}
     if cfg.eval_test:
-        best = ckpt_io.load_checkpoint(Path(run_dir or cfg.output_dir) / "best.pt") if is_main_process() else None
-        if best is not None:
-            ckpt_io.load_model_state(model, best["model"], best["path"])
+        # Rank 0 reads best.pt and sends its weights to every rank (no shared file system needed).
+        on_main_then_share(lambda: ckpt_io.load_model_state(model, *_best_weights(run_dir)))
+        broadcast_module_state(model)
         test_data = eval_loader(entry.build(cfg, "test"), cfg.batch_size, cfg.num_workers, rank, world_size, pin)
         test = evaluate(model, test_data, preset, amp_dtype, desc="test")
         result["test"] = test
         if is_main_process():
-            (run_dir / "test_metrics.json").write_text(json.dumps({"best_epoch": state.best.get("epoch"), **test}, indent=2))
+            ckpt_io.atomic_write_text(run_dir / "test_metrics.json", json.dumps({"best_epoch": state.best.get("epoch"), **test}, indent=2))
             print_table(f"test metrics of best.pt (epoch {state.best.get('epoch')}, chosen on validation {SELECT_ON}):", test)
     if writer is not None:
         writer.close()
@@ -244,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
+    except NonFiniteLossError as e:  # raised by every rank at the same step
+        if is_main_process():
+            print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
     finally:
         cleanup()

@@ -7,13 +7,14 @@ A cache is one directory made by `code/preprocess.py`:
                   Written last: a directory without it is an unfinished cache.
     index.json    per clip: id, label, split, group, source file; frame offsets.
     audio.npy     float16 (N, 1, F, T) log-magnitude spectrograms     (audio datasets)
-    visual.npy    uint8  (M, S, S, 3) RGB frames of all clips, concatenated
-    flow.npy      uint8  (M, S, S, 2) optical flow u/v frames          (UCF101)
+    visual.npy    uint8  (M, 3, S, S) RGB frames of all clips, concatenated, channel-planar
+    flow.npy      uint8  (M, 2, S, S) optical flow u/v frames           (UCF101)
     skipped.tsv   the clips that could not be used and why.
 
-Frame arrays are ragged: clip i owns rows offsets[i]:offsets[i+1]. Everything is read
-through numpy memory maps, so a training sample costs a few slices and copies: no
-decoding, no librosa, no PIL.
+Frame arrays are ragged: clip i owns rows offsets[i]:offsets[i+1]. Frames are stored
+channel-planar, so a crop becomes the loader's (C, T, H, W) layout with plain row copies.
+Everything is read through numpy memory maps: a training sample costs a few slices and
+copies, with no decoding, no librosa, no PIL.
 
 This module imports neither librosa, OpenCV nor PyAV: training from a cache needs none.
 """
@@ -91,7 +92,7 @@ class CacheWriter:
 
     `arrays` maps a modality name to (kind, per-row shape, dtype, rows):
       spectrogram: rows == number of clips, per-row shape (1, F, T);
-      frames:      rows == total frames of all clips, per-row shape (S, S, C).
+      frames:      rows == total frames of all clips, per-row shape (C, S, S).
     Arrays go to `<name>.npy.tmp` first; `commit` removes the old meta.json, moves the
     arrays in place and writes index.json then meta.json, so a crash at any moment leaves
     either the old complete cache, or a directory without meta.json (refused at open).
@@ -313,6 +314,9 @@ class CacheReader:
             if rec["kind"] == "spectrogram" and rows != n:
                 raise UserError(f"{rec['file']}: {rows} clips, index.json has {n}; {hint}")
             if rec["kind"] == "frames":
+                side = int(self.meta["params"]["short_side"])
+                if tuple(self.arrays[name].shape[2:]) != (side, side):
+                    raise UserError(f"{rec['file']}: frames are not (C, {side}, {side}) as meta.json says; {hint}")
                 off = self.index["offsets"][name]
                 if len(off) != n + 1 or off[-1] != rows:
                     raise UserError(f"{rec['file']}: {rows} frames, index.json offsets disagree; {hint}")
@@ -399,35 +403,35 @@ class CachedClips(Dataset):
         item: dict[str, Any] = {"label": int(self.labels[i]), "index": int(i)}
         picks = None
         crop = self.crop_size
-        y0 = x0 = None
+        y0 = x0 = 0
         flip = False
         for name in self.modalities:
             arr = arrays[name]
             if self.records[name]["kind"] == "spectrogram":
-                item[name] = torch.from_numpy(arr[row].astype(np.float32))
+                item[name] = torch.from_numpy(np.array(arr[row])).float()  # torch converts half fast
                 continue
             off = self.offsets[name]
             start, stop = int(off[row]), int(off[row + 1])
             if picks is None:  # the same frames, crop and flip for every frames modality
                 picks = pick_frames(stop - start, self.num_frames, self.train)
-                side = arr.shape[1]
+                side = arr.shape[-1]
                 if self.train:
                     y0 = random.randint(0, side - crop)
                     x0 = random.randint(0, side - crop)
                     flip = random.random() < 0.5
                 else:
                     y0 = x0 = (side - crop) // 2
-            rows = [start + p for p in picks]
-            if rows == list(range(rows[0], rows[0] + len(rows))):
-                clip = arr[rows[0] : rows[-1] + 1, y0 : y0 + crop, x0 : x0 + crop]
+            first = start + picks[0]
+            if picks == list(range(picks[0], picks[0] + len(picks))):
+                clip = arr[first : first + len(picks), :, y0 : y0 + crop, x0 : x0 + crop]
             else:
-                clip = arr[rows][:, y0 : y0 + crop, x0 : x0 + crop]
+                clip = arr[[start + p for p in picks]][:, :, y0 : y0 + crop, x0 : x0 + crop]
+            out = torch.from_numpy(np.ascontiguousarray(clip.transpose(1, 0, 2, 3)))  # (C, T, H, W)
             if flip:
-                clip = clip[:, :, ::-1]
-            out = np.ascontiguousarray(clip.transpose(3, 0, 1, 2))  # (C, T, H, W)
-            if flip and name == "flow":
-                out[0] = 2 * FLOW_HALF - out[0]
-            item[name] = torch.from_numpy(out)
+                out = out.flip(-1)
+                if name == "flow":  # u changes sign under a horizontal flip
+                    out[0] = 2 * FLOW_HALF - out[0]
+            item[name] = out
         return item
 
 
@@ -465,7 +469,7 @@ def cache_info(name: str, cfg: Any, default_frames: int) -> DatasetInfo:
         if rec["kind"] == "spectrogram":
             mods.append(ModalitySpec(rec["name"], "spectrogram", int(rec["shape"][1]), tuple(rec["shape"][1:])))
         else:
-            c = int(rec["shape"][-1])
+            c = int(rec["shape"][1])
             mean, std = _MODALITY_STATS.get(rec["name"], (None, None))
             if mean is None:
                 st = stats.get(rec["name"], {})

@@ -107,6 +107,8 @@ class Modulator:
     def modulate_gradients(self, out: dict, labels: torch.Tensor, epoch: int) -> None:
         """Call between backward() and step(). Measures the discrepancy (for logging, every
         method) and, for OGM / OGM-GE inside the window, rescales the encoders' gradients."""
+        if len(self.groups) != 2:  # a unimodal reference run: nothing to compare
+            return
         active = self.config.active(epoch)
         if not (self.use_opm and active):  # otherwise the OPM hook measured this very batch
             self.measure(out["unimodal_logits"], labels)

@@ -44,19 +44,19 @@ def modulate_gradients_(
     every selected gradient, the non-dominant modality's included (k = 1), also gets
     zero-mean Gaussian noise whose std is that gradient's own std *before* scaling.
     """
-    grads: list[torch.Tensor] = []
-    coeffs: list[torch.Tensor] = []
-    for m, group in enumerate(groups):
-        group_grads = [p.grad for p in group if p.grad is not None]
-        grads += group_grads
-        coeffs += [coefficients[m]] * len(group_grads)
+    per_group = [[p.grad for p in group if p.grad is not None] for group in groups]
+    grads = [g for group_grads in per_group for g in group_grads]
     if not grads:
         return
     if gaussian_noise:
-        # A 1e-8 floor (as the official code) keeps the std positive for an all-zero gradient.
-        stds = [g.std() + 1e-8 for g in grads]
+        # A 1e-8 floor (as the official code) keeps the std positive for an all-zero gradient
+        # (added once to the stacked stds: the same values, one kernel instead of one per gradient).
+        stds = torch.stack([g.std() for g in grads]).add_(1e-8).unbind()
         noise = [torch.randn_like(g) for g in grads]
-        torch._foreach_mul_(grads, coeffs)
+    # One 0-d coefficient per modality keeps _foreach_mul_ on the fused multi-tensor CUDA path;
+    # a list of per-gradient 0-d tensors (shapes differ) falls back to one kernel per gradient.
+    for m, group_grads in enumerate(per_group):
+        if group_grads:
+            torch._foreach_mul_(group_grads, coefficients[m])
+    if gaussian_noise:
         torch._foreach_addcmul_(grads, noise, stds)
-    else:
-        torch._foreach_mul_(grads, coeffs)

@@ -37,11 +37,10 @@ class ClipJob:
 
     clip_id: str
     label: int
-    video: str | None = None  # frames (and, with audio_from_video, the audio track)
+    video: str | None = None  # frames (and the audio track where audio_source is "video")
     audio: str | None = None  # a separate audio file (CREMA-D's WAVs)
     split: str | None = None
     group: str | None = None  # actor / UCF101 group: kept together when a split is carved
-    source: str = ""  # shown in skipped.tsv
 
     def work_key(self) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.clip_id)
@@ -279,9 +278,9 @@ def process_clip(job: ClipJob, p: dict[str, Any], modalities: tuple[str, ...], w
             out["audio"] = log_spectrogram(y, p)
         current = job.video
         rgb, flow = read_frames(job.video, p, with_flow="flow" in modalities)
-        out["visual"] = rgb
+        out["visual"] = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))  # stored channel-planar
         if flow is not None:
-            out["flow"] = flow
+            out["flow"] = np.ascontiguousarray(flow.transpose(0, 3, 1, 2))
     except SkipClip as e:
         return job.clip_id, "skip", (str(e), current or "")
     except Exception as e:  # an unexpected failure on one file must not stop the run

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from ...errors import UserError
-from .common import ClipJob, Scan, require_dir
+from .common import CONTAINER_DEFAULTS, ClipJob, Scan, require_dir
 
 NAME = "cremad"
 MODALITIES = ("audio", "visual")
@@ -17,23 +17,17 @@ EXPECTED = (
     "CREMA-D's layout: <root>/AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav and "
     "<root>/VideoFlash/<same id>.flv"
 )
+# Audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
+# STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188. Frames: 1 per second, all kept,
+# stored 256 x 256 (random 224 crops for training).
 DEFAULTS: dict[str, Any] = {
-    # audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
-    # STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188
+    **CONTAINER_DEFAULTS,
     "audio_source": "file",
     "sample_rate": 22050,
     "duration": 3.0,
     "n_fft": 512,
     "hop_length": 353,
-    "stft_pad_mode": "constant",
-    "log_eps": 1e-7,
-    "min_audio_seconds": 0.1,
-    "silence_threshold": 1e-4,
-    # frames: 1 per second, stored 256 x 256, random 224 crops for training
-    "fps": 1.0,
-    "short_side": 256,
     "max_frames": 0,
-    "crop_size": 224,
 }
 SPLIT_OPTIONS = ("speaker_independent",)
 VIDEO_EXTS = (".flv", ".mp4", ".avi", ".mkv")

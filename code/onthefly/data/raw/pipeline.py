@@ -141,8 +141,8 @@ def _flow_stats(maps: dict[str, np.ndarray], offsets: dict[str, list[int]], spli
         rows = [r for i, s in enumerate(splits) if s == "train" for r in range(off[i], off[i + 1])]
         rows = sorted(rng.sample(rows, min(len(rows), 512)))
         sample = np.asarray(arr[rows], dtype=np.float64) / 255.0
-        mean = sample.mean(axis=(0, 1, 2))
-        std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
+        mean = sample.mean(axis=(0, 2, 3))
+        std = np.maximum(sample.std(axis=(0, 2, 3)), 1e-3)
         stats[name] = {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
     return stats
 
@@ -181,6 +181,7 @@ def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
             old = reader.meta
             same = old.get("dataset") == layout.NAME and old.get("processing") == p and old.get("source_ids") == digest
             cached_ids = list(reader.index["clip_ids"])
+            cached_offsets = reader.index["offsets"]
             reader.close()
         except UserError:
             same = False
@@ -196,6 +197,7 @@ def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
                 return {"status": "up_to_date", "clips": len(cached_ids), "skipped": old["num_skipped"],
                         "reused": len(cached_ids), "processed": 0, "split_counts": counts, "out": out}
             index, splits = _index_for(cached_ids, by_id, ip, root, grouped)
+            index["offsets"] = cached_offsets
             counts = _split_counts(splits)
             meta = {**old, "params": {**p, **ip}, "split_counts": counts}
             C.rewrite_index(out, meta, index)

@@ -71,9 +71,10 @@ def scan(root: str, opts: Any) -> Scan:
                 on_disk[os.path.relpath(full, videos_dir).replace(os.sep, "/").lower()] = full
     if not on_disk:
         raise UserError(f"--root {root}: no .avi files under UCF-101/ (expected {EXPECTED})")
-    jobs, skipped, seen = [], [], set()
+    jobs, skipped, seen, listed = [], [], set(), set()
     for sp, key in (("train", f"trainlist0{split}.txt"), ("test", f"testlist0{split}.txt")):
         for entry in _list_lines(names[key]):
+            listed.add(entry.lower())
             cls_dir, _, fname = entry.rpartition("/")
             stem = os.path.splitext(fname)[0]
             if stem in seen:
@@ -91,7 +92,7 @@ def scan(root: str, opts: Any) -> Scan:
             group = f"{classes[label]}/g{m.group(1)}" if m else f"{classes[label]}/{stem}"
             jobs.append(ClipJob(clip_id=stem, label=label, video=path, split=sp, group=group))
     notes = []
-    unlisted = len(on_disk) - len(jobs) - sum(1 for s in skipped if not s[1].startswith("missing"))
-    if unlisted > 0:
+    unlisted = len(set(on_disk) - listed)
+    if unlisted:
         notes.append(f"{unlisted} videos under UCF-101/ are in neither list of split {split} and are not used")
     return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes)

@@ -1,0 +1,212 @@
+"""Figures of the comparison report (matplotlib, Agg backend: files only, no display needed).
+
+Every figure states what is plotted, on which split, and how seeds were combined.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .runs import Run
+
+ALONE_STYLE = {"color": "black", "linestyle": "--"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _mean_std_over_runs(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Align (x, y) series on the x values every series has; mean and std (0 for one series)."""
+    common = series[0][0]
+    for x, _ in series[1:]:
+        common = np.intersect1d(common, x)
+    if len(common) == 0:  # nothing shared: show the first series alone
+        x, y = series[0]
+        return x, y, np.zeros_like(y)
+    ys = np.stack([y[np.searchsorted(x, common)] for x, y in series])
+    std = ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros(len(common))
+    return common, ys.mean(axis=0), std
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(y) < window:
+        return y
+    kernel = np.ones(window) / window
+    head = np.array([y[: i + 1].mean() for i in range(window - 1)])
+    return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
+
+
+def _epoch_series(runs: list[Run], key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for run in runs:
+        pts = [(r["epoch"] + 1, r[key]) for r in run.epochs if key in r and r[key] is not None]
+        if pts:
+            x, y = zip(*pts)
+            out.append((np.array(x), np.array(y, dtype=np.float64)))
+    return out
+
+
+def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequence[str], out_path: str | Path, title: str = "") -> Path:
+    """Panels: fused validation accuracy, then each modality's head accuracy (z_m), per epoch.
+
+    One line per multimodal method (mean over seeds, band = +-1 std); unimodal reference runs
+    are drawn dashed black in their modality's panel.
+    """
+    plt = _plt()
+    panels = [("val_acc", "fused prediction")] + [(f"val_acc_{m}", f"{m} (head z_{m})") for m in modality_names]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
+    multimodal = {k: v for k, v in groups.items() if not v[0].is_unimodal}
+    colors = dict(zip(multimodal, _colors(len(multimodal))))
+    for ax, (key, name) in zip(axes, panels):
+        for label, runs in groups.items():
+            if runs[0].is_unimodal:
+                if key == "val_acc" or key != f"val_acc_{runs[0].modality}":
+                    continue
+                style = dict(ALONE_STYLE)
+            else:
+                style = {"color": colors[label]}
+            series = _epoch_series(runs, key)
+            if not series:
+                continue
+            x, mean, std = _mean_std_over_runs(series)
+            ax.plot(x, 100 * mean, marker="o", markersize=3, label=f"{label} (n={len(series)})", **style)
+            ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15, linewidth=0)
+        ax.set_title(f"Validation accuracy: {name}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "Per-modality validation accuracy during training (mean over seeds, band = ±1 std)")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def plot_modulation(
+    scalars: dict[str, list[dict[str, tuple[np.ndarray, np.ndarray]]]],
+    modality_names: Sequence[str],
+    out_path: str | Path,
+    title: str = "",
+) -> Path:
+    """Three panels over training steps: ratio rho_0 = s_0 / s_1, OGM's k_m, OPM's q_m.
+
+    `scalars`: method label -> one {tag: (steps, values)} per seed (TensorBoard tags
+    modulation/ratio_0, modulation/coeff_<m>, modulation/drop_prob_<m>).
+    """
+    plt = _plt()
+    a, b = (list(modality_names) + ["m0", "m1"])[:2]
+    rows = [
+        ("ratio", [0], f"discrepancy ratio ρ = s_{a} / s_{b}", "ρ (log scale; >1: {a} dominant)".format(a=a)),
+        ("coeff", [0, 1], "OGM gradient coefficient k_m (1 = unchanged)", "k_m"),
+        ("drop_prob", [0, 1], "OPM feature-drop probability q_m", "q_m"),
+    ]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 10), sharex=True)
+    colors = dict(zip(scalars, _colors(len(scalars))))
+    dashes = ["-", "--"]
+    for ax, (stat, mods, name, ylabel) in zip(axes, rows):
+        drawn = False
+        for label, per_seed in scalars.items():
+            for m in mods:
+                tag = f"modulation/{stat}_{m}"
+                series = [s[tag] for s in per_seed if tag in s and len(s[tag][0])]
+                if not series:
+                    continue
+                x, mean, _ = _mean_std_over_runs(series)
+                window = max(1, len(x) // 40)
+                mname = modality_names[m] if m < len(modality_names) else f"m{m}"
+                text = f"{label}" if stat == "ratio" else f"{label}: {mname}"
+                ax.plot(x, _smooth(mean, window), color=colors[label], linestyle=dashes[m], linewidth=1.4,
+                        label=f"{text} (n={len(series)})")
+                drawn = True
+        if stat == "ratio":
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            if drawn:
+                ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "no run logged this quantity", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(name + (" (solid: " + a + ", dashed: " + b + ")" if stat != "ratio" else ""))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, loc="best", ncol=2)
+    axes[-1].set_xlabel("optimizer step (training batches since the start)")
+    fig.suptitle(title or "Modulation statistics per logged training step (mean over seeds; light moving average when long)")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_path: str | Path, title: str) -> Path:
+    """Row-normalised confusion matrix (% of each true class), counts written in the cells."""
+    plt = _plt()
+    k = len(class_names)
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = 100 * matrix / np.maximum(totals, 1)
+    size = max(4.5, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, label="% of the true class")
+    if k <= 30:
+        ax.set_xticks(range(k), class_names, rotation=90 if max(map(len, class_names)) > 3 else 0)
+        ax.set_yticks(range(k), class_names)
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 50 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path: str | Path, title: str = "") -> Path:
+    """Per method: each modality's head accuracy (z_m) and linear-probe accuracy, with the
+    trained-alone accuracy as a dashed line. rows: {label, head_<m>, probe_<m>, alone_<m>} as
+    (mean, std) pairs or None."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(modality_names), figsize=(6 * len(modality_names), 4.2), squeeze=False)
+    labels = [r["label"] for r in rows]
+    x = np.arange(len(rows))
+    for ax, m in zip(axes[0], modality_names):
+        for offset, (key, name, color) in zip((-0.2, 0.2), ((f"head_{m}", "head z_m in the joint model", "tab:blue"),
+                                                             (f"probe_{m}", "linear probe on the encoder", "tab:orange"))):
+            vals = [r.get(key) for r in rows]
+            means = [100 * v[0] if v else np.nan for v in vals]
+            errs = [100 * v[1] if v and v[1] is not None else 0 for v in vals]
+            ax.bar(x + offset, means, width=0.4, yerr=errs, capsize=3, color=color, label=name)
+        alone = next((r.get(f"alone_{m}") for r in rows if r.get(f"alone_{m}")), None)
+        if alone:
+            ax.axhline(100 * alone[0], label=f"{m} trained alone", **ALONE_STYLE)
+        ax.set_xticks(x, labels, rotation=20, ha="right")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{m}: how well the joint model learned this modality")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "Per-modality test accuracy (mean over seeds, error bar = ±1 std)")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path: str | Path) -> Path:
+    plt = _plt()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,84 @@
+"""Every fusion head with every modulation: shapes, finite values, which parameters learn."""
+import pytest
+import torch
+
+from onthefly.engine import compute_loss
+from onthefly.models import FUSIONS, build_model
+from onthefly.modulation import METHODS, ModulationConfig, Modulator
+
+from test_core_modulation import tiny_batch, tiny_info
+
+NUM_CLASSES = 5
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_forward_output_shapes(fusion):
+    torch.manual_seed(0)
+    model = build_model(tiny_info(NUM_CLASSES), fusion)
+    inputs, _ = tiny_batch(batch=3, num_classes=NUM_CLASSES)
+    out = model(inputs)
+    assert out["logits"].shape == (3, NUM_CLASSES)
+    assert [h.shape for h in out["features"]] == [(3, 512), (3, 512)]
+    assert [z.shape for z in out["unimodal_logits"]] == [(3, NUM_CLASSES)] * 2
+    assert out["sample_weight"] is None
+    assert all(torch.isfinite(t).all() for t in (out["logits"], *out["features"], *out["unimodal_logits"]))
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_unimodal_logits_send_no_gradient_to_encoders_or_head(fusion):
+    torch.manual_seed(0)
+    model = build_model(tiny_info(NUM_CLASSES), fusion)
+    inputs, labels = tiny_batch(batch=3, num_classes=NUM_CLASSES)
+    out = model(inputs)
+    z_a, z_v = out["unimodal_logits"]
+    if not model.head.has_auxiliary_classifiers:
+        assert not z_a.requires_grad and not z_v.requires_grad
+        return
+    # FiLM / gated: only the auxiliary classifiers learn from z_m
+    (torch.nn.functional.cross_entropy(z_a, labels) + torch.nn.functional.cross_entropy(z_v, labels)).backward()
+    for name, p in model.named_parameters():
+        has_grad = p.grad is not None and p.grad.abs().sum() > 0
+        assert has_grad == name.startswith(("head.aux_a", "head.aux_b")), name
+
+
+@pytest.mark.parametrize("modulation", list(METHODS))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_every_fusion_trains_with_every_modulation(fusion, modulation):
+    torch.manual_seed(0)
+    model = build_model(tiny_info(NUM_CLASSES), fusion)
+    modulator = Modulator(ModulationConfig(method=modulation, alpha=0.5, q_base=0.5, p_exe=1.0), model.encoder_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    inputs, labels = tiny_batch(batch=6, num_classes=NUM_CLASSES)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch=0))
+        loss = compute_loss(out, labels, model.head)
+        optimizer.zero_grad()
+        loss.backward()
+        modulator.modulate_gradients(out, labels, epoch=0)
+        optimizer.step()
+        assert torch.isfinite(loss)
+        assert out["logits"].shape == (6, NUM_CLASSES)
+    stats = modulator.stats
+    assert torch.isfinite(stats["ratio"]).all() and stats["ratio"].shape == (2,)
+    if modulation in ("OGM", "OGM_GE", "OGM_OPM"):
+        assert ((stats["coeff"] > 0) & (stats["coeff"] <= 1)).all()
+    if modulation in ("OPM", "OGM_OPM"):
+        assert ((stats["drop_prob"] >= 0) & (stats["drop_prob"] <= 1)).all()
+        assert (stats["drop_prob"] == 0).any()  # only the dominant modality is ever dropped
+    # every parameter of both encoders and of the head moved
+    for name, p in model.named_parameters():
+        if name.startswith(("encoders.", "head.")):
+            assert not torch.equal(p.detach(), start[name]), f"{name} did not change"
+
+
+@pytest.mark.parametrize("modality", ["audio", "visual"])
+def test_unimodal_reference_model(modality):
+    torch.manual_seed(0)
+    model = build_model(tiny_info(NUM_CLASSES), "concat", modality=modality)
+    inputs, labels = tiny_batch(batch=3, num_classes=NUM_CLASSES)
+    out = model(inputs)
+    assert out["logits"].shape == (3, NUM_CLASSES) and len(out["unimodal_logits"]) == 1
+    compute_loss(out, labels, model.head).backward()
+    assert list(model.encoders) == [modality]
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,115 @@
+"""End to end: train.py on a tiny AV-Digits subset, exact resume, inference, CLI errors."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from onthefly import infer, runner
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--limit_samples", "96", "--batch_size", "32", "--device", "cpu", "--deterministic", "--log_every", "1"]
+
+
+def train(tmp_path: Path, *args: str) -> int:
+    return runner.main([*TINY, "--output_dir", str(tmp_path), "--run_name", "run", *args])
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("modulation", ["OGM_GE", "OGM_OPM"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, modulation):
+    # A step schedule does not depend on --epochs, so "1 epoch, then resume to 2" is the same run.
+    common = ("--modulation", modulation, "--scheduler", "step", "--lr_step", "1", "--no-eval_test")
+    assert train(tmp_path / "full", *common, "--epochs", "2") == 0
+    assert train(tmp_path / "split", *common, "--epochs", "1") == 0
+    last = tmp_path / "split" / "run" / "last.pt"
+    assert runner.main(["--resume", str(last), "--epochs", "2", "--no-eval_test"]) == 0
+    full, resumed = weights(tmp_path / "full" / "run" / "last.pt"), weights(last)
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    lines = (tmp_path / "split" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1]
+
+
+def test_run_outputs_and_inference(tmp_path):
+    assert train(tmp_path, "--modulation", "OGM", "--epochs", "2") == 0
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["modulation"] == "OGM" and config["dataset"] == "avdigits" and config["alpha"] == 0.5
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    # best.pt is the epoch with the best *validation* accuracy
+    assert best["epoch"] - 1 == max(epochs, key=lambda r: r["val_acc"])["epoch"]
+    assert best["config"]["fusion"] == "concat" and best["dataset_info"]["num_classes"] == 10
+    for key in ("train_loss", "val_acc", "val_macro_f1", "val_mAP", "val_acc_audio", "val_acc_visual"):
+        assert key in epochs[0]
+
+    assert infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert metrics["samples"] == len(rows) == 300
+    accuracy = sum(r["label"] == r["pred"] for r in rows) / len(rows)
+    assert metrics["acc"] == pytest.approx(accuracy)
+    assert set(rows[0]) == {"index", "label", "pred", "confidence", "pred_audio", "pred_visual"}
+
+
+def test_unimodal_reference_run(tmp_path):
+    assert train(tmp_path, "--modality", "visual", "--epochs", "1", "--no-eval_test") == 0
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "val_acc_visual" in line and "val_acc_audio" not in line
+
+
+def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
+    return subprocess.run([sys.executable, str(REPO / "code" / script), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--no_such_option"], "unrecognized arguments: --no_such_option"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--fusion", "bilinear"], "--fusion"),
+        (["--modulation", "magic"], "--modulation"),
+        (["--alpha", "-1"], "--alpha"),
+        (["--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needle):
+    result = run_cli("train.py", *args)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inference_rejects_a_foreign_checkpoint(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    result = run_cli("inference.py", "--checkpoint", str(foreign))
+    assert result.returncode == 2 and str(foreign) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_yaml_config_sets_defaults_and_cli_wins(tmp_path):
+    from onthefly.config import resolve_config
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("fusion: sum\nalpha: 0.3\nepochs: 7\n")
+    cfg = resolve_config(["--config", str(yml), "--alpha", "0.9"])
+    assert (cfg.fusion, cfg.alpha, cfg.epochs) == ("sum", 0.9, 7)
+    assert cfg.lr == 0.01  # AV-Digits default, untouched by the file
+    yml.write_text("fuson: sum\n")
+    from onthefly.errors import UserError
+
+    with pytest.raises(UserError, match="fuson"):
+        resolve_config(["--config", str(yml)])

@@ -1,0 +1,211 @@
+"""The cache format and training Datasets on synthetic arrays (no media decoding here):
+frame picking, shared crop and flip, flow under a flip, splits, pickling for workers."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "code") not in sys.path:
+    sys.path.insert(0, str(REPO / "code"))
+
+from onthefly.data import cache as C  # noqa: E402
+from onthefly.data.raw.common import flow_to_uint8  # noqa: E402
+from onthefly.data.raw.splits import assign_splits  # noqa: E402
+from onthefly.data.registry import get_dataset_entry  # noqa: E402
+from onthefly.errors import UserError  # noqa: E402
+
+SIDE, CROP = 16, 12
+
+
+def write_synthetic(out: Path, n: int = 6, frames_per_clip=(5, 1, 3, 4, 2, 5), flow: bool = False,
+                    dataset: str = "ucf101") -> None:
+    """Frames whose pixel (y, x) holds x (channel 0), y (channel 1) and the frame number
+    within the clip (channel 2), so a crop's position, a flip and the picked frames can
+    be read back from the output."""
+    counts = list(frames_per_clip)[:n]
+    total = sum(counts)
+    arrays = {"visual": ("frames", (3, SIDE, SIDE), "uint8", total)}
+    if flow:
+        arrays["flow"] = ("frames", (2, SIDE, SIDE), "uint8", total)
+    else:
+        arrays = {"audio": ("spectrogram", (1, 5, 7), "float16", n), **arrays}
+    w = C.CacheWriter(str(out), arrays)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    row = 0
+    for i, c in enumerate(counts):
+        for f in range(c):
+            w.maps["visual"][row] = np.stack([xx, yy, np.full_like(xx, f)])
+            if flow:
+                w.maps["flow"][row, 0] = C.FLOW_HALF + 10  # moving right
+                w.maps["flow"][row, 1] = C.FLOW_HALF
+            row += 1
+        if not flow:
+            w.maps["audio"][i] = i
+    offsets = [0] + np.cumsum(counts).tolist()
+    index = {
+        "clip_ids": [f"c{i}" for i in range(n)],
+        "labels": [i % 2 for i in range(n)],
+        "splits": ["train"] * (n - 2) + ["val", "test"],
+        "groups": [None] * n,
+        "sources": [""] * n,
+        "offsets": {k: offsets for k in arrays if k != "audio"},
+    }
+    meta = {
+        "dataset": dataset,
+        "class_names": ["a", "b"],
+        "params": {"short_side": SIDE, "crop_size": CROP, "fps": 1.0},
+        "split_counts": {"train": n - 2, "val": 1, "test": 1},
+        "stats": {"flow": {"mean": [0.5, 0.5], "std": [0.02, 0.02]}} if flow else {},
+    }
+    w.commit(meta, index, [("bad", "unreadable video", "x.avi")])
+
+
+def ns(path: Path, **kw) -> Namespace:
+    return Namespace(data=str(path), num_frames=kw.pop("num_frames", None), seed=0, **kw)
+
+
+def test_pick_frames():
+    assert C.pick_frames(10, 3, train=False) == [1, 5, 8]
+    assert C.pick_frames(1, 3, train=False) == [0, 0, 0]
+    assert C.pick_frames(4, 1, train=False) == [2]
+    rng = random.Random(0)
+    for count in (1, 2, 3, 7):
+        for _ in range(50):
+            p = C.pick_frames(count, 3, train=True, rng=rng)
+            assert p == sorted(p) and all(0 <= i < count for i in p)
+            if count >= 3:
+                assert len(set(p)) == 3
+    seen = {tuple(C.pick_frames(7, 3, True, rng)) for _ in range(200)}
+    assert len(seen) > 10  # training picks vary
+
+
+def test_shared_crop_flip_and_frame_order(tmp_path):
+    write_synthetic(tmp_path, flow=True)
+    ds = get_dataset_entry("ucf101").build(ns(tmp_path, num_frames=3), "train")
+    flips = set()
+    random.seed(1)
+    for _ in range(40):
+        for i in range(len(ds)):
+            item = ds[i]
+            v, f = item["visual"].numpy(), item["flow"].numpy()
+            assert v.shape == (3, 3, CROP, CROP) and f.shape == (2, 3, CROP, CROP)
+            x = v[0].astype(int)
+            # the same crop and flip on every frame of the clip
+            assert (x == x[0:1]).all() and (v[1] == v[1][0:1]).all()
+            flipped = x[0, 0, 0] > x[0, 0, -1]
+            flips.add(bool(flipped))
+            assert np.all(np.abs(np.diff(x[0, 0])) == 1)  # a contiguous crop
+            # the flow's u changes sign exactly when the frames are flipped
+            assert (f[0] == (C.FLOW_HALF - 10 if flipped else C.FLOW_HALF + 10)).all()
+            assert (f[1] == C.FLOW_HALF).all()
+            assert list(v[2, :, 0, 0]) == sorted(v[2, :, 0, 0])  # frames in time order
+    assert flips == {True, False}
+    ev = get_dataset_entry("ucf101").build(ns(tmp_path, num_frames=3), "val")
+    item = ev[0]
+    v = item["visual"].numpy()
+    off = (SIDE - CROP) // 2
+    assert v[0, 0, 0, 0] == off and v[1, 0, 0, 0] == off  # centre crop, not flipped
+    assert list(v[2, :, 0, 0]) == [0, 1, 1]  # the val clip has 2 frames: repeated
+    t = get_dataset_entry("ucf101").build(ns(tmp_path, num_frames=3), "test")[0]["visual"].numpy()
+    assert list(t[2, :, 0, 0]) == [0, 2, 4]  # 5 frames: evenly spread
+
+
+def test_info_and_audio_items(tmp_path):
+    write_synthetic(tmp_path, dataset="cremad")
+    entry = get_dataset_entry("cremad")
+    info = entry.info(ns(tmp_path))
+    assert info.class_names == ("a", "b") and info.num_classes == 2
+    audio, visual = info.modalities
+    assert audio.kind == "spectrogram" and audio.shape == (1, 5, 7)
+    assert visual.shape == (3, 1, CROP, CROP) and visual.mean == C.IMAGENET_MEAN
+    ds = entry.build(ns(tmp_path), "train")
+    item = ds[2]
+    assert item["audio"].dtype == torch.float32 and float(item["audio"][0, 0, 0]) == 2.0
+    assert item["label"] == 0 and item["index"] == 2
+    assert len(ds) == 4 and len(entry.build(ns(tmp_path), "test")) == 1
+    # a DataLoader worker gets a picklable Dataset that maps the files itself
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._arrays is None and torch.equal(clone[2]["audio"], item["audio"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert batches[0]["visual"].shape == (2, 3, 1, CROP, CROP) and batches[0]["visual"].dtype == torch.uint8
+
+
+def test_flow_stats_in_info(tmp_path):
+    write_synthetic(tmp_path, flow=True)
+    info = get_dataset_entry("ucf101").info(ns(tmp_path, num_frames=2))
+    assert info.modalities[1].name == "flow" and info.modalities[1].std == (0.02, 0.02)
+    assert info.modalities[1].shape == (2, 2, CROP, CROP)
+
+
+def test_unfinished_or_foreign_cache(tmp_path):
+    write_synthetic(tmp_path, dataset="cremad")
+    entry = get_dataset_entry("cremad")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(UserError, match="version 99"):
+        entry.info(ns(tmp_path))
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(UserError, match="not a finished cache"):
+        entry.build(ns(tmp_path), "train")
+    with pytest.raises(UserError, match="no such directory"):
+        entry.info(ns(tmp_path / "absent"))
+
+
+def test_flow_quantisation():
+    f = np.array([[[-30.0, 0.0], [20.0, 5.0]]], dtype=np.float32)
+    q = flow_to_uint8(f, 20.0)
+    assert q.tolist() == [[[0, 127], [254, 159]]]
+    assert (2 * C.FLOW_HALF - q[..., 0]).tolist() == flow_to_uint8(-f, 20.0)[..., 0].tolist()
+
+
+def test_split_rules():
+    labels = [c for c in range(3) for _ in range(10)]
+    s = assign_splits(labels, [None] * 30, None, 0.1, 0.2, seed=0)
+    for c in range(3):
+        mine = [s[i] for i in range(30) if labels[i] == c]
+        assert mine.count("test") == 2 and mine.count("val") == 1
+    assert s == assign_splits(labels, [None] * 30, None, 0.1, 0.2, seed=0)
+    assert s != assign_splits(labels, [None] * 30, None, 0.1, 0.2, seed=1)
+    # actor groups across classes: no actor in two splits
+    actors = [str(i % 10) for i in range(30)]
+    s = assign_splits(labels, [None] * 30, actors, 0.1, 0.1, seed=3)
+    by_actor = {}
+    for a, sp in zip(actors, s):
+        by_actor.setdefault(a, set()).add(sp)
+    assert all(len(v) == 1 for v in by_actor.values()) and set(s) == {"train", "val", "test"}
+    # given lists: kept; val carved from train only, by whole class-specific groups
+    given = ["train"] * 24 + ["test"] * 6
+    groups = [f"{labels[i]}/g{i // 2}" for i in range(30)]
+    s = assign_splits(labels, given, groups, 0.2, 0.1, seed=0)
+    assert s[24:] == ["test"] * 6 and "val" in s[:24]
+    for g in set(groups):
+        assert len({s[i] for i in range(30) if groups[i] == g}) == 1
+    with pytest.raises(UserError, match="val would be empty"):
+        assign_splits([0, 1], ["train", "test"], None, 0.1, 0.1, seed=0)
+
+
+def _crash_on_b(job, marker):
+    if job.clip_id == "b":
+        os._exit(1)  # a decoder taking its process down
+    return job.clip_id, "ok", marker
+
+
+def test_worker_crash_skips_only_that_clip():
+    from onthefly.data.raw.common import ClipJob, run_jobs
+
+    jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcde"]
+    results = {r[0]: r for r in run_jobs(_crash_on_b, jobs, ("m",), workers=2)}
+    assert set(results) == set("abcde")
+    assert results["b"][1] == "skip" and "crashed" in results["b"][2][0]
+    assert all(results[c][1:] == ("ok", "m") for c in "acde")
