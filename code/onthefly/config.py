@@ -39,7 +39,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 
 # Settings a resumed run may not change: they define the model or the data it was trained on.
 RUN_IDENTITY_KEYS = (
-    "dataset", "data", "fusion", "modality", "modulation", "num_frames", "audio_frames",
+    "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
     "image_downsample", "image_noise", "image_occlusion", "data_seed", "seed",
 )
 
@@ -61,6 +61,9 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--num_frames", type=int, default=None, help="frames per clip (dataset default)")
     g.add_argument("--num_workers", type=int, default=None, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
+    g.add_argument("--crop_size", type=int, default=None, help="frame crop side for preprocessed datasets (default: the cache's)")
+    g.add_argument("--preprocess", default=None,
+                   help="expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': refuse a cache made otherwise")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
     g.add_argument("--image_noise", type=float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
@@ -143,8 +146,14 @@ def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
     return values
 
 
-# Float options that must be finite: NaN or infinity is never a valid setting.
+# Numeric options, checked for type first: a YAML file can give 8.5 for an integer option or
+# a string for any. Floats must also be finite: NaN or infinity is never a valid setting.
 FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise")
+INT_OPTIONS = (
+    "epochs", "batch_size", "num_frames", "num_workers", "limit_samples", "lr_step", "log_every", "seed",
+    "modulation_starts", "modulation_ends", "warmup_epochs", "data_seed", "audio_frames", "image_downsample",
+    "image_occlusion",
+)
 
 
 def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
@@ -154,8 +163,14 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 
 def validate_config(cfg: argparse.Namespace) -> None:
     """Reject settings that cannot work, naming the option."""
+    for key in INT_OPTIONS:
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"--{key} must be an integer (got {value!r})")
     for key in FLOAT_OPTIONS:
         value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"--{key} must be a number (got {value!r})")
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{key} must be a finite number (got {value})")
     checks = [

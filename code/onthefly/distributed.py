@@ -146,7 +146,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        x = input.float()
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()  # statistics in fp32 at least
         local_count = x.new_tensor([x.numel() // x.shape[1]])
         total = all_reduce(torch.cat([x.sum(dims), local_count]))
         count = total[-1].detach()

@@ -91,15 +91,26 @@ def prepare_run_dir(cfg: argparse.Namespace) -> Path:
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
-        if cfg.resume:  # what a kill left half-written; last.pt and best.pt are always whole
-            ckpt_io.remove_stale_temporaries(run_dir)
+        ckpt_io.remove_stale_temporaries(run_dir)  # what a kill left half-written; last.pt and best.pt are always whole
     except OSError as e:
         raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
-    if cfg.overwrite and not cfg.resume:
+    if not cfg.resume:  # --overwrite, or an attempt killed before its first checkpoint: start clean
         for name in ("metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
     return run_dir
+
+
+def check_free_space(run_dir: Path, model: torch.nn.Module, cfg) -> None:
+    """Refuse to start when the run directory cannot hold the checkpoints of the first epoch."""
+    tensors = [*model.parameters(), *model.buffers()]
+    slots = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum > 0 else 0)  # optimizer state per parameter
+    size = sum(t.numel() * t.element_size() for t in tensors) + slots * sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = int(size * (1.1 if cfg.resume else 2.2))  # last.pt and best.pt (or one rewrite of them), + 10%
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(f"the run directory {run_dir} has {free / 2**20:.0f} MiB free; "
+                        f"the checkpoints need about {needed / 2**20:.0f} MiB")
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -181,6 +192,7 @@ def train(cfg: argparse.Namespace) -> dict:
     if cfg.sync_bn and is_distributed():
         model = convert_sync_batchnorm(model, device.type)  # BatchNorm statistics of the global batch
     optimizer, scheduler = build_optimizer(cfg, model)
+    on_main_then_share(check_free_space, run_dir, model, cfg)
     state = TrainState()
     if ckpt is not None:
         ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
