@@ -23,8 +23,10 @@ the same run: precision (auto, fp32, bf16), layout (cl, nchw), audio/visual stem
 (apad4, apad8: the 1-channel audio stem conv zero-padded to 4/8 input channels; pad8: both
 stems padded to 8; astem32, stem32: the audio stem / both stems run in float32 NCHW
 outside autocast), compile, compile-ro (reduce-overhead), compile-max
-(max-autotune-no-cudagraphs), fusedsgd. Compiled variants run in a second phase, after
-the others are written, next to a fresh measurement of the default `none` row.
+(max-autotune-no-cudagraphs) (torch.compile of the encoders), fusedsgd, graph (the whole
+step captured once as a CUDA graph and replayed; CUDA only). Compiled and graphed variants
+run in a second phase, after the others are written, next to a fresh measurement of the
+default `none` row. A variant that fails to build or run is reported and left out.
 
 Work per step is counted once per shape with torch.utils.flop_counter.FlopCounterMode
 (forward + backward of the fp32 model); TFLOP/s = that count x steps per second.
@@ -35,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import io
 import json
 import os
 import platform
@@ -196,6 +197,11 @@ class Variant:
     stem: str = ""
     compile: str = ""  # "", default, reduce-overhead, max-autotune-no-cudagraphs
     fused_sgd: bool = False
+    graph: bool = False  # the whole step captured once as a CUDA graph, then replayed
+
+    @property
+    def phase(self) -> int:
+        return 2 if (self.compile or self.graph) else 1
 
     @property
     def name(self) -> str:
@@ -209,6 +215,8 @@ class Variant:
                           "max-autotune-no-cudagraphs": "compile-max"}[self.compile])
         if self.fused_sgd:
             parts.append("fusedsgd")
+        if self.graph:
+            parts.append("graph")
         return "+".join(parts)
 
     def amp_dtype(self, device: torch.device) -> torch.dtype | None:
@@ -233,6 +241,8 @@ def parse_variant(text: str) -> Variant:
             v.compile = {"compile": "default", "compile-ro": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}[tok]
         elif tok == "fusedsgd":
             v.fused_sgd = True
+        elif tok == "graph":
+            v.graph = True
         else:
             raise SystemExit(f"--variants: unknown token {tok!r} in {text!r}")
     return v
@@ -279,6 +289,50 @@ def ours_step(model, modulator, optimizer, preset, batch, amp_dtype, epoch: int 
     return loss.detach()
 
 
+class GraphedStep:
+    """Our whole step (device preset, forward, loss, backward, modulation, SGD) captured once
+    as a CUDA graph and replayed for every batch: possible because the step never waits on
+    the host. Each replay copies the batch into the captured input buffers first.
+
+    As torch.cuda.graph's whole-network recipe: warm-up steps on a side stream (cudnn
+    autotuning, optimizer state), gradients set to None before the capture so backward
+    allocates them from the graph's pool, and autocast without its weight-cast cache.
+    """
+
+    def __init__(self, model, modulator, optimizer, preset, amp_dtype, example: dict, warmup: int = 3):
+        self.parts = (model, modulator, optimizer, preset, amp_dtype)
+        self.static = {k: v.clone() for k, v in example.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                optimizer.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._body()
+
+    def _body(self) -> torch.Tensor:
+        model, modulator, optimizer, preset, amp = self.parts
+        inputs, labels = preset(self.static)
+        ctx = torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp else contextlib.nullcontext()
+        with ctx:
+            out = model(inputs, feature_hook=modulator.feature_hook(labels, 0))
+            loss = compute_loss(out, labels, model.head)
+        loss.backward()
+        modulator.modulate_gradients(out, labels, 0)
+        optimizer.step()
+        return loss.detach()
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        for k, v in self.static.items():
+            v.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
 # ----------------------------------------------------------------------------- configurations
 
 @dataclass
@@ -321,8 +375,21 @@ def make_official_config(base, device, method: str, alpha: float, source: str) -
 
 
 def make_ours_config(base, info, device, variant: Variant, method: str, alpha: float, loop: str) -> Config:
+    if variant.graph and device.type != "cuda":
+        raise SystemExit(f"variant {variant.name}: CUDA graphs need --device cuda")
     model, optimizer, modulator, preset = build_ours(base, info, device, variant, method, alpha)
     amp = variant.amp_dtype(device)
+    if variant.graph:
+        graphed: list[GraphedStep] = []
+
+        def run_graph(pairs):
+            model.train()
+            if not graphed:  # captured on first use (the warm-up)
+                graphed.append(GraphedStep(model, modulator, optimizer, preset, amp, pairs[0][0]))
+            for pair in pairs:
+                graphed[0](pair[0])
+
+        return Config("ours", variant.name, method, run_graph, lambda pair: run_graph([pair]), phase=2)
     state = TrainState()
     cfg = SimpleNamespace(nonfinite="stop", log_every=10**9)
 
@@ -338,7 +405,7 @@ def make_ours_config(base, info, device, variant: Variant, method: str, alpha: f
             for pair in pairs:
                 step(pair)
 
-    return Config("ours", variant.name, method, run, step, phase=2 if variant.compile else 1)
+    return Config("ours", variant.name, method, run, step, phase=variant.phase)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -378,11 +445,34 @@ def count_host_syncs(cfg: Config, pair, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def count_ops(cfg: Config, pair) -> dict:
+    """Operators dispatched in one step (each one a kernel launch or more on a GPU, and host
+    work either way), and how many of them read a device value on the host (.item(),
+    bool(tensor), ...: a host sync on CUDA). Counted below autograd and autocast, so the
+    backward pass and the casts are included; device-independent, so a CPU run counts too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+        host_reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.ops += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Counter.host_reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        cfg.step_once(pair)
+    return {"ops": Counter.ops, "host_reads": Counter.host_reads}
+
+
 def profile_config(cfg: Config, pairs, device: torch.device, steps: int) -> tuple[dict, str]:
     """Device (kernel) time per step vs wall time per step, and the top kernels, for one config."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     batches = [pairs[i % len(pairs)] for i in range(steps)]
     sync(device)
@@ -403,13 +493,14 @@ def profile_config(cfg: Config, pairs, device: torch.device, steps: int) -> tupl
     busy_us = sum(v[0] for v in kernels.values())
     summary = {
         "wall_ms_per_step": 1e3 * wall / steps,
+        "kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
         "device_ms_per_step": busy_us / 1e3 / steps,
         "device_busy": (busy_us / 1e6) / wall if wall > 0 else None,
         "sync_calls_per_step": syncs / steps,
         "note": "measured under the profiler (its overhead included in wall time)",
     }
     lines = [f"== {cfg.label}: {steps} steps; wall {summary['wall_ms_per_step']:.2f} ms/step, "
-             f"device kernels {summary['device_ms_per_step']:.2f} ms/step, sync calls {summary['sync_calls_per_step']:.1f}/step",
+             f"device kernels {summary['device_ms_per_step']:.2f} ms/step ({summary['kernels_per_step']:.0f} launches), sync calls {summary['sync_calls_per_step']:.1f}/step",
              "top device kernels (ms per step, launches per step):"]
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]:
         lines.append(f"  {us / 1e3 / steps:8.3f} ms  {n / steps:6.1f}  {name[:150]}")
@@ -421,26 +512,46 @@ def profile_config(cfg: Config, pairs, device: torch.device, steps: int) -> tupl
     return summary, "\n".join(lines)
 
 
-def measure(configs: list[Config], pairs, iters: int, rounds: int, batch_size: int, device, on_round=None) -> None:
+def measure(configs: list[Config], pairs, iters: int, rounds: int, batch_size: int, device, on_round=None,
+            failed: dict | None = None) -> None:
     batches = [pairs[i % len(pairs)] for i in range(iters)]
+    live = list(configs)
     for r in range(rounds):
-        for cfg in configs:
+        for cfg in list(live):
             sync(device)
             t0 = time.perf_counter()
-            cfg.run(batches)
-            sync(device)
+            try:
+                cfg.run(batches)
+                sync(device)
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed[cfg.label] = f"round {r}: {type(e).__name__}: {e}"[:2000]
+                cfg.rounds.clear()
+                live.remove(cfg)
+                print(f"  {cfg.label}: FAILED {failed[cfg.label][:300]}", flush=True)
+                continue
             cfg.rounds.append(iters * batch_size / (time.perf_counter() - t0))
         if on_round:
             on_round(r)
 
 
-def warm(configs: list[Config], pairs, warmup: int, device) -> None:
+def warm(configs: list[Config], pairs, warmup: int, device, failed: dict) -> list[Config]:
+    """Warm every config up; one that raises is reported in `failed` and left out (the rest go on)."""
     batches = [pairs[i % len(pairs)] for i in range(max(warmup, 1))]
+    kept = []
     for cfg in configs:
         t0 = time.perf_counter()
-        cfg.run(batches)
-        sync(device)
+        try:
+            cfg.run(batches)
+            sync(device)
+        except Exception as e:  # a variant that cannot run here must not cost the other rows
+            failed[cfg.label] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"  warm-up {cfg.label}: FAILED {failed[cfg.label][:300]}", flush=True)
+            continue
+        kept.append(cfg)
         print(f"  warm-up {cfg.label}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return kept
 
 
 # ----------------------------------------------------------------------------- report
@@ -469,7 +580,8 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def summarize(configs: list[Config], flops_per_step: int, batch_size: int, default_variant: Variant) -> dict:
+def summarize(configs: list[Config], flops_per_step: int, batch_size: int, default_variant: Variant,
+              ops_per_step: dict | None = None) -> dict:
     rows = []
     for c in configs:
         if not c.rounds:
@@ -480,6 +592,9 @@ def summarize(configs: list[Config], flops_per_step: int, batch_size: int, defau
             "samples_per_s": sps, "rounds": c.rounds, "step_ms": 1e3 * batch_size / sps,
             "tflops": flops_per_step * sps / batch_size / 1e12,
         })
+        counted = (ops_per_step or {}).get(c.label) if c.phase == 1 else None
+        if isinstance(counted, dict):
+            rows[-1].update(ops_per_step=counted["ops"], host_reads_per_step=counted["host_reads"])
     find = {(r["impl"], r["variant"], r["method"], r["phase"]): r for r in rows}
     ratios, overhead = {}, {}
     official_variant = next((r["variant"] for r in rows if r["impl"] == "official"), None)
@@ -490,7 +605,7 @@ def summarize(configs: list[Config], flops_per_step: int, batch_size: int, defau
         r["vs_official"] = r["samples_per_s"] / o["samples_per_s"] if o else None
         none = find.get(("ours", r["variant"], "none", r["phase"]))
         r["vs_own_none"] = r["samples_per_s"] / none["samples_per_s"] - 1 if none else None
-        if r["variant"] == default_variant.name and r["phase"] == (2 if default_variant.compile else 1):
+        if r["variant"] == default_variant.name and r["phase"] == default_variant.phase:
             if r["vs_official"] is not None:
                 ratios[r["method"]] = r["vs_official"]
             if r["vs_own_none"] is not None and r["method"] != "none":
@@ -504,7 +619,8 @@ def print_table(result: dict) -> None:
     print(f"shape {m['shape']}{' (small)' if m['small'] else ''}  batch {m['batch_size']}  device {m['env']['device']}  "
           f"torch {m['env']['torch']}  loop {m['loop']}  source {m['source']}")
     print(f"work per step {result['flops_per_step'] / 1e12:.3f} TFLOP ({result['flops_per_step'] / m['batch_size'] / 1e9:.2f} GFLOP per sample, fwd+bwd)")
-    head = f"{'impl':<9} {'variant':<22} {'method':<7} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'vs none':>8} {'ours/off':>8}"
+    head = (f"{'impl':<9} {'variant':<22} {'method':<7} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'vs none':>8} "
+            f"{'ours/off':>8} {'ops/step':>8} {'host rd':>7}")
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
@@ -512,10 +628,12 @@ def print_table(result: dict) -> None:
         vs_off = f"x{r['vs_official']:.2f}" if r.get("vs_official") is not None else ""
         variant = r["variant"] + (" (p2)" if r["phase"] == 2 else "")
         print(f"{r['impl']:<9} {variant:<22} {r['method']:<7} {r['samples_per_s']:>10.1f} {r['step_ms']:>9.2f} "
-              f"{r['tflops']:>8.2f} {vs_none:>8} {vs_off:>8}")
+              f"{r['tflops']:>8.3g} {vs_none:>8} {vs_off:>8} {r.get('ops_per_step', ''):>8} {r.get('host_reads_per_step', ''):>7}")
     if result.get("host_syncs_per_step"):
         print("host syncs per step (cuda sync debug mode):", result["host_syncs_per_step"])
     print(f"rounds: {m['rounds']} x {m['iters']} steps after {m['warmup']} warm-up steps; median round shown")
+    for label, why in result.get("failed", {}).items():
+        print(f"not measured: {label}: {why[:300]}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -533,7 +651,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="ours: auto = bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the encoders (default variant)")
     p.add_argument("--audio_stem", default="plain", choices=("plain", "pad4", "pad8", "fp32"), help="ours: audio stem conv variant (default variant)")
-    p.add_argument("--variants", default="", help="extra variants of ours, e.g. 'fp32,bf16+apad8,bf16+astem32,bf16+compile'")
+    p.add_argument("--variants", default="", help="extra variants of ours, e.g. 'fp32,bf16+apad8,bf16+compile,bf16+graph@all' "
+                   "(@all or @none/OGM_GE: methods for that variant; else --variant_methods)")
     p.add_argument("--variant_methods", default="none", help="methods measured for the extra variants ('all' = --methods)")
     p.add_argument("--methods", default=",".join(OURS_METHODS))
     p.add_argument("--no_official", action="store_true", help="skip the official-style rows")
@@ -544,6 +663,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="profile the `none` rows (and official OGM_GE): kernel time vs wall, top kernels")
     p.add_argument("--profile_steps", type=int, default=5)
     p.add_argument("--no_sync_check", action="store_true", help="skip counting host syncs per step (CUDA only)")
+    p.add_argument("--no_count_ops", action="store_true", help="skip counting operators and host reads per step")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadiest on a shared CPU")
     p.add_argument("--out", default=None, help="write the results as JSON here (profile tables beside it)")
     return p.parse_args(argv)
@@ -565,10 +685,21 @@ def main(argv=None) -> dict:
 
     default = Variant(precision=args.precision, stem={"plain": "", "pad4": "apad4", "pad8": "apad8", "fp32": "astem32"}[args.audio_stem],
                       compile="default" if args.compile else "")
-    variants = [default] + [parse_variant(t) for t in args.variants.split(",") if t.strip()]
-    seen = set()
-    variants = [v for v in variants if not (v.name in seen or seen.add(v.name))]
+    variants, own_methods = [default], {default.name: methods}
+    for text in filter(None, (t.strip() for t in args.variants.split(","))):
+        spec, _, which = text.partition("@")  # "bf16+graph@none/OGM_GE": this variant's own methods
+        v = parse_variant(spec)
+        if v.name in own_methods:
+            continue
+        chosen = variant_methods if not which else methods if which == "all" else which.split("/")
+        bad = [m for m in chosen if m not in OURS_METHODS]
+        if bad:
+            raise SystemExit(f"--variants {text!r}: unknown methods {bad}")
+        variants.append(v)
+        own_methods[v.name] = chosen
 
+    if device.type != "cuda" and any(v.graph for v in variants):
+        raise SystemExit("--variants: CUDA graph variants need --device cuda")
     info = synthetic_info(args.shape, args.small)
     torch.manual_seed(args.seed)
     base = build_model(info, "concat")
@@ -588,18 +719,33 @@ def main(argv=None) -> dict:
     result["flops_per_sample"] = result["flops_per_step"] / args.batch_size
 
     configs: list[Config] = []
+    failed: dict[str, str] = {}
+    result["failed"] = failed
+
+    def add(label: str, make: Callable[[], Config]) -> None:
+        try:
+            configs.append(make())
+        except SystemExit:
+            raise
+        except Exception as e:  # reported, and the other rows go on
+            failed[label] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"  setup {label}: FAILED {failed[label][:300]}", flush=True)
+
     if not args.no_official:
         for m in off.OFFICIAL_METHODS:
             if m in methods:
-                configs.append(make_official_config(base, device, m, args.alpha, args.source))
+                add(f"official/{m}", lambda m=m: make_official_config(base, device, m, args.alpha, args.source))
     for v in variants:
-        for m in methods if v is default else variant_methods:
-            configs.append(make_ours_config(base, info, device, v, m, args.alpha, args.loop))
+        for m in own_methods[v.name]:
+            if v.graph and m == "OPM":  # its hook builds a small tensor from host data each step
+                failed[f"ours/{v.name}/{m}"] = "skipped: OPM's hook copies host data (torch.tensor) each step, which a CUDA graph cannot capture"
+                continue
+            add(f"ours/{v.name}/{m}", lambda v=v, m=m: make_ours_config(base, info, device, v, m, args.alpha, args.loop))
 
     out_path = Path(args.out) if args.out else None
 
     def write(_round=None):
-        result.update(summarize(configs, result["flops_per_step"], args.batch_size, default))
+        result.update(summarize(configs, result["flops_per_step"], args.batch_size, default, result.get("ops_per_step")))
         if out_path:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2))
@@ -607,32 +753,51 @@ def main(argv=None) -> dict:
     phase1 = [c for c in configs if c.phase == 1]
     phase2 = [c for c in configs if c.phase == 2]
     print(f"phase 1: {len(phase1)} configurations", flush=True)
-    warm(phase1, pairs, args.warmup, device)
+    phase1 = warm(phase1, pairs, args.warmup, device, failed)
+    if not args.no_count_ops:
+        ops: dict[str, Any] = {}
+        for c in phase1:
+            try:
+                ops[c.label] = count_ops(c, pairs[0])
+            except Exception as e:
+                ops[c.label] = f"{type(e).__name__}: {e}"[:300]
+        result["ops_per_step"] = ops
     if not args.no_sync_check and device.type == "cuda":
-        result["host_syncs_per_step"] = {c.label: count_host_syncs(c, pairs[0], device) for c in phase1}
-    measure(phase1, pairs, args.iters, args.rounds, args.batch_size, device, write)
+        syncs: dict[str, Any] = {}
+        for c in phase1:
+            try:
+                syncs[c.label] = count_host_syncs(c, pairs[0], device)
+            except Exception as e:
+                syncs[c.label] = f"{type(e).__name__}: {e}"[:300]
+        result["host_syncs_per_step"] = syncs
+    measure(phase1, pairs, args.iters, args.rounds, args.batch_size, device, write, failed)
     write()
     print_table(result)
 
     if phase2:
         again = []
-        if not default.compile:  # the default `none` row again, beside the compiled ones
+        if default.phase == 1 and "none" in methods:  # the default `none` row again, beside these
             ref2 = make_ours_config(base, info, device, default, "none", args.alpha, args.loop)
             ref2.phase = 2
             configs.append(ref2)
             again.append(ref2)
-        print(f"phase 2: {len(phase2)} compiled configurations", flush=True)
-        warm(again + phase2, pairs, args.warmup, device)
-        measure(again + phase2, pairs, args.iters, args.rounds, args.batch_size, device, write)
+        print(f"phase 2: {len(phase2)} compiled / graphed configurations", flush=True)
+        phase2 = warm(again + phase2, pairs, args.warmup, device, failed)
+        measure(phase2, pairs, args.iters, args.rounds, args.batch_size, device, write, failed)
         write()
         print_table(result)
 
     if args.profile:
         texts = []
         result["profile"] = {}
-        chosen = [c for c in configs if (c.impl == "ours" and c.method == "none") or (c.impl == "official" and c.method in ("none", "OGM_GE"))]
+        chosen = [c for c in configs if c.rounds and ((c.impl == "ours" and c.method == "none")
+                                                    or (c.impl == "official" and c.method in ("none", "OGM_GE")))]
         for c in chosen:
-            summary, text = profile_config(c, pairs, device, args.profile_steps)
+            try:
+                summary, text = profile_config(c, pairs, device, args.profile_steps)
+            except Exception as e:
+                failed[f"profile {c.label}"] = f"{type(e).__name__}: {e}"[:2000]
+                continue
             result["profile"][c.label + (" (p2)" if c.phase == 2 else "")] = summary
             texts.append(text)
             print(texts[-1].split("\n", 1)[0], flush=True)

@@ -121,8 +121,8 @@ def train_one_epoch(
 def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, optimizer, step: int) -> None:
     scalars = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}
     for key, value in modulator.stats.items():
-        for m, v in enumerate(value.tolist()):
-            scalars[f"modulation/{key}_{m}"] = v
+        for name, v in zip(modulator.modality_names, value.tolist()):
+            scalars[f"modulation/{key}_{name}"] = v
     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
     if writer is not None:
         for k, v in scalars.items():

@@ -93,6 +93,10 @@ def prepare_run_dir(cfg: argparse.Namespace) -> Path:
         probe.unlink()
         ckpt_io.remove_stale_temporaries(run_dir)  # what a kill left half-written; last.pt and best.pt are always whole
     except OSError as e:
+        try:
+            (run_dir / ".write_probe").unlink(missing_ok=True)
+        except OSError:
+            pass
         raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
     if not cfg.resume:  # --overwrite, or an attempt killed before its first checkpoint: start clean
         for name in ("metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"):

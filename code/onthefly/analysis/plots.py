@@ -67,6 +67,8 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
     are drawn dashed black in their modality's panel.
     """
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     panels = [("val_acc", "fused prediction")] + [(f"val_acc_{m}", f"{m} (head z_{m})") for m in modality_names]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     axes = axes[0]
@@ -87,7 +89,8 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
             ax.plot(x, 100 * mean, marker="o", markersize=3, label=f"{label} (n={len(series)})", **style)
             ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15, linewidth=0)
         ax.set_title(f"Validation accuracy: {name}")
-        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (1 = after the first epoch)")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -136,7 +139,12 @@ def plot_modulation(
         if stat == "ratio":
             ax.axhline(1.0, color="grey", linewidth=0.8)
             if drawn:
+                from matplotlib.ticker import LogLocator, ScalarFormatter
+
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
         if not drawn:
             ax.text(0.5, 0.5, "no run logged this quantity", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(name + (" (solid: " + a + ", dashed: " + b + ")" if stat != "ratio" else ""))

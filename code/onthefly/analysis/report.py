@@ -74,6 +74,10 @@ def run_values(run: Run, modality_names: list[str]) -> dict[str, float | None]:
         values[f"probe_{m}"] = _probe_acc(run, m) if m in own else None
         zeroed = run.evals.get(f"eval_test_zero_{m}")
         values[f"zero_{m}"] = zeroed.get("acc") if zeroed and not run.is_unimodal else None
+    # The clean accuracy on exactly the samples the zeroed evaluations used (test_metrics.json
+    # may come from a --limit_samples run; inference always uses the whole split).
+    clean = run.evals.get("eval_test")
+    values["clean_acc"] = clean.get("acc") if clean and not run.is_unimodal else None
     return values
 
 
@@ -167,12 +171,13 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
                 f"### Missing modality at test time ({ds['dataset']})",
                 "",
                 "Fused test accuracy when one modality's encoder input is replaced by zeros (the normalised "
-                "input, i.e. the dataset-mean input), from `inference.py --zero_modality m`. A model that "
-                "leans on one modality collapses when that one is missing.",
+                "input, i.e. the dataset-mean input), from `inference.py --zero_modality m`, next to the same "
+                "checkpoint's accuracy with both present (`eval_test/`). A model that leans on one modality "
+                "collapses when that one is missing.",
                 "",
             ]
             header = ["Method", "Seeds", "Both present"] + [f"{m} zeroed" for m in names]
-            rows = [[g["label"], str(g["finished"]), format_stat(g["columns"].get("acc"), g["finished"])]
+            rows = [[g["label"], str(g["finished"]), format_stat(g["columns"].get("clean_acc"), g["finished"])]
                     + [format_stat(g["columns"].get(f"zero_{m}"), g["finished"]) for m in names] for g in zero_rows]
             lines += _table(header, rows) + [""]
 
@@ -251,7 +256,8 @@ def _make_figures(ds: dict, out_dir: Path, prefix: str) -> tuple[list[tuple[str,
         classes = sorted(set(labels) | set(preds), key=_natural_key)
         matrix = confusion_matrix(labels, preds, classes)
         n = sum(1 for r in g["_runs"] if (r.path / "eval_test" / "predictions.csv").is_file())
-        title = f"Confusion matrix, {g['label']}: test split, {n} seed(s) pooled, {len(labels)} predictions"
+        title = (f"Confusion matrix, {g['label']}: test split, {n} seed(s) pooled, {len(labels)} predictions\n"
+                 "(cells: counts; colour: % of the true class)")
         path = plots.plot_confusion(matrix, classes, out_dir / f"{prefix}confusion_{_slug(g['label'])}.png", title)
         figures.append((f"Confusion matrix: {g['label']}", path.name))
     if missing:

@@ -42,8 +42,8 @@ BUILD_VERSION = 1
 BUILD_DEFAULTS = {
     "audio_frames": 32,
     "image_downsample": 10,
-    "image_noise": 0.6,
-    "image_occlusion": 12,
+    "image_noise": 0.4,
+    "image_occlusion": 10,
     "val_fraction": 0.1,
     "test_fraction": 0.1,
     "data_seed": 0,

@@ -64,6 +64,7 @@ class Modulator:
         config: ModulationConfig,
         encoder_parameters: tuple[list[nn.Parameter], ...],
         reduce_fn: ReduceFn | None = None,
+        modality_names: tuple[str, ...] | None = None,
     ):
         self.config = config
         self.use_ogm, self.gaussian_noise, self.use_opm = METHODS[config.method]
@@ -71,6 +72,8 @@ class Modulator:
         # Under DDP the scores are summed over ranks so every rank sees the global batch.
         self.reduce_fn = reduce_fn
         self.stats: dict[str, torch.Tensor] = {}
+        # Names for logging; stats tensors are indexed in this (the model's) modality order.
+        self.modality_names = modality_names or tuple(str(i) for i in range(len(encoder_parameters)))
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> "Modulator":
@@ -78,7 +81,8 @@ class Modulator:
         config = ModulationConfig(
             method=cfg.modulation, **{k: getattr(cfg, k) for k in fields if k != "method" and hasattr(cfg, k)}
         )
-        return cls(config, model.encoder_parameters(), reduce_fn)
+        inner = getattr(model, "module", model)
+        return cls(config, inner.encoder_parameters(), reduce_fn, tuple(inner.modality_names))
 
     def measure(self, unimodal_logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores s_m (summed over ranks) and ratios rho_m for this batch; recorded in `stats`."""

@@ -31,8 +31,8 @@ def opm_feature_dropout(
     executed = (torch.rand((), device=device) < p_exe).float()
     q = drop_prob.to(device=device, dtype=torch.float32) * executed  # (M,)
     keep = torch.rand(batch, len(features), device=device) >= q  # (B, M), P(keep) = 1 - q_m
-    dims = torch.tensor([f.shape[1] for f in features], device=device, dtype=torch.float32)
-    theta = (dims * q).sum() / dims.sum()
+    dims = [f.shape[1] for f in features]  # Python ints: no host-to-device copy in the step
+    theta = sum(d * q[m] for m, d in enumerate(dims)) / sum(dims)
     scale = 1.0 / (1.0 - theta).clamp_min(1e-6)
     out = tuple(f * (keep[:, m : m + 1] * scale).to(f.dtype) for m, f in enumerate(features))
     sample_weight = keep.any(dim=1).float()

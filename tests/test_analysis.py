@@ -1,0 +1,249 @@
+"""Analysis: linear probe accuracy on data with a known answer, the comparison report on
+hand-written run folders, and missing-modality inference on a tiny trained checkpoint."""
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onthefly import infer, runner
+from onthefly.analysis.probe import linear_probe, probe_checkpoint
+from onthefly.analysis.report import write_report
+from onthefly.analysis.robustness import ZeroModality
+from onthefly.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def test_probe_is_perfect_on_linearly_separable_classes():
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = torch.randn(n, 16, generator=g)
+        x[:, 0] = y.float() * 10 + torch.rand(n, generator=g)  # three bands along dimension 0, gaps of 9
+        return x, y
+
+    result = linear_probe(split(300), split(100), split(300), num_classes=3)
+    assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0 and result["train_acc"] == 1.0
+
+
+def test_probe_reaches_the_bayes_accuracy_of_gaussian_classes():
+    # Four classes N(mu_k, I) in 8-D with equal priors: the Bayes classifier is the nearest mean.
+    g = torch.Generator().manual_seed(1)
+    means = torch.zeros(4, 8)
+    means[:, :2] = torch.tensor([[1.2, 0.0], [-1.2, 0.0], [0.0, 1.2], [0.0, -1.2]])
+
+    def split(n):
+        y = torch.randint(0, 4, (n,), generator=g)
+        return means[y] + torch.randn(n, 8, generator=g), y
+
+    train, val, test = split(4000), split(1000), split(8000)
+    bayes = float((torch.cdist(test[0], means).argmin(1) == test[1]).float().mean())
+    result = linear_probe(train, val, test, num_classes=4)
+    assert 0.55 < bayes < 0.8  # an informative but not trivial problem
+    assert result["test_acc"] == pytest.approx(bayes, abs=0.015)
+    assert result["l2"] in [g_["l2"] for g_ in result["grid"]]
+    chosen = next(g_ for g_ in result["grid"] if g_["l2"] == result["l2"])
+    assert chosen["val_acc"] == max(g_["val_acc"] for g_ in result["grid"])
+
+
+def test_probe_on_noise_is_at_chance():
+    g = torch.Generator().manual_seed(2)
+
+    def split(n):
+        return torch.randn(n, 32, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    result = linear_probe(split(400), split(400), split(4000), num_classes=2)
+    assert abs(result["test_acc"] - 0.5) < 0.04
+
+
+# --------------------------------------------------------------------------- report on hand-written runs
+
+
+def write_run(root: Path, name: str, config: dict, test: dict | None, probe: dict | None = None,
+              epochs: list[dict] | None = None, zero: dict | None = None, predictions=None, tb: dict | None = None) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    base = {"dataset": "avdigits", "modality": "both", "fusion": "concat", "modulation": "none", "seed": 0,
+            "lr": 0.01, "run_name": name, "output_dir": str(root)}
+    (run / "config.json").write_text(json.dumps({**base, **config}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (epochs or [])))
+    if test is not None:
+        (run / "test_metrics.json").write_text(json.dumps(test))
+    if probe is not None:
+        (run / "probe.json").write_text(json.dumps(probe))
+    for m, acc in (zero or {}).items():
+        (run / f"eval_test_zero_{m}").mkdir()
+        (run / f"eval_test_zero_{m}" / "metrics.json").write_text(json.dumps({"acc": acc, "zero_modality": m}))
+    if predictions is not None:
+        (run / "eval_test").mkdir()
+        (run / "eval_test" / "metrics.json").write_text(json.dumps({"acc": test["acc"]}))
+        with open(run / "eval_test" / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "label", "pred", "confidence", "pred_audio", "pred_visual"])
+            for i, (y, p) in enumerate(predictions):
+                w.writerow([i, y, p, "0.9", p, p])
+    if tb is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tb"))
+        for tag, values in tb.items():
+            for step, v in enumerate(values, start=1):
+                writer.add_scalar(tag, v, step)
+        writer.close()
+    return run
+
+
+def epochs_of(accs):
+    return [{"epoch": e, "val_acc": a, "val_acc_audio": a + 0.1, "val_acc_visual": a - 0.2} for e, a in enumerate(accs)]
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    v = {  # (modulation, seed) -> test acc, acc_audio, acc_visual, macro_f1, mAP, probe audio, probe visual
+        ("none", 0): (0.80, 0.75, 0.30, 0.79, 0.85, 0.90, 0.50),
+        ("none", 1): (0.84, 0.77, 0.36, 0.83, 0.88, 0.92, 0.56),
+        ("OGM", 0): (0.86, 0.70, 0.55, 0.85, 0.90, 0.91, 0.70),
+        ("OGM", 1): (0.90, 0.74, 0.59, 0.88, 0.93, 0.93, 0.74),
+    }
+    for (method, seed), (acc, a, b, f1, ap, pa, pb) in v.items():
+        write_run(
+            root, f"{method}_seed{seed}", {"modulation": method, "seed": seed},
+            {"best_epoch": 1, "acc": acc, "macro_f1": f1, "mAP": ap, "acc_audio": a, "acc_visual": b, "loss": 1.0},
+            # OGM seed 1 has no probe: its probe cells average one seed
+            probe=None if (method, seed) == ("OGM", 1) else {"acc_audio": pa, "acc_visual": pb},
+            epochs=epochs_of([acc - 0.1, acc]),
+            zero={"audio": acc / 4, "visual": acc - 0.1},
+            predictions=[("0", "0"), ("1", "1"), ("2", "1"), ("1", "1")] if seed == 0 else None,
+            tb={"modulation/ratio_0": [2.0, 3.0, 2.5], "modulation/score_0": [5, 6, 7], "modulation/score_1": [2, 2, 3],
+                **({"modulation/coeff_0": [0.5, 0.4, 0.45], "modulation/coeff_1": [1, 1, 1]} if method == "OGM" else {})},
+        )
+    for seed, acc in ((0, 0.88), (1, 0.92)):
+        write_run(root, f"audio-alone_seed{seed}", {"modality": "audio", "seed": seed},
+                  {"acc": acc, "macro_f1": acc, "mAP": acc, "acc_audio": acc},
+                  epochs=[{"epoch": 0, "val_acc": acc, "val_acc_audio": acc}])
+    write_run(root, "visual-alone_seed0", {"modality": "visual"},
+              {"acc": 0.62, "macro_f1": 0.6, "mAP": 0.7, "acc_visual": 0.62},
+              epochs=[{"epoch": 0, "val_acc": 0.62, "val_acc_visual": 0.62}])
+    write_run(root, "OGM_unfinished", {"modulation": "OGM", "seed": 2}, test=None)  # no test_metrics.json
+    return root, v
+
+
+def fmt(values):
+    text = f"{100 * statistics.fmean(values):.2f}"
+    return text + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def test_report_table_and_figures(fake_runs, tmp_path):
+    root, v = fake_runs
+    out = tmp_path / "report"
+    result = write_report([root], out)
+    md = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    (ds,) = summary["datasets"]
+    assert ds["modalities"] == ["audio", "visual"]
+    groups = {g["label"]: g for g in ds["groups"]}
+    assert list(groups) == ["none", "OGM", "audio alone", "visual alone"]
+    assert groups["OGM"]["finished"] == 2 and len(groups["OGM"]["runs"]) == 3
+
+    main_table = md.split("### Test results")[1].split("###")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
+    for method in ("none", "OGM"):
+        vals = np.array([v[(method, s)] for s in (0, 1)])
+        c = groups[method]["columns"]
+        for j, key in enumerate(["acc", "head_audio", "head_visual", "macro_f1", "mAP"]):
+            assert c[key]["mean"] == pytest.approx(vals[:, j].mean())
+            assert c[key]["std"] == pytest.approx(vals[:, j].std(ddof=1))
+        # mean ± std of every column, in table order
+        probe_a = [v[(method, s)][5] for s in (0, 1) if (method, s) != ("OGM", 1)]
+        probe_b = [v[(method, s)][6] for s in (0, 1) if (method, s) != ("OGM", 1)]
+        expected = [fmt(vals[:, 0]), fmt(vals[:, 1]), fmt(vals[:, 2]),
+                    fmt(probe_a) + (" (n=1)" if method == "OGM" else ""), fmt(probe_b) + (" (n=1)" if method == "OGM" else ""),
+                    fmt([0.88, 0.92]), fmt([0.62]), fmt(vals[:, 3]), fmt(vals[:, 4])]
+        assert rows[method] == f"| {method} | 2 | " + " | ".join(expected) + " |"
+    assert c["probe_audio"]["n"] == 1 and c["probe_audio"]["std"] is None
+    assert groups["audio alone"]["columns"]["acc"]["mean"] == pytest.approx(0.90)
+    assert rows["audio alone"].startswith(f"| audio alone | 2 | {fmt([0.88, 0.92])} | {fmt([0.88, 0.92])} | – |")
+
+    # missing-modality table: zeroed accuracies next to eval_test's clean accuracy
+    assert "### Missing modality at test time" in md
+    none_zero = [line for line in md.split("### Missing modality")[1].splitlines() if line.startswith("| none |")][0]
+    assert fmt([0.80 / 4, 0.84 / 4]) in none_zero and fmt([0.80 - 0.1, 0.84 - 0.1]) in none_zero
+    assert "OGM_unfinished" in md  # listed as left out
+
+    for name in ("val_acc_per_modality.png", "modulation_over_steps.png", "modality_accuracy.png",
+                 "confusion_none.png", "confusion_ogm.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        import matplotlib.image
+
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 200
+        assert f"({name})" in md
+    assert not (out / "confusion_audio_alone.png").exists()  # no predictions.csv for it
+    assert result["figures"]["avdigits"]
+
+
+def test_report_reads_tensorboard_scalars(fake_runs):
+    from onthefly.analysis.tb import read_scalars
+
+    root, _ = fake_runs
+    scalars = read_scalars(root / "OGM_seed0" / "tb", prefix="modulation/")
+    steps, values = scalars["modulation/coeff_0"]
+    assert steps.tolist() == [1, 2, 3] and values == pytest.approx([0.5, 0.4, 0.45])
+    assert "modulation/coeff_0" not in read_scalars(root / "none_seed0" / "tb")
+
+
+# --------------------------------------------------------------------------- missing modality, probe on a real checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    argv = ["--epochs", "1", "--limit_samples", "64", "--batch_size", "16", "--device", "cpu", "--log_every", "1",
+            "--modulation", "OGM_GE", "--output_dir", str(root), "--run_name", "run"]
+    assert runner.main(argv) == 0
+    return root / "run"
+
+
+def test_zero_modality_preset_zeroes_only_that_input():
+    def preset(batch):
+        return {"audio": batch["audio"] + 1, "visual": batch["visual"] + 1}, batch["label"]
+
+    batch = {"audio": torch.ones(2, 3), "visual": torch.ones(2, 4), "label": torch.tensor([0, 1])}
+    inputs, labels = ZeroModality(preset, "visual")(batch)
+    assert torch.equal(inputs["visual"], torch.zeros(2, 4)) and torch.equal(inputs["audio"], torch.full((2, 3), 2.0))
+    assert torch.equal(labels, batch["label"])
+
+
+def test_inference_with_a_modality_zeroed(tiny_run):
+    for m in ("audio", "visual"):
+        assert infer.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--zero_modality", m]) == 0
+        out = tiny_run / f"eval_test_zero_{m}"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["zero_modality"] == m and metrics["samples"] == 300
+        rows = list(csv.DictReader(open(out / "predictions.csv")))
+        # A constant (zero) input gives one feature vector, hence one prediction, for every sample.
+        assert len({r[f"pred_{m}"] for r in rows}) == 1
+        assert metrics[f"acc_{m}"] == pytest.approx(sum(r["label"] == r[f"pred_{m}"] for r in rows) / len(rows))
+    with pytest.raises(UserError, match="--zero_modality"):
+        infer.run_inference(infer.get_args_parser().parse_args(["--checkpoint", str(tiny_run), "--zero_modality", "depth"]))
+
+
+def test_probe_of_a_trained_checkpoint(tiny_run):
+    result = probe_checkpoint(tiny_run, device_name="cpu", limit_samples=48, max_iter=30)
+    saved = json.loads((tiny_run / "probe.json").read_text())
+    assert saved["samples"] == {"train": 48, "val": 48, "test": 48} and saved["feature_dim"] == 512
+    for m in ("audio", "visual"):
+        assert 0.0 <= saved[f"acc_{m}"] <= 1.0 and saved[f"acc_{m}"] == saved["modalities"][m]["test_acc"]
+        assert not math.isnan(saved["modalities"][m]["val_loss"])
+    assert result["out"] == str(tiny_run / "probe.json")

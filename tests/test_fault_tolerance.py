@@ -1,0 +1,345 @@
+"""Nothing is lost under kills, bad numbers, bad files or an unusable output directory.
+
+  * kill -9 mid-epoch and in the middle of a checkpoint write, then --resume: the run ends
+    with exactly the weights, metrics and test results of an uninterrupted run, and the
+    half-written file is never loaded;
+  * truncated or foreign checkpoints, and --resume with settings that would break the run,
+    are refused in one line (exit 2) naming the file or the settings;
+  * a NaN or Inf loss or gradient stops the run naming the step and the checkpoint to resume
+    from, or with --nonfinite skip skips that batch; zero scores give finite coefficients;
+  * an unwritable or full run directory is reported before any data or model is built;
+  * a truncated AV-Digits cache is rebuilt.
+(Option validation: tests/test_config_validation.py. A longer random kill/resume soak:
+bench/soak_kill_resume.py.)
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onthefly import checkpoint as ckpt_io
+from onthefly import engine, runner
+from onthefly.data import avdigits
+from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--deterministic", "--run_name", "run"]
+# 3 epochs of 2 steps; OGM-GE draws noise every step, so exact resumption needs the RNG state.
+KILL_ARGS = [*TINY, "--epochs", "3", "--modulation", "OGM_GE", "--modulation_starts", "1", "--log_every", "1"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "code"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded, as the subprocesses are: bit-identical results, and kinder to a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Training:
+    """code/train.py in a subprocess, its output collected as it comes."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "code" / "train.py"), *args], env=ENV,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.output = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
+            self.output += chunk
+
+    def wait_for(self, condition, timeout: float = 120, poll: float = 0.002) -> bool:
+        """Poll `condition()` until it holds (True) or the process ends (False)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            if condition():
+                return True
+            if self.proc.poll() is not None:
+                return condition()
+            time.sleep(poll)
+        raise TimeoutError(self.text())
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.reader.join()
+
+    def finish(self, timeout: float = 180) -> int:
+        rc = self.proc.wait(timeout)
+        self.reader.join()
+        return rc
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+def temporaries(run: Path) -> list[Path]:
+    """Temporary files of checkpoint writes in progress (or cut short)."""
+    return sorted(run.glob(".*.pt.*.tmp"))
+
+
+def metrics(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run (subprocess, like the interrupted one)."""
+    out = tmp_path_factory.mktemp("reference")
+    run = Training(*KILL_ARGS, "--output_dir", str(out))
+    assert run.finish() == 0, run.text()
+    return out / "run"
+
+
+def test_kill_mid_epoch_and_mid_checkpoint_then_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    last = run_dir / "last.pt"
+
+    # 1. Killed in the middle of epoch 1 (after one of its two steps).
+    job = Training(*KILL_ARGS, "--output_dir", str(tmp_path))
+    assert job.wait_for(lambda: "epoch 1:  50%" in job.text()), job.text()
+    job.kill()
+    assert ckpt_io.load_checkpoint(last)["epoch"] == 1  # epoch 0's checkpoint, whole
+
+    # 2. Resumed, then killed while a checkpoint is being written (its temporary file exists).
+    for _ in range(3):  # a write takes ~0.2 s: the first try nearly always lands inside one
+        job = Training("--resume", str(last))
+        assert job.wait_for(lambda: temporaries(run_dir)), job.text()
+        job.kill()
+        left = temporaries(run_dir)
+        if left:
+            break
+    assert left, "never killed during a checkpoint write"
+    if left[0].stat().st_size < last.stat().st_size:  # (not killed in the instant between fsync and rename)
+        with pytest.raises(Exception, match="unreadable"):  # the half-written file is garbage ...
+            ckpt_io.load_checkpoint(left[0])
+    assert ckpt_io.load_checkpoint(last)["epoch"] in (1, 2)  # ... and last.pt is whole
+
+    # 3. Resumed to the end: the temporary file is ignored, then removed.
+    job = Training("--resume", str(run_dir))
+    assert job.finish() == 0, job.text()
+    assert not temporaries(run_dir)
+
+    for name in ("last.pt", "best.pt"):
+        want, got = (torch.load(d / name, weights_only=False) for d in (reference, run_dir))
+        assert got["epoch"] == want["epoch"] == (3 if name == "last.pt" else want["epoch"])
+        for key in want["model"]:
+            assert torch.equal(got["model"][key], want["model"][key]), (name, key)
+        for a, b in zip(got["optimizer"]["state"].values(), want["optimizer"]["state"].values()):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert metrics(run_dir) == metrics(reference)  # each epoch logged once, redone epochs included
+    assert json.loads((run_dir / "test_metrics.json").read_text()) == json.loads((reference / "test_metrics.json").read_text())
+
+
+def one_line_error(capsys, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign dict", "foreign object", "not torch"])
+def test_a_damaged_or_foreign_checkpoint_is_refused_naming_it(reference, tmp_path, capsys, damage):
+    bad = tmp_path / "last.pt"
+    if damage == "truncated":
+        data = (reference / "last.pt").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "foreign dict":
+        torch.save({"state_dict": {}, "epoch": 3}, bad)
+    elif damage == "foreign object":
+        torch.save([1, 2, 3], bad)
+    else:
+        bad.write_text("epoch: 3\n")
+    one_line_error(capsys, runner.main(["--resume", str(bad)]), str(bad))
+
+
+def test_resume_refuses_settings_that_would_break_the_run(reference, capsys):
+    last = str(reference / "last.pt")
+    err = one_line_error(capsys, runner.main(["--resume", last, "--fusion", "sum", "--modulation", "OPM"]), last)
+    assert "fusion: 'concat' -> 'sum'" in err and "modulation: 'OGM_GE' -> 'OPM'" in err
+    err = one_line_error(capsys, runner.main(["--resume", last, "--image_noise", "0.1"]), last)
+    assert "image_noise" in err
+    # a setting valid alone but not with the run's own: --modulation_starts 1 was saved
+    one_line_error(capsys, runner.main(["--resume", last, "--modulation_ends", "0"]), "--modulation_starts (1)")
+
+
+class Injection:
+    """Counts training steps through compute_loss; poisons the loss or a gradient at one step."""
+
+    def __init__(self, monkeypatch, at_step: int, what: str):
+        self.calls, self.at_step, self.what = 0, at_step, what
+        compute_loss, modulate = engine.compute_loss, Modulator.modulate_gradients
+
+        def poisoned_loss(out, labels, head):
+            loss = compute_loss(out, labels, head)
+            self.calls += 1
+            return loss * float("nan") if self.calls - 1 == self.at_step and self.what == "nan loss" else loss
+
+        def poisoned_gradient(modulator, out, labels, epoch):
+            modulate(modulator, out, labels, epoch)
+            if self.calls - 1 == self.at_step and self.what == "inf gradient":
+                next(p for group in modulator.groups for p in group).grad[0].fill_(float("inf"))
+
+        monkeypatch.setattr(engine, "compute_loss", poisoned_loss)
+        monkeypatch.setattr(Modulator, "modulate_gradients", poisoned_gradient)
+
+
+def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, capsys, monkeypatch):
+    Injection(monkeypatch, at_step=3, what="nan loss")  # epoch 1, its second step
+    rc = runner.main([*TINY, "--epochs", "3", "--modulation", "OGM", "--log_every", "20", "--no-eval_test",
+                      "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    last = tmp_path / "run" / "last.pt"
+    assert rc == 3
+    assert "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 4)" in err
+    assert f"--resume {last}" in err
+    ckpt = ckpt_io.load_checkpoint(last)
+    assert ckpt["epoch"] == 1 and all(v.isfinite().all() for v in ckpt["model"].values())  # nothing bad saved
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0]
+
+    monkeypatch.undo()  # the cause is gone: the run continues from the named checkpoint
+    assert runner.main(["--resume", str(last)]) == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, monkeypatch):
+    Injection(monkeypatch, at_step=0, what="inf gradient")
+    rc = runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "epoch 0, step 0" in err and "no checkpoint" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nonfinite_skip_drops_only_the_bad_batch(tmp_path, capsys, monkeypatch):
+    Injection(monkeypatch, at_step=1, what="inf gradient")
+    rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
+                      "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "skipped a batch with a non-finite loss or gradient (epoch 0, step 1)" in err
+    (record,) = metrics(tmp_path / "run")
+    assert record["train_skipped"] == 1 and math.isfinite(record["train_loss"])
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["global_step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_zero_scores_give_finite_coefficients():
+    for scores in ([0.0, 0.0], [0.0, 3.0], [3.0, 0.0], [1e-30, 5.0]):
+        ratios = discrepancy_ratios(torch.tensor(scores))
+        for values in (ratios, ogm_coefficients(ratios, 0.5), ogm_coefficients(ratios, 0.5, "continuous"),
+                       opm_drop_probabilities(ratios, 0.5, 0.5)):
+            assert values.isfinite().all(), (scores, values)
+    # through the Modulator: logits that give the true classes probability exactly 0
+    encoders = (torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1))
+    for enc in encoders:
+        enc.weight.grad = torch.ones_like(enc.weight)
+    model = argparse.Namespace(encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders))
+    cfg = argparse.Namespace(modulation="OGM_OPM", alpha=0.5)
+    modulator = Modulator.from_config(cfg, model)
+    labels = torch.tensor([0, 1])
+    hopeless = torch.tensor([[-1e4, 0.0], [0.0, -1e4]])  # softmax gives the true class exactly 0
+    confident = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    for logits in ((hopeless, hopeless), (hopeless, confident), (confident, hopeless)):
+        out = {"unimodal_logits": logits, "features": (torch.ones(2, 3), torch.ones(2, 3))}
+        features, weight = modulator.feature_hook(labels, epoch=0)(out)  # OPM, in the forward pass
+        modulator.modulate_gradients(out, labels, epoch=0)  # OGM, after backward
+        assert 0.0 in modulator.stats["score"].tolist()
+        for key in ("score", "ratio", "coeff", "drop_prob"):
+            assert modulator.stats[key].isfinite().all(), key
+        assert all(f.isfinite().all() for f in features) and weight.isfinite().all()
+        assert all(enc.weight.grad.isfinite().all() for enc in encoders)
+
+
+def _no_building(*args, **kwargs):
+    raise AssertionError("data or model built before the run directory was checked")
+
+
+@pytest.mark.parametrize("where", ["under a regular file", "a regular file"])
+def test_an_unwritable_run_directory_is_reported_before_any_building(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setattr(runner, "build_model", _no_building)
+    monkeypatch.setattr(runner, "train_loader", _no_building)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "sub" if where == "under a regular file" else blocker
+    rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(out)])
+    one_line_error(capsys, rc, str(out))
+
+
+def test_a_full_disk_is_reported_before_training(tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner, "build_model", _no_building)
+    monkeypatch.setattr(os, "fsync", full)  # the 1 MiB write probe cannot be flushed
+    rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+    monkeypatch.undo()
+    one_line_error(capsys, rc, "cannot write to the run directory", "No space left on device")
+
+
+def test_too_little_space_for_the_checkpoints_is_reported_before_training(tmp_path, capsys, monkeypatch):
+    real = runner.shutil.disk_usage
+    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20))
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)
+    rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+    one_line_error(capsys, rc, "50 MiB free", "the checkpoints need about")
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.atomic_torch_save({"v": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_io.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.atomic_torch_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_torn_metrics_log_is_trimmed_to_the_checkpointed_epochs(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 0, "val_acc": 0.1}\n{"epoch": 1, "val_acc": 0.2}\n{"epoch": 2, "val_a')
+    assert ckpt_io.trim_metrics_log(log, epochs_done=2) == 1
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]
+    assert ckpt_io.trim_metrics_log(log, epochs_done=1) == 1
+    assert ckpt_io.trim_metrics_log(tmp_path / "none.jsonl", epochs_done=1) == 0
+
+
+def test_a_truncated_avdigits_cache_is_rebuilt(tmp_path, capsys):
+    cfg = argparse.Namespace(data=str(tmp_path))
+    path = avdigits.cache_path(cfg)
+    good = avdigits.load_arrays(cfg)  # builds the cache in tmp_path
+    capsys.readouterr()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    rebuilt = avdigits.load_arrays(cfg)
+    out = capsys.readouterr().out
+    assert "rebuilding unreadable AV-Digits cache" in out and str(path) in out
+    for key in good:
+        assert np.array_equal(good[key], rebuilt[key]), key
+    with np.load(path) as f:  # and the file is whole again
+        assert sorted(f.files) == sorted(good)
