@@ -31,7 +31,7 @@ def test_probe_is_perfect_on_linearly_separable_classes():
         x[:, 0] = y.float() * 10 + torch.rand(n, generator=g)  # three bands along dimension 0, gaps of 9
         return x, y
 
-    result = linear_probe(split(300), split(100), split(300), num_classes=3)
+    result = linear_probe(split(300), split(100), split(300), num_classes=3, l2_grid=(1e-2, 1.0))
     assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0 and result["train_acc"] == 1.0
 
 
