@@ -226,7 +226,7 @@ def test_zero_modality_preset_zeroes_only_that_input():
 
 
 def test_inference_with_a_modality_zeroed(tiny_run):
-    for m in ("audio", "visual"):
+    for m in ("visual",):  # the frames path: zeroed after the preset's normalisation
         assert infer.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--zero_modality", m]) == 0
         out = tiny_run / f"eval_test_zero_{m}"
         metrics = json.loads((out / "metrics.json").read_text())

@@ -254,7 +254,8 @@ def test_zero_scores_give_finite_coefficients():
     encoders = (torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1))
     for enc in encoders:
         enc.weight.grad = torch.ones_like(enc.weight)
-    model = argparse.Namespace(encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders))
+    model = argparse.Namespace(encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders),
+                               modality_names=("audio", "visual"))
     cfg = argparse.Namespace(modulation="OGM_OPM", alpha=0.5)
     modulator = Modulator.from_config(cfg, model)
     labels = torch.tensor([0, 1])

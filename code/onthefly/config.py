@@ -150,7 +150,7 @@ def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
 # a string for any. Floats must also be finite: NaN or infinity is never a valid setting.
 FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise")
 INT_OPTIONS = (
-    "epochs", "batch_size", "num_frames", "num_workers", "limit_samples", "lr_step", "log_every", "seed",
+    "epochs", "batch_size", "num_frames", "num_workers", "limit_samples", "crop_size", "lr_step", "log_every", "seed",
     "modulation_starts", "modulation_ends", "warmup_epochs", "data_seed", "audio_frames", "image_downsample",
     "image_occlusion",
 )

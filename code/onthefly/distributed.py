@@ -7,6 +7,7 @@ only rank 0 writes files. Helpers here are no-ops in a single process.
 from __future__ import annotations
 
 import os
+import pickle
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -86,7 +87,14 @@ def on_main_then_share(fn, *args, **kwargs):
             result = fn(*args, **kwargs)
         except Exception as e:  # re-raised below, on every rank
             error = e
-    result, error = broadcast_object((result, error))
+    if is_distributed():
+        sent = error
+        try:
+            pickle.dumps(error)
+        except Exception:  # an exception that cannot travel: its text can
+            sent = RuntimeError(f"on rank 0: {type(error).__name__}: {error}")
+        result, received = broadcast_object((result, sent))
+        error = error or received  # rank 0 raises its own exception, with its traceback
     if error is not None:
         raise error
     return result

@@ -74,6 +74,7 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
     axes = axes[0]
     multimodal = {k: v for k, v in groups.items() if not v[0].is_unimodal}
     colors = dict(zip(multimodal, _colors(len(multimodal))))
+    last_epoch = 1
     for ax, (key, name) in zip(axes, panels):
         for label, runs in groups.items():
             if runs[0].is_unimodal:
@@ -86,6 +87,7 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
             if not series:
                 continue
             x, mean, std = _mean_std_over_runs(series)
+            last_epoch = max(last_epoch, int(x.max()))
             ax.plot(x, 100 * mean, marker="o", markersize=3, label=f"{label} (n={len(series)})", **style)
             ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15, linewidth=0)
         ax.set_title(f"Validation accuracy: {name}")
@@ -95,6 +97,10 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.set_xlim(0.5, last_epoch + 0.5)
+        if last_epoch <= 20:
+            ax.set_xticks(range(1, last_epoch + 1))
     fig.suptitle(title or "Per-modality validation accuracy during training (mean over seeds, band = ±1 std)")
     fig.tight_layout()
     return _save(fig, out_path)
@@ -152,6 +158,9 @@ def plot_modulation(
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8, loc="best", ncol=2)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("optimizer step (training batches since the start)")
     fig.suptitle(title or "Modulation statistics per logged training step (mean over seeds; light moving average when long)")
     fig.tight_layout()
@@ -188,7 +197,7 @@ def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path
     trained-alone accuracy as a dashed line. rows: {label, head_<m>, probe_<m>, alone_<m>} as
     (mean, std) pairs or None."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(modality_names), figsize=(6 * len(modality_names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(modality_names), figsize=(6 * len(modality_names), 4.6), squeeze=False)
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     for ax, m in zip(axes[0], modality_names):
@@ -196,18 +205,22 @@ def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path
                                                              (f"probe_{m}", "linear probe on the encoder", "tab:orange"))):
             vals = [r.get(key) for r in rows]
             means = [100 * v[0] if v else np.nan for v in vals]
-            errs = [100 * v[1] if v and v[1] is not None else 0 for v in vals]
+            errs = [100 * v[1] if v and v[1] is not None else np.nan for v in vals]  # no bar for one seed
             ax.bar(x + offset, means, width=0.4, yerr=errs, capsize=3, color=color, label=name)
         alone = next((r.get(f"alone_{m}") for r in rows if r.get(f"alone_{m}")), None)
         if alone:
-            ax.axhline(100 * alone[0], label=f"{m} trained alone", **ALONE_STYLE)
+            ax.axhline(100 * alone[0], label="trained alone (same modality, same encoder)", **ALONE_STYLE)
         ax.set_xticks(x, labels, rotation=20, ha="right")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{m}: how well the joint model learned this modality")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+    handles = {}
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.suptitle(title or "Per-modality test accuracy (mean over seeds, error bar = ±1 std)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, out_path)
 
 

@@ -207,7 +207,7 @@ register_dataset(
             "momentum": 0.9,
             "weight_decay": 1e-4,
             "scheduler": "cosine",
-            "epochs": 15,
+            "epochs": 8,
             "batch_size": 64,
             "alpha": 0.5,
             "num_workers": 0,
