@@ -27,7 +27,7 @@ NNODES="${NNODES:-1}"
 
 if [[ "$NNODES" -gt 1 ]]; then
     : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1) on every node}"
-    : "${MASTER_ADDR:?set MASTER_ADDR to node 0s address on every node}"
+    : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, on every node}"
     launch=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}")
 else
     launch=(--standalone --nnodes=1)

@@ -124,8 +124,9 @@ def fake_runs(tmp_path):
             epochs=epochs_of([acc - 0.1, acc]),
             zero={"audio": acc / 4, "visual": acc - 0.1},
             predictions=[("0", "0"), ("1", "1"), ("2", "1"), ("1", "1")] if seed == 0 else None,
-            tb={"modulation/ratio_0": [2.0, 3.0, 2.5], "modulation/score_0": [5, 6, 7], "modulation/score_1": [2, 2, 3],
-                **({"modulation/coeff_0": [0.5, 0.4, 0.45], "modulation/coeff_1": [1, 1, 1]} if method == "OGM" else {})},
+            tb={"modulation/ratio_audio": [2.0, 3.0, 2.5], "modulation/ratio_visual": [0.5, 0.33, 0.4],
+                "modulation/score_audio": [5, 6, 7], "modulation/score_visual": [2, 2, 3],
+                **({"modulation/coeff_audio": [0.5, 0.4, 0.45], "modulation/coeff_visual": [1, 1, 1]} if method == "OGM" else {})},
         )
     for seed, acc in ((0, 0.88), (1, 0.92)):
         write_run(root, f"audio-alone_seed{seed}", {"modality": "audio", "seed": seed},
@@ -198,9 +199,21 @@ def test_report_reads_tensorboard_scalars(fake_runs):
 
     root, _ = fake_runs
     scalars = read_scalars(root / "OGM_seed0" / "tb", prefix="modulation/")
-    steps, values = scalars["modulation/coeff_0"]
+    steps, values = scalars["modulation/coeff_audio"]
     assert steps.tolist() == [1, 2, 3] and values == pytest.approx([0.5, 0.4, 0.45])
-    assert "modulation/coeff_0" not in read_scalars(root / "none_seed0" / "tb")
+    assert "modulation/coeff_audio" not in read_scalars(root / "none_seed0" / "tb")
+    assert "modulation/ratio_visual" in read_scalars(root / "none_seed0" / "tb")
+
+    from onthefly.analysis.plots import modulation_series
+
+    per_method = {m: [read_scalars(root / f"{m}_seed{s}" / "tb", prefix="modulation/") for s in (0, 1)] for m in ("none", "OGM")}
+    drawn = modulation_series(per_method, ["audio", "visual"])
+    assert [(e["label"], e["modality"], e["n"]) for e in drawn["ratio"]] == [("none", "audio", 2), ("OGM", "audio", 2)]
+    assert [(e["label"], e["modality"]) for e in drawn["coeff"]] == [("OGM", "audio"), ("OGM", "visual")]
+    assert drawn["coeff"][0]["mean"] == pytest.approx([0.5, 0.4, 0.45]) and drawn["drop_prob"] == []
+    # runs logged before the tags carried modality names (modulation/coeff_0) are read too
+    old = {"modulation/coeff_0": (np.array([1, 2]), np.array([0.3, 0.6]))}
+    assert modulation_series({"OGM": [old]}, ["audio", "visual"])["coeff"][0]["mean"] == pytest.approx([0.3, 0.6])
 
 
 # --------------------------------------------------------------------------- missing modality, probe on a real checkpoint

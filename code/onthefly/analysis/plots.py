@@ -106,42 +106,61 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
     return _save(fig, out_path)
 
 
+MODULATION_STATS = (("ratio", (0,)), ("coeff", (0, 1)), ("drop_prob", (0, 1)))
+
+
+def modulation_series(
+    scalars: dict[str, list[dict[str, tuple[np.ndarray, np.ndarray]]]], modality_names: Sequence[str]
+) -> dict[str, list[dict]]:
+    """What plot_modulation draws: per statistic, one entry per (method, modality) that logged it,
+    {label, m, modality, steps, mean (over seeds), n (seeds)}.
+
+    `scalars`: method label -> one {tag: (steps, values)} per seed, TensorBoard tags
+    modulation/<ratio|coeff|drop_prob>_<modality name> (or _<modality index>, as older runs
+    logged them). The ratio is drawn for the first modality only (rho_b = 1 / rho_a).
+    """
+    out: dict[str, list[dict]] = {}
+    for stat, mods in MODULATION_STATS:
+        out[stat] = []
+        for label, per_seed in scalars.items():
+            for m in mods:
+                mname = modality_names[m] if m < len(modality_names) else f"m{m}"
+                tags = (f"modulation/{stat}_{mname}", f"modulation/{stat}_{m}")
+                series = [next(s[t] for t in tags if t in s) for s in per_seed if any(t in s for t in tags)]
+                series = [xy for xy in series if len(xy[0])]
+                if series:
+                    x, mean, _ = _mean_std_over_runs(series)
+                    out[stat].append({"label": label, "m": m, "modality": mname, "steps": x, "mean": mean, "n": len(series)})
+    return out
+
+
 def plot_modulation(
     scalars: dict[str, list[dict[str, tuple[np.ndarray, np.ndarray]]]],
     modality_names: Sequence[str],
     out_path: str | Path,
     title: str = "",
 ) -> Path:
-    """Three panels over training steps: ratio rho_0 = s_0 / s_1, OGM's k_m, OPM's q_m.
-
-    `scalars`: method label -> one {tag: (steps, values)} per seed (TensorBoard tags
-    modulation/ratio_0, modulation/coeff_<m>, modulation/drop_prob_<m>).
-    """
+    """Three panels over training steps: ratio rho = s_a / s_b, OGM's k_m, OPM's q_m
+    (see `modulation_series` for the input)."""
     plt = _plt()
     a, b = (list(modality_names) + ["m0", "m1"])[:2]
-    rows = [
-        ("ratio", [0], f"discrepancy ratio ρ = s_{a} / s_{b}", "ρ (log scale; >1: {a} dominant)".format(a=a)),
-        ("coeff", [0, 1], "OGM gradient coefficient k_m (1 = unchanged)", "k_m"),
-        ("drop_prob", [0, 1], "OPM feature-drop probability q_m", "q_m"),
-    ]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 10), sharex=True)
+    titles = {
+        "ratio": (f"discrepancy ratio ρ = s_{a} / s_{b}", f"ρ (log scale; >1: {a} dominant)"),
+        "coeff": ("OGM gradient coefficient k_m (1 = unchanged)", "k_m"),
+        "drop_prob": ("OPM feature-drop probability q_m", "q_m"),
+    }
+    data = modulation_series(scalars, modality_names)
+    fig, axes = plt.subplots(len(MODULATION_STATS), 1, figsize=(10, 10), sharex=True)
     colors = dict(zip(scalars, _colors(len(scalars))))
     dashes = ["-", "--"]
-    for ax, (stat, mods, name, ylabel) in zip(axes, rows):
-        drawn = False
-        for label, per_seed in scalars.items():
-            for m in mods:
-                tag = f"modulation/{stat}_{m}"
-                series = [s[tag] for s in per_seed if tag in s and len(s[tag][0])]
-                if not series:
-                    continue
-                x, mean, _ = _mean_std_over_runs(series)
-                window = max(1, len(x) // 40)
-                mname = modality_names[m] if m < len(modality_names) else f"m{m}"
-                text = f"{label}" if stat == "ratio" else f"{label}: {mname}"
-                ax.plot(x, _smooth(mean, window), color=colors[label], linestyle=dashes[m], linewidth=1.4,
-                        label=f"{text} (n={len(series)})")
-                drawn = True
+    for ax, (stat, _) in zip(axes, MODULATION_STATS):
+        name, ylabel = titles[stat]
+        for e in data[stat]:
+            text = e["label"] if stat == "ratio" else f"{e['label']}: {e['modality']}"
+            window = max(1, len(e["steps"]) // 40)
+            ax.plot(e["steps"], _smooth(e["mean"], window), color=colors[e["label"]], linestyle=dashes[e["m"]],
+                    linewidth=1.4, label=f"{text} (n={e['n']})")
+        drawn = bool(data[stat])
         if stat == "ratio":
             ax.axhline(1.0, color="grey", linewidth=0.8)
             if drawn:
