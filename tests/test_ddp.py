@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 

@@ -38,23 +38,34 @@ def get_args_parser() -> ArgumentParser:
     return p
 
 
-def run_inference(args: argparse.Namespace) -> dict:
-    path = Path(args.checkpoint)
+def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides) -> tuple:
+    """Rebuild a run's model from its checkpoint (a .pt, or a run directory: its best.pt).
+
+    `overrides` (data, batch_size, num_workers, limit_samples) replace the run's settings
+    when not None. Returns (model, cfg, info, dataset entry, checkpoint dict).
+    """
+    path = Path(checkpoint)
     ckpt = ckpt_io.load_checkpoint(path / "best.pt" if path.is_dir() else path)
     cfg = argparse.Namespace(**ckpt["config"])
-    for key in ("data", "batch_size", "num_workers"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
     cfg.limit_samples = None
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
     info = DatasetInfo.from_dict(ckpt["dataset_info"])
     entry = get_dataset_entry(info.name)
     current = entry.info(cfg)
     if (current.num_classes, current.modalities) != (info.num_classes, info.modalities):
         raise UserError(f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data")
-
-    device = select_device(args.device)
     model = build_model(info, cfg.fusion, cfg.modality).to(device)
     ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
+    return model, cfg, info, entry, ckpt
+
+
+def run_inference(args: argparse.Namespace) -> dict:
+    device = select_device(args.device)
+    model, cfg, info, entry, ckpt = load_trained_model(
+        args.checkpoint, device, data=args.data, batch_size=args.batch_size, num_workers=args.num_workers
+    )
     loader = eval_loader(entry.build(cfg, args.split), cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
     preset = DevicePreset(info, device)
     zero = getattr(args, "zero_modality", None)

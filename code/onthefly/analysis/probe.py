@@ -10,7 +10,6 @@ The test split is used once, for that number only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from contextlib import nullcontext
@@ -161,31 +160,16 @@ def probe_checkpoint(
     out: str | Path | None = None,
 ) -> dict:
     """Probe every encoder of a checkpoint (a .pt, or a run directory: its best.pt); write probe.json."""
-    from .. import checkpoint as ckpt_io
-    from ..data import DatasetInfo, get_dataset_entry
     from ..data.loaders import eval_loader
     from ..data.presets import DevicePreset
-    from ..errors import UserError
-    from ..models import build_model
+    from ..infer import load_trained_model
     from ..runner import autocast_dtype, select_device
-
-    path = Path(checkpoint)
-    ckpt = ckpt_io.load_checkpoint(path / "best.pt" if path.is_dir() else path)
-    cfg = argparse.Namespace(**ckpt["config"])
-    for key, value in (("data", data), ("batch_size", batch_size), ("num_workers", num_workers)):
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.limit_samples = limit_samples
-    info = DatasetInfo.from_dict(ckpt["dataset_info"])
-    entry = get_dataset_entry(info.name)
-    current = entry.info(cfg)
-    if (current.num_classes, current.modalities) != (info.num_classes, info.modalities):
-        raise UserError(f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data")
 
     device = select_device(device_name)
     amp = autocast_dtype(precision, device)
-    model = build_model(info, cfg.fusion, cfg.modality).to(device)
-    ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
+    model, cfg, info, entry, ckpt = load_trained_model(
+        checkpoint, device, data=data, batch_size=batch_size, num_workers=num_workers, limit_samples=limit_samples
+    )
     preset = DevicePreset(info, device)
     features, labels = {}, {}
     for split in SPLITS:
