@@ -246,33 +246,43 @@ def train(cfg: argparse.Namespace) -> dict:
         if is_main_process():
             record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
                       **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for k, v in record.items():
-                if k != "epoch":
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
             checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, rng_ranks)
-            if improved:  # best.pt first: a kill between the two writes leaves last.pt behind, so the epoch is redone
-                ckpt_io.atomic_torch_save(checkpoint, run_dir / "best.pt")
-            ckpt_io.atomic_torch_save(checkpoint, run_dir / "last.pt")
-            per_mod = "  ".join(f"{n} {val['acc_' + n]:.3f}" for n in model.modality_names)
-            print(f"epoch {epoch:3d}  loss {train_stats['loss']:.4f}  train acc {train_stats['acc']:.3f}  "
-                  f"val acc {val['acc']:.3f}  ({per_mod})  {record['time_s']:.1f}s", flush=True)
+            save_epoch(run_dir, record, checkpoint, improved, writer, model.modality_names)
 
     result = {"run_dir": str(run_dir), "best": state.best}
     if cfg.eval_test:
-        # Rank 0 reads best.pt and sends its weights to every rank (no shared file system needed).
-        on_main_then_share(lambda: ckpt_io.load_model_state(model, *_best_weights(run_dir)))
-        broadcast_module_state(model)
         test_data = eval_loader(entry.build(cfg, "test"), cfg.batch_size, cfg.num_workers, rank, world_size, pin)
-        test = evaluate(model, test_data, preset, amp_dtype, desc="test")
-        result["test"] = test
-        if is_main_process():
-            ckpt_io.atomic_write_text(run_dir / "test_metrics.json", json.dumps({"best_epoch": state.best.get("epoch"), **test}, indent=2))
-            print_table(f"test metrics of best.pt (epoch {state.best.get('epoch')}, chosen on validation {SELECT_ON}):", test)
+        result["test"] = evaluate_best_on_test(model, run_dir, test_data, preset, amp_dtype, state.best.get("epoch"))
     if writer is not None:
         writer.close()
     return result
+
+
+def save_epoch(run_dir: Path, record: dict, checkpoint: dict, improved: bool, writer, modality_names) -> None:
+    """Rank 0 after each epoch: metrics line, TensorBoard scalars, checkpoints, a printed summary."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+        if k != "epoch":
+            writer.add_scalar(k.replace("_", "/", 1), v, record["epoch"])
+    if improved:  # best.pt first: a kill between the two writes leaves last.pt behind, so the epoch is redone
+        ckpt_io.atomic_torch_save(checkpoint, run_dir / "best.pt")
+    ckpt_io.atomic_torch_save(checkpoint, run_dir / "last.pt")
+    per_mod = "  ".join(f"{n} {record['val_acc_' + n]:.3f}" for n in modality_names)
+    print(f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.3f}  "
+          f"val acc {record['val_acc']:.3f}  ({per_mod})  {record['time_s']:.1f}s", flush=True)
+
+
+def evaluate_best_on_test(model, run_dir: Path, test_data, preset, amp_dtype, best_epoch) -> dict:
+    """Load best.pt (chosen on validation) and evaluate it once on the test split."""
+    # Rank 0 reads best.pt and sends its weights to every rank (no shared file system needed).
+    on_main_then_share(lambda: ckpt_io.load_model_state(model, *_best_weights(run_dir)))
+    broadcast_module_state(model)
+    test = evaluate(model, test_data, preset, amp_dtype, desc="test")
+    if is_main_process():
+        ckpt_io.atomic_write_text(run_dir / "test_metrics.json", json.dumps({"best_epoch": best_epoch, **test}, indent=2))
+        print_table(f"test metrics of best.pt (epoch {best_epoch}, chosen on validation {SELECT_ON}):", test)
+    return test
 
 
 def main(argv: list[str] | None = None) -> int:
