@@ -39,22 +39,22 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (identity in a single process). Returns a new tensor."""
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not is_distributed():
         return tensor
     tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity in a single process). Returns a new tensor under DDP."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    """Minimum over ranks (identity in a single process). Returns a new tensor."""
-    if not is_distributed():
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+    """Minimum over ranks (identity in a single process). Returns a new tensor under DDP."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
 
 
 def all_gather_objects(obj):
