@@ -17,7 +17,7 @@ import yaml
 
 from .data import dataset_names, get_dataset_entry
 from .errors import UserError
-from .models import FUSIONS
+from .models import FUSIONS, INITS
 from .modulation import METHODS
 from .modulation.ogm import OGM_FORMS, OGM_PARAMS
 
@@ -72,6 +72,8 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--fusion", default="concat", help=f"one of: {', '.join(FUSIONS)}")
+    g.add_argument("--init", default="official", choices=INITS,
+                   help="official: Kaiming-normal convs, Xavier-normal linears (as the official code); torch: PyTorch defaults")
     g.add_argument("--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)")
 
     g = p.add_argument_group("modulation")

@@ -190,7 +190,7 @@ def train(cfg: argparse.Namespace) -> dict:
     val_data = eval_loader(entry.build(cfg, "val"), cfg.batch_size, cfg.num_workers, rank, world_size, pin)
     preset = DevicePreset(info, device, cfg.channels_last)
 
-    model = build_model(info, cfg.fusion, cfg.modality).to(device)
+    model = build_model(info, cfg.fusion, cfg.modality, cfg.init).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and is_distributed():

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 # The order methods are listed in (anything else follows alphabetically).
-METHOD_ORDER = ("none", "OGM", "OGM_GE", "OPM", "OGM_OPM")
+METHOD_ORDER = ("none", "OGM", "OGM_GE", "OPM", "OGM_OPM", "OGM_GE_OPM")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -3,13 +3,20 @@ from ..data.spec import DatasetInfo
 from .av_model import FeatureHook, MultimodalClassifier, UnimodalClassifier
 from .encoders import ENCODERS, FEATURE_DIM
 from .fusion import FUSIONS, auxiliary_loss
+from .init import INITS, init_weights
 
 
-def build_model(info: DatasetInfo, fusion: str = "concat", modality: str = "both"):
-    """The joint model, or with `modality` naming one stream, that stream's unimodal reference."""
+def build_model(info: DatasetInfo, fusion: str = "concat", modality: str = "both", init: str = "official"):
+    """The joint model, or with `modality` naming one stream, that stream's unimodal reference.
+
+    `init`: "official" re-initialises every layer as the official code does (see models/init.py);
+    "torch" keeps PyTorch's and torchvision's defaults.
+    """
     if modality == "both":
-        return MultimodalClassifier(info, fusion=fusion)
-    return UnimodalClassifier(info, modality)
+        model = MultimodalClassifier(info, fusion=fusion)
+    else:
+        model = UnimodalClassifier(info, modality)
+    return init_weights(model, init)
 
 
-__all__ = ["ENCODERS", "FEATURE_DIM", "FUSIONS", "FeatureHook", "MultimodalClassifier", "UnimodalClassifier", "auxiliary_loss", "build_model"]
+__all__ = ["ENCODERS", "FEATURE_DIM", "FUSIONS", "FeatureHook", "INITS", "MultimodalClassifier", "UnimodalClassifier", "auxiliary_loss", "build_model", "init_weights"]

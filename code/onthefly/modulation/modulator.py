@@ -29,6 +29,7 @@ METHODS: dict[str, tuple[bool, bool, bool]] = {
     "OGM_GE": (True, True, False),
     "OPM": (False, False, True),
     "OGM_OPM": (True, False, True),
+    "OGM_GE_OPM": (True, True, True),  # the journal code's combined run
 }
 
 
