@@ -55,10 +55,12 @@ class FakeRuns:
         assert env["OMP_NUM_THREADS"] == "1"
         if job.name in self.fail:
             return 1
-        spec = job.spec
         if job.kind == "probe":
-            (spec.run_dir / "probe.json").write_text(json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100}))
+            for spec in job.targets:
+                assert str(spec.run_dir) in argv
+                (spec.run_dir / "probe.json").write_text(json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100}))
             return 0
+        spec = job.spec
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         (spec.run_dir / "config.json").write_text(json.dumps({**spec.options, "weight_decay": 1e-4}))
         if spec.phase == "tune":
@@ -120,7 +122,9 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     grid = write_grid(tmp_path)
     first = FakeRuns()
     protocol(tmp_path, grid, first)
-    assert len(first.launches()) == 8 + 12 and len(first.launches("probe.py")) == 12
+    assert len(first.launches()) == 8 + 12
+    probed = [a for c in first.launches("probe.py") for a in c if a.startswith(str(tmp_path))]
+    assert len(first.launches("probe.py")) == 2 and len(probed) == len(set(probed)) == 12  # 2 processes, each run once
 
     again = FakeRuns()
     protocol(tmp_path, grid, again)

@@ -250,7 +250,7 @@ def plot_sensitivity(panels: dict[str, tuple[str, dict[str, list[tuple[float, fl
     panels: {method: (x option, {line label: [(x, mean accuracy, std), ...]})}.
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.8 * len(panels), 8.0), 4.2), squeeze=False)
     for ax, (method, (x_name, series)) in zip(axes[0], panels.items()):
         for color, (label, pts) in zip(_colors(len(series)), series.items()):
             x, y, err = (np.array(v, dtype=np.float64) for v in zip(*sorted(pts)))
@@ -260,7 +260,7 @@ def plot_sensitivity(panels: dict[str, tuple[str, dict[str, list[tuple[float, fl
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title or "Sensitivity: best validation accuracy per grid point (mean over tuning seeds, bar = ±1 std)")
+    fig.suptitle(title or "Sensitivity: best validation accuracy per grid point\n(mean over tuning seeds, bar = ±1 std)")
     fig.tight_layout()
     return _save(fig, out_path)
 

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -251,13 +252,14 @@ def run_state(spec: RunSpec) -> str:
 
 @dataclass
 class Job:
-    """One process to run: a training run (spec given) or a probe."""
+    """One process to run: a training run (`spec`) or the probes of some runs (`targets`)."""
 
     name: str
     argv: list[str]  # the full command without --device
     log: Path
     spec: RunSpec | None = None
     kind: str = "train"  # "train" or "probe"
+    targets: list[RunSpec] = field(default_factory=list)
 
     def command(self, device: str) -> list[str]:
         return [*self.argv, "--device", device]
@@ -301,8 +303,8 @@ class SubprocessLauncher:
                 proc.kill()
 
 
-def child_env(device: str) -> dict[str, str]:
-    """One thread per CPU child (several share the cores); the package importable."""
+def child_env() -> dict[str, str]:
+    """One thread per child (several share the CPU cores; on GPU the work is on the device); the package importable."""
     env = dict(os.environ)
     code = str(REPO_ROOT / "code")
     env["PYTHONPATH"] = code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -379,7 +381,7 @@ def run_jobs(jobs: list[Job], slots: list[str], launcher: Launcher, progress: Pr
             progress.running += 1
         started = time.time()
         try:
-            rc = launcher(job, job.command(device), child_env(device))
+            rc = launcher(job, job.command(device), child_env())
         finally:
             with lock:
                 free.append(device)
@@ -485,14 +487,20 @@ def training_jobs(specs: list[RunSpec], python: str, out: Path) -> list[Job]:
     return jobs
 
 
-def probe_jobs(specs: list[RunSpec], grid: Grid, python: str, out: Path) -> list[Job]:
-    """A linear probe of each finished test-phase run without probe.json."""
+def probe_jobs(specs: list[RunSpec], grid: Grid, python: str, out: Path, processes: int) -> list[Job]:
+    """Linear probes of the runs without probe.json, spread over `processes` probe.py processes.
+
+    One process probes several runs in turn, so the start-up of Python and torch is paid once
+    per process rather than once per run; probe.py skips a run whose probe.json exists.
+    """
     limit = grid.common.get("limit_samples")
     extra = ["--limit_samples", str(limit)] if limit else []
+    todo = [s for s in specs if not (s.run_dir / "probe.json").is_file()]
+    chunks = [todo[i::processes] for i in range(min(processes, len(todo)))]
     return [
-        Job(s.run_dir.name, [python, str(PROBE_SCRIPT), "--checkpoint", str(s.run_dir), *extra],
-            out / "logs" / "probe" / f"{s.run_dir.name}.log", s, "probe")
-        for s in specs if not (s.run_dir / "probe.json").is_file()
+        Job(f"probes{i}", [python, str(PROBE_SCRIPT), "--skip_existing", *extra, "--checkpoint", *(str(s.run_dir) for s in chunk)],
+            out / "logs" / "probe" / f"probes{i}.log", kind="probe", targets=chunk)
+        for i, chunk in enumerate(chunks)
     ]
 
 
@@ -500,12 +508,13 @@ def _durations(specs: list[RunSpec]) -> list[float]:
     return [d["seconds"] for s in specs if (d := _read_json(s.run_dir / DONE_FILE)) and "seconds" in d]
 
 
-def _run_phase(name: str, specs: list[RunSpec], python: str, out: Path, slots: list[str], launcher: Launcher,
-               report_every: float) -> None:
+def _run_phase(name: str, specs: list[RunSpec], known: list[RunSpec], python: str, out: Path, slots: list[str],
+               launcher: Launcher, report_every: float) -> None:
+    """Run a phase's unfinished runs; `known` (every run so far) goes into runs.csv."""
     jobs = training_jobs(specs, python, out)
     progress = Progress(name, len(specs), len(specs) - len(jobs), _durations(specs), len(slots))
     failed = run_jobs(jobs, slots, launcher, progress, _mark_done, report_every)
-    write_runs_csv(out / "runs.csv", specs, python)
+    write_runs_csv(out / "runs.csv", known, python)
     if failed:
         logs = ", ".join(str(j.log) for j in failed[:5]) + (" ..." if len(failed) > 5 else "")
         raise RunsFailed(f"{name}: {len(failed)} run(s) failed; their logs: {logs}. Run the same command again to retry them.")
@@ -526,7 +535,7 @@ def run_protocol(grid: Grid, out: Path, slots: list[str], launcher: Launcher | N
     tune = tuning_runs(grid, out)
     print(f"phase 1: tuning, {len(grid.methods)} methods x {len(tune) // len(grid.methods) // len(grid.tuning_seeds)} "
           f"points x {len(grid.tuning_seeds)} seeds = {len(tune)} runs, {len(slots)} at a time", flush=True)
-    _run_phase("tuning", tune, python, out, slots, launcher, report_every)
+    _run_phase("tuning", tune, tune, python, out, slots, launcher, report_every)
     selection = select_points(grid, tune)
     atomic_write_text(out / "selection.json", json.dumps(
         {"rule": "best mean over tuning seeds of each run's best validation accuracy; ties: the earlier grid point",
@@ -536,12 +545,12 @@ def run_protocol(grid: Grid, out: Path, slots: list[str], launcher: Launcher | N
 
     test = test_runs(grid, selection, out)
     print(f"phase 2: test, {len(test)} runs on seeds {', '.join(map(str, grid.test_seeds))}", flush=True)
-    _run_phase("test", test, python, out, slots, launcher, report_every)
-    write_runs_csv(out / "runs.csv", tune + test, python)
+    _run_phase("test", test, tune + test, python, out, slots, launcher, report_every)
 
-    probes = probe_jobs(test, grid, python, out)
-    print(f"phase 3: linear probes, {len(probes)} to run", flush=True)
-    failed = run_jobs(probes, slots, launcher, Progress("probes", len(test), len(test) - len(probes), [], len(slots)),
+    probes = probe_jobs(test, grid, python, out, len(slots))
+    todo = sum(len(j.targets) for j in probes)
+    print(f"phase 3: linear probes of {todo} runs in {len(probes)} processes", flush=True)
+    failed = run_jobs(probes, slots, launcher, Progress("probe processes", len(probes), 0, [], len(slots)),
                       report_every=report_every)
     if failed:
         raise RunsFailed(f"probes: {len(failed)} failed; their logs: {', '.join(str(j.log) for j in failed[:5])}")
@@ -601,8 +610,13 @@ def _override(grid: Grid, sets: list[str], methods: list[str] | None) -> Grid:
     return Grid(grid.path, common, grid.tuning_seeds, grid.test_seeds, grid.references, chosen)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM stops the children as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.jobs is not None and args.jobs < 1:
             raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
