@@ -223,3 +223,12 @@ def test_a_real_train_run_counts_as_finished(tmp_path):
     assert sweep.run_state(spec) == "done", (tmp_path / "out" / "logs" / "tune" / f"{spec.run_dir.name}.log").read_text()
     assert not (spec.run_dir / "test_metrics.json").exists()  # --no-eval_test
     assert sweep.best_val_acc(spec.run_dir) is not None
+
+
+def test_progress_line_counts_and_eta():
+    progress = sweep.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
+    progress.running = 2
+    # 10 - 4 done - 2 running counted as half done = 5 runs of 90 s on 2 slots = 225 s; with 6 more: 495 s.
+    assert progress.line() == ("[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
+                               "with the 6 runs of the test phase: 8.2 min")
+    assert sweep.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"

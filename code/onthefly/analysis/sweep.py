@@ -339,28 +339,31 @@ def _minutes(seconds: float) -> str:
 
 
 class Progress:
-    """done/total, running, and an ETA from the durations of finished runs."""
+    """done/total, running, and an ETA from the durations of finished runs.
 
-    def __init__(self, phase: str, total: int, done: int, durations: list[float], slots: int, stream=None) -> None:
+    `later`: runs of later phases still to train, included in a second ETA for the protocol.
+    """
+
+    def __init__(self, phase: str, total: int, done: int, durations: list[float], slots: int, later: int = 0,
+                 stream=None) -> None:
         self.phase, self.total, self.done, self.failed, self.running = phase, total, done, 0, 0
-        self.durations, self.slots, self.stream = list(durations), slots, stream or sys.stdout
+        self.durations, self.slots, self.later, self.stream = list(durations), slots, later, stream or sys.stdout
         self.lock = threading.Lock()
 
-    def eta(self) -> float | None:
-        if not self.durations:
-            return None
-        left = self.total - self.done - self.failed
+    def _seconds_for(self, runs: float) -> float:
         mean = sum(self.durations) / len(self.durations)
-        return mean * max(0.0, left - self.running / 2) / max(1, min(self.slots, left or 1))
+        return mean * max(0.0, runs) / self.slots
 
     def line(self) -> str:
-        eta = self.eta()
         text = f"[{self.phase}] {self.done}/{self.total} done, {self.running} running"
         if self.failed:
             text += f", {self.failed} failed"
-        if eta is not None:
+        if self.durations:
+            left = self.total - self.done - self.failed - self.running / 2  # a running run is half done, on average
             mean = sum(self.durations) / len(self.durations)
-            text += f", ETA {_minutes(eta)} ({_minutes(mean)} per run over {len(self.durations)} finished)"
+            text += f", ETA {_minutes(self._seconds_for(left))} ({_minutes(mean)} per run over {len(self.durations)} finished)"
+            if self.later:
+                text += f"; with the {self.later} runs of the test phase: {_minutes(self._seconds_for(left + self.later))}"
         return text
 
     def show(self) -> None:
@@ -509,10 +512,10 @@ def _durations(specs: list[RunSpec]) -> list[float]:
 
 
 def _run_phase(name: str, specs: list[RunSpec], known: list[RunSpec], python: str, out: Path, slots: list[str],
-               launcher: Launcher, report_every: float) -> None:
+               launcher: Launcher, report_every: float, later: int = 0) -> None:
     """Run a phase's unfinished runs; `known` (every run so far) goes into runs.csv."""
     jobs = training_jobs(specs, python, out)
-    progress = Progress(name, len(specs), len(specs) - len(jobs), _durations(specs), len(slots))
+    progress = Progress(name, len(specs), len(specs) - len(jobs), _durations(specs), len(slots), later)
     failed = run_jobs(jobs, slots, launcher, progress, _mark_done, report_every)
     write_runs_csv(out / "runs.csv", known, python)
     if failed:
@@ -535,7 +538,10 @@ def run_protocol(grid: Grid, out: Path, slots: list[str], launcher: Launcher | N
     tune = tuning_runs(grid, out)
     print(f"phase 1: tuning, {len(grid.methods)} methods x {len(tune) // len(grid.methods) // len(grid.tuning_seeds)} "
           f"points x {len(grid.tuning_seeds)} seeds = {len(tune)} runs, {len(slots)} at a time", flush=True)
-    _run_phase("tuning", tune, tune, python, out, slots, launcher, report_every)
+    # Test runs are named by method and seed, so the ones still to train are known before the selection.
+    names = [*grid.methods, *(f"{m}-alone" for m in grid.references)]
+    later = sum(not (out / "test" / f"{n}_seed{s}" / DONE_FILE).is_file() for n in names for s in grid.test_seeds)
+    _run_phase("tuning", tune, tune, python, out, slots, launcher, report_every, later)
     selection = select_points(grid, tune)
     atomic_write_text(out / "selection.json", json.dumps(
         {"rule": "best mean over tuning seeds of each run's best validation accuracy; ties: the earlier grid point",
