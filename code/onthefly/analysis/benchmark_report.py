@@ -221,12 +221,12 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
     for name, method in grid.methods.items():
         if method.sensitivity is None or name not in selection:
             continue
-        x, lines = method.sensitivity["x"], method.sensitivity["lines"]
+        x, lines = method.sensitivity["x"], method.sensitivity.get("lines")
         series: dict[str, list[tuple[float, float, float]]] = {}
         for p in selection[name]["points"]:
             values = list(p["per_seed"].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            series.setdefault(f"{lines} {p['point'][lines]}", []).append((float(p["point"][x]), p["val_acc"], spread))
+            series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))
         panels[name] = (x, series)
     if panels:
         path = plots.plot_sensitivity(panels, out / "sensitivity.png")

@@ -139,8 +139,8 @@ def load_grid(path: str | Path) -> Grid:
         _check(not clash, path, f"methods.{name}.grid: {', '.join(clash)} also in common; set each option in one place")
         sens = spec.get("sensitivity")
         if sens is not None:
-            _check(isinstance(sens, dict) and set(sens) == {"x", "lines"} and set(sens.values()) <= set(grid), path,
-                   f"methods.{name}.sensitivity: must be {{x: <grid option>, lines: <grid option>}}")
+            _check(isinstance(sens, dict) and "x" in sens and set(sens) <= {"x", "lines"} and set(sens.values()) <= set(grid),
+                   path, f"methods.{name}.sensitivity: must be {{x: <grid option>}} or {{x: <grid option>, lines: <grid option>}}")
         methods[str(name)] = MethodGrid(str(name), {k: list(v) for k, v in grid.items()}, sens)
     sizes = {m.name: len(m.points()) for m in methods.values()}
     _check(len(set(sizes.values())) == 1, path,
