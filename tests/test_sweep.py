@@ -24,7 +24,7 @@ GRID = {
     "references": ["audio", "visual"],
     "methods": {
         "none": {"grid": {"lr": [0.01, 0.02]}},
-        "OPM": {"grid": {"q_base": [0.3, 0.5]}, "sensitivity": None},
+        "OPM": {"grid": {"q_base": [0.3, 0.5]}, "sensitivity": {"x": "q_base"}},
     },
 }
 # Validation favours OPM's second point, the test split its first: selection must follow validation.
@@ -176,7 +176,7 @@ def test_report_statistics(tmp_path):
     assert rows["OPM"]["selected"] == "q_base0.5"
     report = (out / "report.md").read_text()
     assert "| OPM | 3 | 76.00 ± 3.61 |" in report and "+4.00 [" in report
-    assert (out / "modality_curves.png").stat().st_size > 0
+    assert (out / "modality_curves.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
 
 
 def test_bootstrap_interval_against_hand_computed_cases():
