@@ -104,7 +104,7 @@ def build_cache(out: Path, wavs: list[str], jpgs: list[str], frames_per_clip: in
     import cv2
 
     from onthefly.data import cache as C
-    from onthefly.data.raw.common import load_audio_file, log_spectrogram, to_square
+    from onthefly.data.raw.media import load_audio_file, log_spectrogram, to_square
     from onthefly.data.raw.cremad import DEFAULTS
 
     p = dict(DEFAULTS)

@@ -19,7 +19,7 @@ if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
 
 from onthefly.data import cache as C  # noqa: E402
-from onthefly.data.raw.common import flow_to_uint8  # noqa: E402
+from onthefly.data.raw.media import flow_to_uint8  # noqa: E402
 from onthefly.data.raw.splits import assign_splits  # noqa: E402
 from onthefly.data.registry import get_dataset_entry  # noqa: E402
 from onthefly.errors import UserError  # noqa: E402
@@ -202,7 +202,8 @@ def _crash_on_b(job, marker):
 
 
 def test_worker_crash_skips_only_that_clip():
-    from onthefly.data.raw.common import ClipJob, run_jobs
+    from onthefly.data.raw.common import ClipJob
+    from onthefly.data.raw.pool import run_jobs
 
     jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcde"]
     results = {r[0]: r for r in run_jobs(_crash_on_b, jobs, ("m",), workers=2)}

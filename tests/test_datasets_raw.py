@@ -114,9 +114,10 @@ def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0) -> d
 
 
 def skipped(out: Path) -> dict[str, str]:
-    rows = (out / "skipped.tsv").read_text().splitlines()
-    assert rows[0] == "clip_id\treason\tsource"
-    return {r.split("\t")[0]: r.split("\t")[1] for r in rows[1:]}
+    with open(out / "skipped.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["clip_id", "reason", "source"]
+    return {r[0]: r[1] for r in rows[1:]}
 
 
 def index(out: Path) -> dict:
@@ -332,7 +333,7 @@ def test_cremad_spectrogram_matches_official_recipe(cremad_root):
     """Our audio path equals librosa.load + tile + clip + stft + log, the official code."""
     import librosa
 
-    from onthefly.data.raw.common import load_audio_file, log_spectrogram
+    from onthefly.data.raw.media import load_audio_file, log_spectrogram
 
     p = dict(get_layout("cremad").DEFAULTS)
     wav = str(cremad_root / "AudioWAV" / "1003_IEO_ANG_HI.wav")
