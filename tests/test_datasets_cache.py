@@ -312,3 +312,11 @@ def test_skipped_report_quotes_tabs_and_line_breaks(tmp_path):
     with open(tmp_path / "skipped.tsv", newline="") as f:
         back = list(csv.reader(f, delimiter="\t"))
     assert back == [["clip_id", "reason", "source"], *[list(r) for r in rows]]
+
+
+def test_verify_stands_alone(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--verify", str(tmp_path), "--dataset", "cremad"])
+    assert e.value.code == 2 and "--verify DIR checks a finished cache on its own" in capsys.readouterr().err
+    write_synthetic(tmp_path, dataset="cremad")
+    assert cli_main(["--verify", str(tmp_path)]) == 0

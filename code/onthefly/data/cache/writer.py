@@ -16,17 +16,23 @@ from .format import (
 )
 
 
-def owned_arrays(out_dir: str) -> set[str]:
-    """Array files that the finished cache in `out_dir` (if any) lists in its meta.json: the
-    only arrays a new cache there may replace or remove."""
+def read_own_meta(out_dir: str) -> dict[str, Any] | None:
+    """meta.json in `out_dir` when this program wrote it (any version, unchecked), else None."""
     try:
         with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
             meta = json.load(f)
-        if meta.get("format") != CACHE_FORMAT:
-            return set()
-        return {rec["file"] for rec in meta.get("arrays", [])}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT else None
+
+
+def owned_arrays(out_dir: str) -> set[str]:
+    """Array files that the finished cache in `out_dir` (if any) lists in its meta.json: the
+    only arrays a new cache there may replace or remove."""
+    records = (read_own_meta(out_dir) or {}).get("arrays")
+    if not isinstance(records, list):
         return set()
+    return {rec["file"] for rec in records if isinstance(rec, dict) and isinstance(rec.get("file"), str)}
 
 
 class CacheWriter:

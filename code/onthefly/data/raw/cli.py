@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{k}" for k in ("dataset", "root", "out") if getattr(opts, k) is None]
     if opts.verify is None and missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if opts.verify is not None and len(missing) < 3:
+        parser.error("--verify DIR checks a finished cache on its own: drop --dataset, --root and --out")
     try:
         if opts.verify is not None:
             _verify(opts.verify)

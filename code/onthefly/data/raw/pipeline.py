@@ -23,7 +23,7 @@ import numpy as np
 from ...errors import UserError
 from ..cache.format import INDEX_FILE, META_FILE, SKIPPED_FILE, SPLITS
 from ..cache.reader import CacheReader
-from ..cache.writer import CacheWriter, owned_arrays, rewrite_index, write_skipped
+from ..cache.writer import CacheWriter, owned_arrays, read_own_meta, rewrite_index, write_skipped
 from .common import ClipJob, Scan, rel
 from .media import expected_spectrogram_shape
 from .pool import run_jobs
@@ -231,21 +231,22 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
     """A finished cache in --out: the same clips and parameters need nothing or only new splits
     (a summary is returned); other extraction parameters are refused unless --fresh; other clips
     (None) are extracted again, reusing the work files."""
-    if run.fresh or not owned_arrays(run.out):
+    old = None if run.fresh else read_own_meta(run.out)
+    if old is None:
         return None
+    name = run.layout.NAME
+    if old.get("dataset") != name or old.get("processing") != run.p:
+        what = (f"a {old.get('dataset')} cache" if old.get("dataset") != name
+                else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.p)})")
+        raise UserError(f"--out {run.opts.out}: holds {what}; use another --out, or add --fresh to replace it")
     try:
         reader = CacheReader(run.out, verify=False)
     except UserError:
-        return None  # a damaged cache of ours: rebuilt
+        return None  # an older or damaged cache of ours, same parameters: rebuilt
     old = reader.meta
     cached_ids = list(reader.index["clip_ids"])
     cached_offsets = reader.index["offsets"]
     reader.close()
-    name = run.layout.NAME
-    if old.get("dataset") != name or old.get("processing") != run.p:
-        what = (f"a {old.get('dataset')} cache" if old.get("dataset") != name
-                else f"a cache made with other parameters ({_differences(old.get('processing', {}), run.p)})")
-        raise UserError(f"--out {run.opts.out}: holds {what}; use another --out, or add --fresh to replace it")
     if old.get("source_ids") != run.digest or not all(i in run.by_id for i in cached_ids):
         return None
     if {k: old["params"].get(k) for k in run.ip} == run.ip:
