@@ -571,6 +571,10 @@ def test_finished_cache_with_other_parameters_is_refused(cremad_root, cremad_cac
     with pytest.raises(UserError, match=r"holds a cache made with other parameters \(hop_length: 32 -> 16\).*--fresh"):
         run("cremad", cremad_root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--hop_length", "16")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "dataset": "ave"}))
+    with pytest.raises(UserError, match="holds a ave cache; use another --out, or add --fresh"):
+        run("cremad", cremad_root, out, *SMALL_AUDIO, *SMALL_FRAMES)
 
 
 def test_files_preprocessing_did_not_write_are_never_replaced(cremad_root, tmp_path):

@@ -18,8 +18,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by someone else
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
