@@ -104,8 +104,8 @@ def build_cache(out: Path, wavs: list[str], jpgs: list[str], frames_per_clip: in
     import cv2
 
     from onthefly.data import cache as C
-    from onthefly.data.raw.common import load_audio_file, log_spectrogram, to_square
     from onthefly.data.raw.cremad import DEFAULTS
+    from onthefly.data.raw.media import load_audio_file, log_spectrogram, to_square
 
     p = dict(DEFAULTS)
     n = len(wavs)

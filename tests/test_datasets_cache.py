@@ -2,6 +2,9 @@
 frame picking, shared crop and flip, flow under a flip, splits, pickling for workers."""
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
 import pickle
@@ -19,7 +22,8 @@ if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
 
 from onthefly.data import cache as C  # noqa: E402
-from onthefly.data.raw.common import flow_to_uint8  # noqa: E402
+from onthefly.data.raw.cli import main as cli_main  # noqa: E402
+from onthefly.data.raw.media import flow_to_uint8  # noqa: E402
 from onthefly.data.raw.splits import assign_splits  # noqa: E402
 from onthefly.data.registry import get_dataset_entry  # noqa: E402
 from onthefly.errors import UserError  # noqa: E402
@@ -28,7 +32,7 @@ SIDE, CROP = 16, 12
 
 
 def write_synthetic(out: Path, n: int = 6, frames_per_clip=(5, 1, 3, 4, 2, 5), flow: bool = False,
-                    dataset: str = "ucf101") -> None:
+                    dataset: str = "ucf101", spec: tuple[int, ...] = (1, 5, 7)) -> None:
     """Frames whose pixel (y, x) holds x (channel 0), y (channel 1) and the frame number
     within the clip (channel 2), so a crop's position, a flip and the picked frames can
     be read back from the output."""
@@ -38,7 +42,7 @@ def write_synthetic(out: Path, n: int = 6, frames_per_clip=(5, 1, 3, 4, 2, 5), f
     if flow:
         arrays["flow"] = ("frames", (2, SIDE, SIDE), "uint8", total)
     else:
-        arrays = {"audio": ("spectrogram", (1, 5, 7), "float16", n), **arrays}
+        arrays = {"audio": ("spectrogram", spec, "float16", n), **arrays}
     w = C.CacheWriter(str(out), arrays)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE]
     row = 0
@@ -202,10 +206,117 @@ def _crash_on_b(job, marker):
 
 
 def test_worker_crash_skips_only_that_clip():
-    from onthefly.data.raw.common import ClipJob, run_jobs
+    from onthefly.data.raw.common import ClipJob
+    from onthefly.data.raw.pool import run_jobs
 
     jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcde"]
     results = {r[0]: r for r in run_jobs(_crash_on_b, jobs, ("m",), workers=2)}
     assert set(results) == set("abcde")
     assert results["b"][1] == "skip" and "crashed" in results["b"][2][0]
     assert all(results[c][1:] == ("ok", "m") for c in "acde")
+
+
+# --------------------------------------------------------------------------- limits, index, integrity
+
+
+def test_limit_samples_keeps_the_first_clips_of_each_split(tmp_path):
+    write_synthetic(tmp_path, dataset="cremad")
+    entry = get_dataset_entry("cremad")
+    train = entry.build(ns(tmp_path, limit_samples=3), "train")
+    assert len(train) == 3 and train.clip_ids == ["c0", "c1", "c2"]
+    # index is the position within the split, the sample's own row is read
+    assert [train[i]["index"] for i in range(3)] == [0, 1, 2]
+    assert [float(train[i]["audio"][0, 0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]
+    assert len(entry.build(ns(tmp_path, limit_samples=3), "test")) == 1  # a smaller split stays whole
+    test = entry.build(ns(tmp_path), "test")
+    assert test[0]["index"] == 0 and float(test[0]["audio"][0, 0, 0]) == 5.0
+
+
+def _edit_meta(path: Path, **changes) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["b", "a"], ["a"]], ids=["added", "reordered", "removed"])
+def test_edited_class_names_are_refused(tmp_path, names):
+    write_synthetic(tmp_path, dataset="cremad")
+    _edit_meta(tmp_path, class_names=names)
+    entry = get_dataset_entry("cremad")
+    with pytest.raises(UserError, match="meta.json: edited or damaged"):
+        entry.info(ns(tmp_path))
+    with pytest.raises(UserError, match="meta.json: edited or damaged"):
+        entry.build(ns(tmp_path), "train")
+
+
+def test_class_names_checked_against_the_index(tmp_path):
+    """A meta.json rewritten whole (checksum and all) still has to agree with index.json."""
+    write_synthetic(tmp_path, dataset="cremad")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["class_names"] = ["b", "a"]
+    meta["checksum"] = C.format.meta_checksum(meta)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="index.json: its class names differ from meta.json"):
+        get_dataset_entry("cremad").build(ns(tmp_path), "train")
+
+
+SPEC = (1, 257, 188)  # a CREMA-D spectrogram: 72 of them make a 7 MB file
+
+
+def cli_verify(path: Path) -> tuple[int, str]:
+    """`preprocess.py --verify path`: exit status and everything printed."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = cli_main(["--verify", str(path)])
+    return code, (out.getvalue() + err.getvalue()).strip()
+
+
+def _damage(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_damage_anywhere_in_an_array_is_refused(tmp_path):
+    write_synthetic(tmp_path, n=72, frames_per_clip=[1] * 72, dataset="cremad", spec=SPEC)
+    audio = tmp_path / "audio.npy"
+    # Between what a 16-block sample of the file would read (blocks 0 and 1 are 460 KB apart).
+    _damage(audio, audio.stat().st_size // 30, np.zeros(4096, np.uint8).tobytes())
+    with pytest.raises(UserError, match="audio.npy: content does not match"):
+        get_dataset_entry("cremad").build(ns(tmp_path), "train")
+    assert cli_verify(tmp_path)[0] == 2
+
+
+def test_nan_between_sampled_blocks_stops_at_the_sample_and_in_verify(tmp_path, monkeypatch):
+    """Above FULL_HASH_BYTES only blocks are hashed at open: a NaN elsewhere is caught when its
+    sample is read, and by --verify (here with the limit lowered so a test file is "large")."""
+    monkeypatch.setattr(C.format, "FULL_HASH_BYTES", 1 << 20)
+    monkeypatch.setattr(C.format, "FP_BLOCKS", 4)
+    write_synthetic(tmp_path, n=72, frames_per_clip=[1] * 72, dataset="cremad", spec=SPEC)
+    code, text = cli_verify(tmp_path)
+    assert code == 0 and "verified (72 clips" in text and text.count("\n") == 0
+    arr = np.load(tmp_path / "audio.npy", mmap_mode="r+")
+    arr[40, 0, 100, 50] = np.nan  # row 40 of 72 lies between the 4 sampled blocks
+    arr.flush()
+    del arr
+    train = get_dataset_entry("cremad").build(ns(tmp_path), "train")  # the sampled fingerprint still matches
+    assert float(train[39]["audio"][0, 0, 0]) == 39.0
+    with pytest.raises(UserError, match="audio.npy: NaN or infinite values for clip c40; .*--verify"):
+        train[40]
+    code, text = cli_verify(tmp_path)
+    assert code == 2 and "audio.npy: content differs" in text and text.count("\n") == 0
+
+
+def test_skipped_report_quotes_tabs_and_line_breaks(tmp_path):
+    rows = [("a\tb", "unreadable video", "x/a\tb.mp4"), ("c\nd", "reason with\nnewline", "y.mp4"), ("e", "ok", "")]
+    C.write_skipped(str(tmp_path), rows)
+    with open(tmp_path / "skipped.tsv", newline="") as f:
+        back = list(csv.reader(f, delimiter="\t"))
+    assert back == [["clip_id", "reason", "source"], *[list(r) for r in rows]]
+
+
+def test_verify_stands_alone(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--verify", str(tmp_path), "--dataset", "cremad"])
+    assert e.value.code == 2 and "--verify DIR checks a finished cache on its own" in capsys.readouterr().err
+    write_synthetic(tmp_path, dataset="cremad")
+    assert cli_main(["--verify", str(tmp_path)]) == 0

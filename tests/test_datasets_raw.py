@@ -114,9 +114,10 @@ def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0) -> d
 
 
 def skipped(out: Path) -> dict[str, str]:
-    rows = (out / "skipped.tsv").read_text().splitlines()
-    assert rows[0] == "clip_id\treason\tsource"
-    return {r.split("\t")[0]: r.split("\t")[1] for r in rows[1:]}
+    with open(out / "skipped.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["clip_id", "reason", "source"]
+    return {r[0]: r[1] for r in rows[1:]}
 
 
 def index(out: Path) -> dict:
@@ -332,7 +333,7 @@ def test_cremad_spectrogram_matches_official_recipe(cremad_root):
     """Our audio path equals librosa.load + tile + clip + stft + log, the official code."""
     import librosa
 
-    from onthefly.data.raw.common import load_audio_file, log_spectrogram
+    from onthefly.data.raw.media import load_audio_file, log_spectrogram
 
     p = dict(get_layout("cremad").DEFAULTS)
     wav = str(cremad_root / "AudioWAV" / "1003_IEO_ANG_HI.wav")
@@ -563,6 +564,75 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert code == 2 and expected in err and err.count("\n") == 1, (dataset, err)
 
 
+def test_finished_cache_with_other_parameters_is_refused(cremad_root, cremad_cache, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(cremad_cache, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"holds a cache made with other parameters \(hop_length: 32 -> 16\).*--fresh"):
+        run("cremad", cremad_root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--hop_length", "16")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "dataset": "ave"}))
+    with pytest.raises(UserError, match="holds a ave cache; use another --out, or add --fresh"):
+        run("cremad", cremad_root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+
+
+def test_files_preprocessing_did_not_write_are_never_replaced(cremad_root, tmp_path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    np.save(out / "flow.npy", np.arange(3))  # not an array a CREMA-D cache has
+    run("cremad", cremad_root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    assert (out / "notes.txt").read_text() == "mine" and np.load(out / "flow.npy").tolist() == [0, 1, 2]
+    assert get_dataset_entry("cremad").info(cfg(out)).num_classes == 6
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.json").write_text('{"mine": true}')
+    with pytest.raises(UserError, match="already holds index.json, not written by preprocess.py"):
+        run("cremad", cremad_root, foreign, *SMALL_AUDIO, *SMALL_FRAMES)
+    assert sorted(p.name for p in foreign.iterdir()) == ["index.json"]
+    assert (foreign / "index.json").read_text() == '{"mine": true}'
+
+
+def _read_only_folder(tmp_path: Path) -> Path | None:
+    """A folder this process cannot write to: a chmod 555 one, or (as root, whom modes do not
+    stop) /sys where the kernel refuses new files; None where neither holds."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for candidate in (ro, Path("/sys")):
+        try:
+            with open(candidate / ".probe", "w"):
+                pass
+            (candidate / ".probe").unlink()
+        except OSError:
+            return candidate
+    return None
+
+
+def test_output_that_cannot_be_written_is_one_line(cremad_root, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    ro = _read_only_folder(tmp_path)
+    cases = [(a_file, "is a file, not a folder")]
+    if ro is not None:
+        cases.append((ro, "cannot write there"))
+    for out, expected in cases:
+        code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), "--workers", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert a_file.read_text() == "keep"
+
+
+@pytest.mark.parametrize("option", [["--fps", "inf"], ["--fps", "nan"], ["--duration", "nan"], ["--val_fraction", "nan"]])
+def test_non_finite_options_are_refused(cremad_root, tmp_path, capsys, option):
+    out = tmp_path / "o"
+    code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), *option])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{option[0]} must be a finite number" in err and err.count("\n") == 1, err
+    assert not out.exists()  # refused before anything was written
+
+
 def test_empty_result_is_an_error(tmp_path):
     root = tmp_path / "CREMA-D"
     (root / "AudioWAV").mkdir(parents=True)
@@ -599,10 +669,11 @@ def test_train_one_epoch_from_cache(cremad_cache, tmp_path):
         pytest.skip("the training entry point does not register the cached datasets yet")
     env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
     cmd = [sys.executable, str(REPO / "code" / "train.py"), "--dataset", "cremad", "--data", str(cremad_cache),
-           "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--num_workers", "0",
+           "--epochs", "1", "--batch_size", "2", "--device", "cpu", "--num_workers", "0", "--limit_samples", "4",
            "--output_dir", str(tmp_path / "runs")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "epoch   0" in r.stdout
+    assert "train/val samples: 4/" in r.stdout  # --limit_samples: the first 4 of each split
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "last.pt").exists()

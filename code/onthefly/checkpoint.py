@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +25,14 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .fileio import atomic_write, atomic_write_text
 
 FORMAT = "onthefly-checkpoint"
 VERSION = 1
 
 
-def _umask_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp's files are private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write(path: str | Path, mode: str, write) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A kill at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:

@@ -35,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..fileio import atomic_write
 from .registry import DatasetEntry, register_dataset
 from .spec import DatasetInfo, ModalitySpec
 
@@ -191,10 +190,7 @@ def load_arrays(cfg) -> dict[str, np.ndarray]:
             print(f"warning: rebuilding unreadable AV-Digits cache {path}: {e}")
     arrays = build_arrays(_build_params(cfg))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return arrays
 
 
@@ -205,20 +201,16 @@ class AVDigits(Dataset):
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; choose one of {SPLITS}")
         arrays = load_arrays(cfg)
-        rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))
-        self.indices = rows
+        rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))[: getattr(cfg, "limit_samples", None)]
         self.audio = torch.from_numpy(arrays["audio"][rows])
         self.visual = torch.from_numpy(arrays["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1)
         self.labels = torch.from_numpy(arrays["label"][rows])
-        limit = getattr(cfg, "limit_samples", None)
-        if limit:
-            self.indices = self.indices[:limit]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"audio": self.audio[i], "visual": self.visual[i], "label": int(self.labels[i]), "index": int(self.indices[i])}
+        return {"audio": self.audio[i], "visual": self.visual[i], "label": int(self.labels[i]), "index": int(i)}
 
 
 def avdigits_info(cfg) -> DatasetInfo:

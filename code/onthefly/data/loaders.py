@@ -7,11 +7,24 @@ would, whatever the number of workers and even with persistent workers.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _workers(requested: int) -> int:
+    """More loader processes than CPUs only compete for them (and PyTorch warns about it)."""
+    return min(requested, available_cpus())
 
 
 class EpochSampler(DistributedSampler):
@@ -71,10 +84,10 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
         SeededSamples(dataset, seed),
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=_workers(num_workers),
         pin_memory=pin_memory,
         drop_last=True,  # a batch of 1 would break BatchNorm's training statistics
-        persistent_workers=num_workers > 0,
+        persistent_workers=_workers(num_workers) > 0,
     )
 
 
@@ -83,6 +96,6 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, 
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
-        num_workers=num_workers,
+        num_workers=_workers(num_workers),
         pin_memory=pin_memory,
     )

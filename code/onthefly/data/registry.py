@@ -5,6 +5,9 @@ A dataset module registers a `DatasetEntry`:
   * `build(cfg, split)` -> a torch Dataset whose items are dicts
         {<modality name>: tensor, "label": int, "index": int};
     `split` is "train", "val" or "test"; training-time augmentation happens when split == "train".
+    "index" is the sample's position within its split (dataset[i]["index"] == i), for every
+    dataset: inference writes it to predictions.csv. `cfg.limit_samples`, when set, keeps the
+    first N samples of each split.
   * `defaults`       -> per-dataset training defaults (optimizer, lr, epochs, ...), applied
     under anything the user gives on the command line or in a YAML file.
 """

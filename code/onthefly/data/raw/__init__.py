@@ -2,8 +2,10 @@
 
 One module per raw layout (cremad, kinetics_sounds, ucf101, ave, vggsound), each with
 NAME, MODALITIES, EXPECTED (the layout, in words), DEFAULTS (extraction parameters) and
-scan(root, opts) -> Scan. The shared work happens in common.py (extraction, process
-pool, resume), splits.py and pipeline.py. Layout modules are imported on demand.
+scan(root, opts) -> Scan, built from common.py (job records, finding videos). The
+shared work: media.py (decoding), work.py (per-clip work files, resume), pool.py (the
+process pool), splits.py and pipeline.py (the phases from a scan to a cache). Layout
+modules are imported on demand.
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ...errors import UserError
+from ..loaders import available_cpus
 from . import LAYOUTS, get_layout
 
 AUDIO_OPTS = ("sample_rate", "duration", "n_fft", "hop_length", "min_audio_seconds", "silence_threshold")
@@ -18,11 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(see docs/datasets.md for each dataset's layout, parameters and split).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=LAYOUTS)
-    p.add_argument("--root", required=True, help="the downloaded dataset's folder")
-    p.add_argument("--out", required=True, help="cache directory to write (e.g. data/cremad)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes (0: run in this process)")
+    p.add_argument("--dataset", choices=LAYOUTS, help="required unless --verify")
+    p.add_argument("--root", help="the downloaded dataset's folder (required unless --verify)")
+    p.add_argument("--out", help="cache directory to write, e.g. data/cremad (required unless --verify)")
+    p.add_argument("--verify", metavar="DIR", default=None,
+                   help="check the finished cache in DIR in full (every array against its sha1, no NaN) and exit")
+    p.add_argument("--workers", type=int, default=available_cpus(),
+                   help="worker processes (0: run in this process) [the CPUs this process may use]")
     g = p.add_argument_group("frames")
     g.add_argument("--fps", type=float, default=None, help="frames kept per second of video [1]")
     g.add_argument("--short_side", type=int, default=None, help="stored frames are short_side x short_side [256]")
@@ -70,9 +72,26 @@ def _check_applicable(opts: argparse.Namespace, layout) -> None:
         raise UserError("--csv / --videos apply to kinetics_sounds and vggsound only")
 
 
+def _verify(path: str) -> None:
+    from ..cache.reader import verify_cache
+
+    summary = verify_cache(path)
+    print(f"{path}: verified ({summary['clips']} clips; {', '.join(summary['arrays'])}: content as written, "
+          "no NaN or infinity)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    missing = [f"--{k}" for k in ("dataset", "root", "out") if getattr(opts, k) is None]
+    if opts.verify is None and missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if opts.verify is not None and len(missing) < 3:
+        parser.error("--verify DIR checks a finished cache on its own: drop --dataset, --root and --out")
     try:
+        if opts.verify is not None:
+            _verify(opts.verify)
+            return 0
         layout = get_layout(opts.dataset)
         _check_applicable(opts, layout)
         from .pipeline import preprocess

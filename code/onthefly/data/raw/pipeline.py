@@ -1,34 +1,34 @@
-"""From a layout's scan to a finished cache: resume, parallel extraction, splits, assembly."""
+"""From a layout's scan to a finished cache, in named phases:
+
+    plan            options checked, --out checked (a folder this program may write), --root scanned
+    reuse_finished  a finished cache of the same clips and parameters: nothing to do, or new splits
+    extract         per-clip work files, resumed, in a process pool
+    assemble        the arrays, splits and metadata of the cache, committed atomically
+"""
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...errors import UserError
-from .. import cache as C
-from .common import (
-    WORK_DIR,
-    ClipJob,
-    Scan,
-    _source_signature,
-    _work_path,
-    expected_spectrogram_shape,
-    load_work,
-    process_clip,
-    read_work_info,
-    rel,
-    run_jobs,
-    write_params,
-)
+from ..cache.format import INDEX_FILE, META_FILE, SKIPPED_FILE, SPLITS
+from ..cache.reader import CacheReader
+from ..cache.writer import CacheWriter, owned_arrays, read_own_meta, rewrite_index, write_skipped
+from .common import ClipJob, Scan, rel
+from .media import expected_spectrogram_shape
+from .pool import run_jobs
 from .splits import assign_splits
+from .work import WORK_DIR, load_work, process_clip, read_params, read_work_info, source_signature, work_path, write_params
 
 AUDIO_KEYS = (
     "audio_source",
@@ -74,6 +74,9 @@ def _check_params(p: dict[str, Any], ip: dict[str, Any]) -> None:
     def bad(msg: str) -> None:
         raise UserError(msg)
 
+    for k, v in {**p, **ip}.items():  # NaN passes every comparison below; infinity keeps every frame
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f"--{k} must be a finite number (got {v})")
     if "sample_rate" in p:
         if p["sample_rate"] <= 0:
             bad("--sample_rate must be positive")
@@ -110,7 +113,7 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 def _split_counts(splits: list[str]) -> dict[str, int]:
-    return {s: splits.count(s) for s in C.SPLITS}
+    return {s: splits.count(s) for s in SPLITS}
 
 
 def _index_for(ids: list[str], by_id: dict[str, ClipJob], ip: dict[str, Any], root: str, grouped: bool):
@@ -147,18 +150,63 @@ def _flow_stats(maps: dict[str, np.ndarray], offsets: dict[str, list[int]], spli
     return stats
 
 
-def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
-    """Run one dataset's preprocessing. Returns a summary dict (also printed as one line)."""
-    t0 = time.time()
-    quiet = bool(getattr(opts, "quiet", False))
+@dataclass
+class Plan:
+    """Everything the later phases need, fixed before any file is written."""
+
+    layout: Any
+    opts: Any
+    root: str
+    out: str
+    work: str
+    p: dict[str, Any]  # extraction parameters (the resume key)
+    ip: dict[str, Any]  # index parameters (splits, default crop)
+    scan: Scan
+    by_id: dict[str, ClipJob]
+    digest: str
+    grouped: bool
+    quiet: bool
+    fresh: bool
+
+
+def _our_names(layout: Any) -> set[str]:
+    arrays = {f"{m}.npy" for m in layout.MODALITIES}
+    return {META_FILE, INDEX_FILE, SKIPPED_FILE, *arrays, *(f"{a}.tmp" for a in arrays)}
+
+
+def _check_out(out: str, given: str, layout: Any) -> None:
+    """--out must be a folder this program can write, holding nothing of another origin under a
+    name it would write: a cache never replaces a file that preprocessing did not create."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {given}: is a file, not a folder; give a folder for the cache")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {given}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+    ours = owned_arrays(out)  # a finished cache of ours: its arrays and metadata files
+    if ours:
+        ours |= {META_FILE, INDEX_FILE, SKIPPED_FILE}
+    if read_params(os.path.join(out, WORK_DIR)) is not None:  # our unfinished work: anything a run writes
+        ours |= _our_names(layout)
+    foreign = sorted((_our_names(layout) & set(os.listdir(out))) - ours)
+    if foreign:
+        raise UserError(f"--out {given}: already holds {', '.join(foreign)}, not written by preprocess.py; "
+                        "choose an empty or new folder (nothing was changed)")
+
+
+def plan(layout: Any, opts: Any) -> Plan:
+    """Check every option, the output folder and the raw layout; write nothing but --out itself."""
     root = os.path.abspath(opts.root)
-    out = os.path.abspath(opts.out)
     if not os.path.isdir(root):
         raise UserError(f"--root {opts.root}: no such directory (expected {layout.EXPECTED})")
     p = processing_params(layout, opts)
     ip = index_params(layout, opts)
     _check_params(p, ip)
-
+    out = os.path.abspath(opts.out)
+    _check_out(out, opts.out, layout)
+    quiet = bool(getattr(opts, "quiet", False))
     scan: Scan = layout.scan(root, opts)
     for note in scan.notes:
         _say(f"note: {note}", quiet)
@@ -167,176 +215,199 @@ def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
     by_id = {j.clip_id: j for j in scan.jobs}
     if len(by_id) != len(scan.jobs):
         raise UserError(f"--root {opts.root}: clip ids are not unique (two files share a name)")
-    digest = _ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped])
-    grouped = bool(getattr(layout, "uses_groups", lambda o: False)(opts))
-    os.makedirs(out, exist_ok=True)
-    work = os.path.join(out, WORK_DIR)
-    fresh = bool(getattr(opts, "fresh", False))
+    return Plan(
+        layout=layout, opts=opts, root=root, out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
+        by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]),
+        grouped=bool(getattr(layout, "uses_groups", lambda o: False)(opts)), quiet=quiet,
+        fresh=bool(getattr(opts, "fresh", False)),
+    )
 
-    # A finished cache from the same clips and extraction parameters: at most new splits.
-    meta_path = os.path.join(out, C.META_FILE)
-    if not fresh and os.path.exists(meta_path):
-        try:
-            reader = C.CacheReader(out, verify=False)
-            old = reader.meta
-            same = old.get("dataset") == layout.NAME and old.get("processing") == p and old.get("source_ids") == digest
-            cached_ids = list(reader.index["clip_ids"])
-            cached_offsets = reader.index["offsets"]
-            reader.close()
-        except UserError:
-            same = False
-        if same and all(i in by_id for i in cached_ids):
-            old_ip = {k: old["params"].get(k) for k in ip}
-            if old_ip == ip:
-                counts = old["split_counts"]
-                line = (
-                    f"{layout.NAME}: {out} is up to date ({len(cached_ids)} clips: train {counts['train']} / "
-                    f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do"
-                )
-                _say(line, quiet)
-                return {"status": "up_to_date", "clips": len(cached_ids), "skipped": old["num_skipped"],
-                        "reused": len(cached_ids), "processed": 0, "split_counts": counts, "out": out}
-            index, splits = _index_for(cached_ids, by_id, ip, root, grouped)
-            index["offsets"] = cached_offsets
-            counts = _split_counts(splits)
-            meta = {**old, "params": {**p, **ip}, "split_counts": counts}
-            C.rewrite_index(out, meta, index)
-            _say(f"{layout.NAME}: new splits written to {out} (train {counts['train']} / val {counts['val']} / "
-                 f"test {counts['test']}); frames and audio unchanged", quiet)
-            return {"status": "resplit", "clips": len(cached_ids), "skipped": old["num_skipped"], "reused":
-                    len(cached_ids), "processed": 0, "split_counts": counts, "out": out}
 
-    # Work directory: per-clip results that survive an interruption.
-    if fresh and os.path.isdir(work):
-        shutil.rmtree(work)
-    os.makedirs(work, exist_ok=True)
-    wparams = {"dataset": layout.NAME, "processing": p}
-    ppath = os.path.join(work, "params.json")
-    if os.path.exists(ppath):
-        with open(ppath, encoding="utf-8") as f:
-            try:
-                prev = json.load(f)
-            except ValueError:
-                prev = None
-        if prev is not None and prev != wparams:
-            diff = [f"{k}: {prev.get('processing', {}).get(k)} -> {v}" for k, v in p.items()
-                    if prev.get("processing", {}).get(k) != v]
-            if prev.get("dataset") != layout.NAME:
-                diff.insert(0, f"dataset: {prev.get('dataset')} -> {layout.NAME}")
-            raise UserError(
-                f"--out {opts.out}: holds unfinished work made with other parameters ({'; '.join(diff)}); "
-                "rerun with the same options to resume, or add --fresh to start over"
-            )
-    write_params(work, wparams)
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
 
+
+def reuse_finished(run: Plan) -> dict[str, Any] | None:
+    """A finished cache in --out: the same clips and parameters need nothing or only new splits
+    (a summary is returned); other extraction parameters are refused unless --fresh; other clips
+    (None) are extracted again, reusing the work files."""
+    old = None if run.fresh else read_own_meta(run.out)
+    if old is None:
+        return None
+    name = run.layout.NAME
+    if old.get("dataset") != name or old.get("processing") != run.p:
+        what = (f"a {old.get('dataset')} cache" if old.get("dataset") != name
+                else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.p)})")
+        raise UserError(f"--out {run.opts.out}: holds {what}; use another --out, or add --fresh to replace it")
+    try:
+        reader = CacheReader(run.out, verify=False)
+    except UserError:
+        return None  # an older or damaged cache of ours, same parameters: rebuilt
+    old = reader.meta
+    cached_ids = list(reader.index["clip_ids"])
+    cached_offsets = reader.index["offsets"]
+    reader.close()
+    if old.get("source_ids") != run.digest or not all(i in run.by_id for i in cached_ids):
+        return None
+    if {k: old["params"].get(k) for k in run.ip} == run.ip:
+        counts = old["split_counts"]
+        _say(f"{name}: {run.out} is up to date ({len(cached_ids)} clips: train {counts['train']} / "
+             f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do", run.quiet)
+        return {"status": "up_to_date", "clips": len(cached_ids), "skipped": old["num_skipped"],
+                "reused": len(cached_ids), "processed": 0, "split_counts": counts, "out": run.out}
+    index, splits = _index_for(cached_ids, run.by_id, run.ip, run.root, run.grouped)
+    index["offsets"] = cached_offsets
+    counts = _split_counts(splits)
+    rewrite_index(run.out, {**old, "params": {**run.p, **run.ip}, "split_counts": counts}, index)
+    _say(f"{name}: new splits written to {run.out} (train {counts['train']} / val {counts['val']} / "
+         f"test {counts['test']}); frames and audio unchanged", run.quiet)
+    return {"status": "resplit", "clips": len(cached_ids), "skipped": old["num_skipped"], "reused":
+            len(cached_ids), "processed": 0, "split_counts": counts, "out": run.out}
+
+
+def _open_work(run: Plan) -> None:
+    """The work folder of per-clip results, refused when it was made with other parameters."""
+    if run.fresh and os.path.isdir(run.work):
+        shutil.rmtree(run.work)
+    os.makedirs(run.work, exist_ok=True)
+    wparams = {"dataset": run.layout.NAME, "processing": run.p}
+    prev = read_params(run.work)
+    if prev is not None and prev != wparams:
+        diff = _differences(prev.get("processing", {}), run.p)
+        if prev.get("dataset") != run.layout.NAME:
+            diff = f"dataset: {prev.get('dataset')} -> {run.layout.NAME}" + (f"; {diff}" if diff else "")
+        raise UserError(
+            f"--out {run.opts.out}: holds unfinished work made with other parameters ({diff}); "
+            "rerun with the same options to resume, or add --fresh to start over"
+        )
+    write_params(run.work, wparams)
+
+
+def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, str]], int]:
+    """Every clip not already in a valid work file, through the pool. Returns the shapes of each
+    kept clip, the skipped clips (clip_id, reason, source) and how many were reused."""
+    _open_work(run)
     infos: dict[str, dict[str, Any]] = {}
     todo: list[ClipJob] = []
-    for job in scan.jobs:
-        wp = _work_path(work, job)
+    for job in run.scan.jobs:
+        wp = work_path(run.work, job)
         info = read_work_info(wp) if os.path.exists(wp) else None
-        if info is not None and info.get("clip_id") == job.clip_id and info.get("sig") == _source_signature(job):
+        if info is not None and info.get("clip_id") == job.clip_id and info.get("sig") == source_signature(job):
             infos[job.clip_id] = info
         else:
             todo.append(job)
     reused = len(infos)
     if reused:
-        _say(f"{layout.NAME}: resuming, {reused} clips already done, {len(todo)} to go", quiet)
-
-    skipped = list(scan.skipped)
+        _say(f"{run.layout.NAME}: resuming, {reused} clips already done, {len(todo)} to go", run.quiet)
+    skipped = list(run.scan.skipped)
     if todo:
         from tqdm import tqdm
 
-        workers = int(getattr(opts, "workers", 0) or 0)
-        bar = tqdm(total=len(todo), desc=f"{layout.NAME}", unit="clip", disable=quiet, mininterval=0.5,
+        workers = int(getattr(run.opts, "workers", 0) or 0)
+        bar = tqdm(total=len(todo), desc=f"{run.layout.NAME}", unit="clip", disable=run.quiet, mininterval=0.5,
                    dynamic_ncols=True)
         try:
-            for clip_id, status, detail in run_jobs(
-                process_clip, todo, (p, tuple(layout.MODALITIES), work), workers, progress=lambda: bar.update(1)
-            ):
+            args = (run.p, tuple(run.layout.MODALITIES), run.work)
+            for clip_id, status, detail in run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1)):
                 if status == "ok":
                     infos[clip_id] = {"clip_id": clip_id, "shapes": detail}
                 else:
                     reason, path = detail
-                    skipped.append((clip_id, reason, rel(path, root)))
+                    skipped.append((clip_id, reason, rel(path, run.root)))
         finally:
             bar.close()
-
-    kept = sorted(infos)
     skipped.sort(key=lambda s: s[0])
-    if not kept:
-        C.write_skipped(out, skipped)
+    if not infos:
+        write_skipped(run.out, skipped)
         raise UserError(
-            f"{layout.NAME}: no clip could be processed ({len(skipped)} skipped, reasons in "
-            f"{os.path.join(out, C.SKIPPED_FILE)})"
+            f"{run.layout.NAME}: no clip could be processed ({len(skipped)} skipped, reasons in "
+            f"{os.path.join(run.out, SKIPPED_FILE)})"
         )
+    return infos, skipped, reused
 
-    # Shapes: every clip must agree on the per-row shapes.
-    spec_shape = tuple(expected_spectrogram_shape(p)) if "audio" in layout.MODALITIES else None
-    frame_rows = {m: 0 for m in layout.MODALITIES if m != "audio"}
+
+def _array_layout(run: Plan, infos: dict[str, dict[str, Any]], kept: list[str]):
+    """Per-row shapes (every clip must agree) and per-clip frame counts of each array."""
+    modalities = run.layout.MODALITIES
+    spec_shape = tuple(expected_spectrogram_shape(run.p)) if "audio" in modalities else None
     row_shape: dict[str, tuple[int, ...]] = {}
-    counts_per_clip: dict[str, list[int]] = {m: [] for m in frame_rows}
+    counts_per_clip: dict[str, list[int]] = {m: [] for m in modalities if m != "audio"}
     for cid in kept:
         shapes = infos[cid]["shapes"]
         if spec_shape is not None and tuple(shapes["audio"]) != spec_shape:
             raise RuntimeError(f"{cid}: spectrogram {shapes['audio']} != expected {spec_shape}")
-        for m in frame_rows:
+        for m in counts_per_clip:
             s = tuple(shapes[m])
             row_shape.setdefault(m, s[1:])
             if s[1:] != row_shape[m]:
                 raise RuntimeError(f"{cid}: {m} frames {s[1:]} != {row_shape[m]}")
-            frame_rows[m] += s[0]
             counts_per_clip[m].append(s[0])
-
-    index, splits = _index_for(kept, by_id, ip, root, grouped)  # may raise: work stays for a rerun
-    offsets = {m: [0] + np.cumsum(c).astype(int).tolist() for m, c in counts_per_clip.items()}
-    index["offsets"] = offsets
-
     arrays: dict[str, tuple[str, tuple[int, ...], str, int]] = {}
     if spec_shape is not None:
         arrays["audio"] = ("spectrogram", spec_shape, "float16", len(kept))
-    for m in frame_rows:
-        arrays[m] = ("frames", row_shape[m], "uint8", frame_rows[m])
-    writer = C.CacheWriter(out, arrays)
+    for m, counts in counts_per_clip.items():
+        arrays[m] = ("frames", row_shape[m], "uint8", int(sum(counts)))
+    offsets = {m: [0] + np.cumsum(c).astype(int).tolist() for m, c in counts_per_clip.items()}
+    return arrays, offsets
+
+
+def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Write the arrays from the work files, then index.json and meta.json. Returns the split counts."""
+    kept = sorted(infos)
+    arrays, offsets = _array_layout(run, infos, kept)
+    index, splits = _index_for(kept, run.by_id, run.ip, run.root, run.grouped)  # may raise: work stays for a rerun
+    index["offsets"] = offsets
+    writer = CacheWriter(run.out, arrays)
     try:
         from tqdm import tqdm
 
-        for i, cid in enumerate(tqdm(kept, desc="assembling", unit="clip", disable=quiet, mininterval=0.5)):
-            data = load_work(_work_path(work, by_id[cid]))
+        for i, cid in enumerate(tqdm(kept, desc="assembling", unit="clip", disable=run.quiet, mininterval=0.5)):
+            data = load_work(work_path(run.work, run.by_id[cid]))
             if "audio" in arrays:
                 writer.maps["audio"][i] = data["audio"]
-            for m in frame_rows:
+            for m in offsets:
                 writer.maps[m][offsets[m][i] : offsets[m][i + 1]] = data[m]
-        stats = _flow_stats(writer.maps, offsets, splits, ip["seed"])
         counts = _split_counts(splits)
         meta = {
-            "dataset": layout.NAME,
+            "dataset": run.layout.NAME,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "root": root,
-            "class_names": list(scan.class_names),
-            "modalities": list(layout.MODALITIES),
-            "params": {**p, **ip},
-            "processing": p,
+            "root": run.root,
+            "class_names": list(run.scan.class_names),
+            "modalities": list(run.layout.MODALITIES),
+            "params": {**run.p, **run.ip},
+            "processing": run.p,
             "num_clips": len(kept),
             "num_skipped": len(skipped),
             "split_counts": counts,
-            "source_ids": digest,
-            "stats": stats,
-            "notes": list(scan.notes),
+            "source_ids": run.digest,
+            "stats": _flow_stats(writer.maps, offsets, splits, run.ip["seed"]),
+            "notes": list(run.scan.notes),
         }
         writer.commit(meta, index, skipped)
     except BaseException:
         writer.abort()
         raise
-    if not getattr(opts, "keep_work", False):
-        shutil.rmtree(work, ignore_errors=True)
+    if not getattr(run.opts, "keep_work", False):
+        shutil.rmtree(run.work, ignore_errors=True)
+    return counts
 
-    processed = len(kept) - reused
-    line = (
-        f"{layout.NAME}: {len(kept)} clips cached in {out} (train {counts['train']} / val {counts['val']} / "
+
+def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
+    """Run one dataset's preprocessing. Returns a summary dict (also printed as one line)."""
+    t0 = time.time()
+    run = plan(layout, opts)
+    summary = reuse_finished(run)
+    if summary is not None:
+        return summary
+    infos, skipped, reused = extract(run)
+    counts = assemble(run, infos, skipped)
+    kept = len(infos)
+    print(
+        f"{layout.NAME}: {kept} clips cached in {run.out} (train {counts['train']} / val {counts['val']} / "
         f"test {counts['test']}); {len(skipped)} skipped"
-        + (f" (reasons in {os.path.join(out, C.SKIPPED_FILE)})" if skipped else "")
-        + f"; {reused} reused from an earlier run; {time.time() - t0:.1f} s"
+        + (f" (reasons in {os.path.join(run.out, SKIPPED_FILE)})" if skipped else "")
+        + f"; {reused} reused from an earlier run; {time.time() - t0:.1f} s",
+        flush=True,
     )
-    print(line, flush=True)
-    return {"status": "built", "clips": len(kept), "skipped": len(skipped), "reused": reused,
-            "processed": processed, "split_counts": counts, "out": out}
+    return {"status": "built", "clips": kept, "skipped": len(skipped), "reused": reused,
+            "processed": kept - reused, "split_counts": counts, "out": run.out}

@@ -14,4 +14,4 @@ try:
 except Exception:  # a worker then simply imports them itself
     pass
 
-from . import common  # noqa: E402,F401
+from . import pool, work  # noqa: E402,F401

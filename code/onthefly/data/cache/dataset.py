@@ -1,0 +1,129 @@
+"""One split of a cache as a torch Dataset: array slices and copies per sample, no decoding."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ...errors import UserError
+from .format import FLOW_HALF, SPLITS
+from .reader import CacheReader
+
+
+def pick_frames(count: int, t: int, train: bool, rng: random.Random | None = None) -> list[int]:
+    """Indices of `t` frames out of `count` stored ones.
+
+    Evaluation: evenly spread (centre of each of t equal segments), deterministic.
+    Training: a random sorted choice without repetition when count >= t, else with repetition.
+    """
+    if count <= 0:
+        raise ValueError("clip without frames")
+    if not train:
+        return [min(count - 1, int((k + 0.5) * count / t)) for k in range(t)]
+    r = rng or random
+    if count >= t:
+        return sorted(r.sample(range(count), t))
+    return sorted(r.randrange(count) for _ in range(t))
+
+
+class CachedClips(Dataset):
+    """One split of a cache (its first `limit` clips when given). Items: {<modality>: tensor,
+    "label": int, "index": position within the split, as for every dataset (data/registry.py)}.
+
+    spectrogram modality -> float32 (1, F, T); frames modality -> uint8 (C, T, crop, crop).
+    Training: random frames, one random crop and one flip shared by every frame and every
+    frames modality of the clip (the flow u channel changes sign under the flip).
+    Evaluation: evenly spread frames, centre crop, no flip.
+    """
+
+    def __init__(self, path: str, split: str, num_frames: int, crop_size: int, train: bool, verify: bool = True,
+                 limit: int | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        reader = CacheReader(path, verify=verify)
+        self.path = path
+        self.split = split
+        self.train = train
+        self.num_frames = int(num_frames)
+        self.crop_size = int(crop_size)
+        self.meta = reader.meta
+        self.records = reader.records
+        self.modalities = [rec["name"] for rec in reader.meta["arrays"]]
+        rows = np.array([i for i, s in enumerate(reader.index["splits"]) if s == split], dtype=np.int64)
+        if rows.size == 0:
+            raise UserError(f"--data {path}: the {split} split is empty; preprocess again with other split fractions")
+        self.rows = rows[:limit]
+        self.labels = np.asarray(reader.index["labels"], dtype=np.int64)[self.rows]
+        self.clip_ids = [reader.index["clip_ids"][i] for i in self.rows]
+        self.offsets = {
+            name: np.asarray(reader.index["offsets"][name], dtype=np.int64)
+            for name, rec in self.records.items()
+            if rec["kind"] == "frames"
+        }
+        side = int(reader.meta["params"]["short_side"])
+        if self.crop_size > side:
+            raise UserError(f"crop size {self.crop_size} is larger than the cached frames ({side}x{side}) in {path}")
+        self._arrays: dict[str, np.ndarray] | None = reader.arrays
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # each DataLoader worker maps the files itself
+        return state
+
+    def _maps(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {
+                name: np.load(os.path.join(self.path, rec["file"]), mmap_mode="r")
+                for name, rec in self.records.items()
+            }
+        return self._arrays
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        arrays = self._maps()
+        row = int(self.rows[i])
+        item: dict[str, Any] = {"label": int(self.labels[i]), "index": int(i)}
+        picks = None
+        crop = self.crop_size
+        y0 = x0 = 0
+        flip = False
+        for name in self.modalities:
+            arr = arrays[name]
+            if self.records[name]["kind"] == "spectrogram":
+                spec = torch.from_numpy(np.array(arr[row])).float()  # torch converts half fast
+                # Damage the sampled fingerprint of a large file can miss: a sum of log magnitudes
+                # is finite exactly when every value is (and costs a tenth of an isfinite on half).
+                if not torch.isfinite(spec.sum()):
+                    raise UserError(f"{os.path.join(self.path, self.records[name]['file'])}: NaN or infinite values "
+                                    f"for clip {self.clip_ids[i]}; check the cache with python code/preprocess.py --verify {self.path}")
+                item[name] = spec
+                continue
+            off = self.offsets[name]
+            start, stop = int(off[row]), int(off[row + 1])
+            if picks is None:  # the same frames, crop and flip for every frames modality
+                picks = pick_frames(stop - start, self.num_frames, self.train)
+                side = arr.shape[-1]
+                if self.train:
+                    y0 = random.randint(0, side - crop)
+                    x0 = random.randint(0, side - crop)
+                    flip = random.random() < 0.5
+                else:
+                    y0 = x0 = (side - crop) // 2
+            first = start + picks[0]
+            if picks == list(range(picks[0], picks[0] + len(picks))):
+                clip = arr[first : first + len(picks), :, y0 : y0 + crop, x0 : x0 + crop]
+            else:
+                clip = arr[[start + p for p in picks]][:, :, y0 : y0 + crop, x0 : x0 + crop]
+            out = torch.from_numpy(np.ascontiguousarray(clip.transpose(1, 0, 2, 3)))  # (C, T, H, W)
+            if flip:
+                out = out.flip(-1)
+                if name == "flow":  # u changes sign under a horizontal flip
+                    out[0] = 2 * FLOW_HALF - out[0]
+            item[name] = out
+        return item
