@@ -464,7 +464,11 @@ def test_options_given_with_resume_are_applied(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- stops and interruptions
 
 
-def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("overflow,message", [
+    ("inf weight", "the weights became non-finite during epoch 0"),
+    ("huge head", "the model's outputs became non-finite after epoch 0"),  # finite weights, inf logits
+])
+def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, capsys, monkeypatch, overflow, message):
     real = runner.build_optimizer
 
     def overflowing(cfg, model):  # the last step of epoch 0 writes inf into a weight, from finite gradients
@@ -473,8 +477,10 @@ def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, cap
 
         def overflow_after_the_second_step(opt, args, kwargs):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 2 and overflow == "inf weight":
                 next(model.parameters()).data[0].fill_(float("inf"))
+            if len(calls) == 2 and overflow == "huge head":
+                next(model.head.parameters()).data.fill_(3e37)  # finite; their sums are not
 
         optimizer.register_step_post_hook(overflow_after_the_second_step)
         return optimizer
@@ -483,7 +489,7 @@ def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, cap
     rc = runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()  # tqdm's bar, then the one line of the stop
     assert rc == 3 and "Traceback" not in err, err
-    assert "the weights became non-finite during epoch 0" in err.splitlines()[-1] and "no checkpoint to resume from" in err
+    assert message in err.splitlines()[-1] and "no checkpoint to resume from" in err
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

@@ -19,9 +19,9 @@ from .utils import unwrap_model
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or a gradient (kind "step"), or at an epoch's end the weights ("weights"), became
-    NaN/Inf, or every batch of an epoch was skipped ("all skipped"). Carries where; the caller
-    words what to do about it."""
+    """The loss or a gradient (kind "step"), at an epoch's end the weights ("weights"), or the
+    model's outputs on an evaluation split ("outputs") became NaN/Inf, or every batch of an
+    epoch was skipped ("all skipped"). Carries where; the caller words what to do about it."""
 
     def __init__(self, kind: str, epoch: int, step: int | None = None, global_step: int | None = None):
         self.kind, self.epoch, self.step, self.global_step = kind, epoch, step, global_step
@@ -29,6 +29,7 @@ class NonFiniteError(RuntimeError):
             "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch (global step {global_step})",
             "weights": f"the weights became non-finite during epoch {epoch} (an update overflowed)",
             "all skipped": f"every batch of epoch {epoch} had a non-finite loss or gradient and was skipped",
+            "outputs": f"the model's outputs became non-finite after epoch {epoch} (its weights grew too large)",
         }[kind]
         super().__init__(f"{where}; nothing was saved from this epoch.")
 
@@ -59,9 +60,10 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
-    """Parameters and floating-point buffers (BatchNorm statistics) all finite: one host read."""
+    """Parameters and floating-point buffers (BatchNorm statistics) all finite: one host read.
+    Element-wise, not via norms: a huge but finite weight has an infinite norm."""
     tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    return bool(_all_finite(tensors))
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def train_one_epoch(
@@ -177,10 +179,14 @@ def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: to
     return {k: torch.cat([s[k] for s in shards]) for k in local}
 
 
-def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval") -> dict[str, float]:
-    """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`."""
+def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval",
+             epoch: int | None = None) -> dict[str, float]:
+    """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`.
+    Raises NonFiniteError("outputs", epoch) when a logit is NaN/Inf: no metric means anything then."""
     inner = unwrap_model(model)
     pred = predict(model, loader, preset, autocast_dtype, desc)
+    if not all(v.isfinite().all() for k, v in pred.items() if k.startswith("logits")):
+        raise NonFiniteError("outputs", epoch)
     metrics = classification_metrics(
         pred["logits"], pred["labels"], {n: pred[f"logits_{n}"] for n in inner.modality_names}
     )

@@ -275,7 +275,7 @@ def _train_in(run_dir: Path, cfg, ckpt, entry, info, device, amp_dtype, rank, wo
             train_stats = train_one_epoch(train_model, modulator, optimizer, train_data, preset, state, cfg, amp_dtype, writer)
             scheduler.step()
             broadcast_module_state(model, buffers_only=True)  # every rank evaluates what rank 0 saves
-            val = evaluate(model, val_data, preset, amp_dtype, desc="val")
+            val = evaluate(model, val_data, preset, amp_dtype, desc="val", epoch=epoch)
             state.epoch = epoch + 1
             improved = not state.best or val[SELECT_ON] > state.best["val_" + SELECT_ON]
             if improved:
@@ -325,7 +325,7 @@ def evaluate_best_on_test(model, run_dir: Path, test_data, preset, amp_dtype, be
     # Rank 0 reads best.pt and sends its weights to every rank (no shared file system needed).
     on_main_then_share(lambda: ckpt_io.load_model_state(model, *_best_weights(run_dir)))
     broadcast_module_state(model)
-    test = evaluate(model, test_data, preset, amp_dtype, desc="test")
+    test = evaluate(model, test_data, preset, amp_dtype, desc="test", epoch=best_epoch)
     if is_main_process():
         ckpt_io.atomic_write_text(run_dir / "test_metrics.json", json.dumps({"best_epoch": best_epoch, **test}, indent=2))
         print_table(f"test metrics of best.pt (epoch {best_epoch}, chosen on validation {SELECT_ON}):", test)
@@ -337,6 +337,7 @@ NONFINITE_ADVICE = {
     "step": "A lower --lr, or --nonfinite skip, may avoid it.",
     "weights": "A lower --lr may avoid it.",
     "all skipped": "A lower --lr may avoid it.",
+    "outputs": "A lower --lr may avoid it.",
 }
 
 
