@@ -194,10 +194,10 @@ def train(cfg: argparse.Namespace) -> dict:
     ckpt = None
     if cfg.resume:
         cfg, ckpt = merge_resume_config(cfg)
-    else:  # names this run in config.json and its checkpoints: --resume checks they match
-        cfg.run_id = broadcast_object(uuid.uuid4().hex)
     device = select_device(cfg.device)
     rank, world_size, local_rank = init_distributed_mode(device.type)
+    if ckpt is None:  # names this run in config.json and its checkpoints: --resume checks they match
+        cfg.run_id = broadcast_object(uuid.uuid4().hex)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
     seed_everything(cfg.seed + rank, cfg.deterministic)
