@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .data import dataset_names, get_dataset_entry
+from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
 from .models import FUSIONS, INITS
 from .modulation import ModulationConfig
@@ -26,7 +27,8 @@ from .modulation import ModulationConfig
 # or (optimizer) the kind of optimiser state the checkpoint holds.
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
-    "image_downsample", "image_noise", "image_occlusion", "data_seed", "seed", "optimizer",
+    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset",
+    "data_seed", "seed", "optimizer",
 )
 
 
@@ -74,7 +76,12 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--preprocess", default=None,
                    help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
                         "refuse a cache made otherwise")
+    g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
+                   help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
+    g.add_argument("--audio_noise", type=finite_float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
+    g.add_argument("--audio_corrupt", type=finite_float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
+    g.add_argument("--image_corrupt", type=finite_float, default=None, help="avdigits: fraction of images replaced by noise")
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
     g.add_argument("--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
     g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
@@ -183,7 +190,8 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
 _DATASET_SPECIFIC = {
-    "avdigits": ("audio_frames", "image_downsample", "image_noise", "image_occlusion", "data_seed"),
+    "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
+                 "image_noise", "image_occlusion", "data_seed"),
     "preprocessed datasets": ("crop_size", "preprocess"),
 }
 
@@ -214,6 +222,9 @@ def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
         (_unset_or(cfg, "audio_frames", lambda v: v > 0), f"--audio_frames must be > 0 (got {getattr(cfg, 'audio_frames', None)})"),
         (_unset_or(cfg, "image_downsample", lambda v: 1 <= v <= 28),
          f"--image_downsample must be in [1, 28] (28 = off; got {getattr(cfg, 'image_downsample', None)})"),
+        (_unset_or(cfg, "audio_corrupt", lambda v: 0 <= v <= 1), f"--audio_corrupt must be in [0, 1] (got {getattr(cfg, 'audio_corrupt', None)})"),
+        (_unset_or(cfg, "image_corrupt", lambda v: 0 <= v <= 1), f"--image_corrupt must be in [0, 1] (got {getattr(cfg, 'image_corrupt', None)})"),
+        (_unset_or(cfg, "audio_noise", lambda v: v >= 0), f"--audio_noise must be >= 0 (got {getattr(cfg, 'audio_noise', None)})"),
         (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
         (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
          f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),
