@@ -64,7 +64,7 @@ from onthefly.data.presets import DevicePreset  # noqa: E402
 from onthefly.data.spec import DatasetInfo, ModalitySpec  # noqa: E402
 from onthefly.engine import TrainState, compute_loss, train_one_epoch  # noqa: E402
 from onthefly.models import build_model  # noqa: E402
-from onthefly.modulation import ModulationConfig, Modulator  # noqa: E402
+from onthefly.modulation import ModulationConfig, Modulator, modulation_defaults  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -263,7 +263,7 @@ def build_ours(base: nn.Module, info: DatasetInfo, device: torch.device, variant
     params = [p for p in model.parameters() if p.requires_grad]
     kw = {"fused": True} if variant.fused_sgd else {}
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **kw)
-    modulator = Modulator(ModulationConfig(method=method, alpha=alpha), model.encoder_parameters())
+    modulator = Modulator(ModulationConfig(modulation=method, alpha=alpha), model.encoder_parameters())
     preset = DevicePreset(info, device, cl)
     return model, optimizer, modulator, preset
 
@@ -658,7 +658,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_official", action="store_true", help="skip the official-style rows")
     p.add_argument("--loop", default="engine", choices=("engine", "step"), help="ours: engine.train_one_epoch or the bare step")
     p.add_argument("--source", default="device", choices=("device", "host"), help="batches already on the device, or copied from host memory each step")
-    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=modulation_defaults()["alpha"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile the `none` rows (and official OGM_GE): kernel time vs wall, top kernels")
     p.add_argument("--profile_steps", type=int, default=5)

@@ -13,7 +13,7 @@ import torch
 from onthefly import infer, runner
 from onthefly.analysis.probe import linear_probe, probe_checkpoint
 from onthefly.analysis.report import write_report
-from onthefly.analysis.robustness import ZeroModality
+from onthefly.infer import ZeroModality
 from onthefly.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -46,7 +46,7 @@ def test_unimodal_logits_send_no_gradient_to_encoders_or_head(fusion):
 def test_every_fusion_trains_with_every_modulation(fusion, modulation):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), fusion)
-    modulator = Modulator(ModulationConfig(method=modulation, alpha=0.5, q_base=0.5, p_exe=1.0), model.encoder_parameters())
+    modulator = Modulator(ModulationConfig(modulation=modulation, alpha=0.5, q_base=0.5, p_exe=1.0), model.encoder_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     inputs, labels = tiny_batch(batch=6, num_classes=NUM_CLASSES)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

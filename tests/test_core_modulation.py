@@ -201,7 +201,7 @@ def test_opm_p_exe_zero_changes_nothing():
     [(0, 10**9, 0, [0, 1, 2, 3, 4]), (1, 3, 0, [1, 2, 3]), (0, 3, 2, [2, 3]), (2, 2, 0, [2])],
 )
 def test_modulation_window_and_warmup(starts, ends, warmup, active_epochs):
-    cfg = ModulationConfig(method="OGM", modulation_starts=starts, modulation_ends=ends, warmup_epochs=warmup)
+    cfg = ModulationConfig(modulation="OGM", modulation_starts=starts, modulation_ends=ends, warmup_epochs=warmup)
     assert [e for e in range(5) if cfg.active(e)] == active_epochs
 
 
@@ -210,7 +210,7 @@ def test_modulator_leaves_gradients_alone_outside_its_window():
     inputs, labels = tiny_batch()
     out = model(inputs)
     before = [p.grad.clone() for p in model.parameters()]
-    mod = Modulator(ModulationConfig(method="OGM_GE", alpha=1.0, modulation_starts=3), model.encoder_parameters())
+    mod = Modulator(ModulationConfig(modulation="OGM_GE", alpha=1.0, modulation_starts=3), model.encoder_parameters())
     mod.modulate_gradients(out, labels, epoch=2)
     assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
     assert mod.stats["coeff"].tolist() == [1.0, 1.0]
@@ -227,7 +227,7 @@ def test_modulator_applies_the_coefficient_of_the_batch():
     before_a = [p.grad.clone() for p in conv_a]
     before_v = [p.grad.clone() for p in conv_v]
     alpha = 0.7
-    mod = Modulator(ModulationConfig(method="OGM", alpha=alpha), model.encoder_parameters())
+    mod = Modulator(ModulationConfig(modulation="OGM", alpha=alpha), model.encoder_parameters())
     mod.modulate_gradients(out, labels, epoch=0)
     za, zv = (z.double() for z in out["unimodal_logits"])
     s = [softmax_true_class_sum(za.tolist(), labels.tolist()), softmax_true_class_sum(zv.tolist(), labels.tolist())]
@@ -274,7 +274,7 @@ def test_evaluation_drops_nothing_even_with_opm_configured():
     inputs, labels = tiny_batch()
     batch = {**inputs, "label": labels, "index": torch.arange(len(labels))}
     preset = DevicePreset(info, torch.device("cpu"))
-    mod = Modulator(ModulationConfig(method="OPM", q_base=1.0, lam=0.0, p_exe=1.0), model.encoder_parameters())
+    mod = Modulator(ModulationConfig(modulation="OPM", q_base=1.0, lam=0.0, p_exe=1.0), model.encoder_parameters())
     model.eval()
     x, y = preset(batch)
     plain = model(x)["logits"]

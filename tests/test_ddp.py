@@ -133,10 +133,10 @@ def _worker(rank: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     test_weights = []
 
-    def evaluate_spy(model, loader, preset, amp, desc="eval"):
+    def evaluate_spy(model, loader, preset, amp, desc="eval", epoch=None):
         if desc == "test":
             test_weights.append(fingerprint(model.state_dict()))
-        return evaluate(model, loader, preset, amp, desc)
+        return evaluate(model, loader, preset, amp, desc, epoch)
 
     evaluate = runner.evaluate
     runner.evaluate = evaluate_spy

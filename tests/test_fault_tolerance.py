@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +33,7 @@ import pytest
 import torch
 
 from onthefly import checkpoint as ckpt_io
-from onthefly import engine, runner
+from onthefly import engine, infer, runner
 from onthefly.data import avdigits
 from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
 
@@ -344,3 +346,203 @@ def test_a_truncated_avdigits_cache_is_rebuilt(tmp_path, capsys):
         assert np.array_equal(good[key], rebuilt[key]), key
     with np.load(path) as f:  # and the file is whole again
         assert sorted(f.files) == sorted(good)
+
+
+# --------------------------------------------------------------------------- run folders (issue: data lost)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _earlier_run(folder: Path) -> None:
+    """What an earlier run left without a last.pt, plus a file of the user's own."""
+    (folder / "tb").mkdir(parents=True)
+    (folder / "tb" / "events.out").write_bytes(b"events")
+    for name in ("best.pt", "metrics.jsonl", "test_metrics.json", "config.json", "notes.tmp", ".mine.tmp"):
+        (folder / name).write_text(f"earlier {name}")
+
+
+def test_a_new_run_never_deletes_an_earlier_runs_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    _earlier_run(run)
+    before = _snapshot(run)
+    rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+    one_line_error(capsys, rc, str(run), "best.pt", "--overwrite")
+    assert _snapshot(run) == before
+
+
+def test_overwrite_replaces_only_what_a_run_writes(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _earlier_run(run)
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)  # stop right after the folder is prepared
+    with pytest.raises(AssertionError, match="before the run directory"):
+        runner.main([*TINY, "--epochs", "1", "--overwrite", "--output_dir", str(tmp_path)])
+    left = _snapshot(run)
+    assert left["notes.tmp"] == b"earlier notes.tmp" and left[".mine.tmp"] == b"earlier .mine.tmp"
+    assert "best.pt" not in left and "metrics.jsonl" not in left and not (run / "tb" / "events.out").exists()
+    assert not (run / ".lock").exists()  # released when the run ended, even by an exception
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()} {socket.gethostname()}\n")
+        held.flush()
+        rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+        one_line_error(capsys, rc, f"{run} is in use by process {os.getpid()}")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # left by a SIGKILL: no flock held
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)
+    with pytest.raises(AssertionError):
+        runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+    assert f"taking over the lock of process {dead.pid}, which is no longer running" in capsys.readouterr().out
+    assert not (run / ".lock").exists()
+
+
+def test_resume_only_from_a_runs_own_last_pt(reference, tmp_path, capsys):
+    before = _snapshot(reference)
+    err = one_line_error(capsys, runner.main(["--resume", str(reference / "best.pt")]), "resume only from a run's last.pt")
+    assert str(reference / "best.pt") in err
+    # last.pt copied into another run's folder: that folder is not touched
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"run_id": "someone else", "run_name": "run"}))
+    (other / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
+    (other / ".last.pt.unrelated.tmp").write_text("keep")
+    (other / "last.pt").write_bytes((reference / "last.pt").read_bytes())
+    kept = _snapshot(other)
+    one_line_error(capsys, runner.main(["--resume", str(other / "last.pt")]), "is not this checkpoint's own run folder")
+    (other / "config.json").unlink()
+    kept.pop("config.json")
+    one_line_error(capsys, runner.main(["--resume", str(other)]), "is not this checkpoint's own run folder")
+    assert _snapshot(other) == kept
+    # a folder other than its own, or --overwrite, with --resume
+    last = str(reference / "last.pt")
+    one_line_error(capsys, runner.main(["--resume", last, "--run_name", "elsewhere"]), "continues in its own folder")
+    one_line_error(capsys, runner.main(["--resume", last, "--output_dir", str(tmp_path)]), "continues in its own folder")
+    one_line_error(capsys, runner.main(["--resume", last, "--overwrite"]), "--overwrite with --resume")
+    one_line_error(capsys, runner.main(["--resume", last, "--optimizer", "adamw"]), "optimizer: 'sgd' -> 'adamw'")
+    one_line_error(capsys, runner.main(["--resume", last, "--epochs", "2"]), "has already completed 3 epochs")
+    assert _snapshot(reference) == before
+
+
+def test_options_given_with_resume_are_applied(tmp_path, monkeypatch):
+    """A finished 1-epoch cosine run (its lr is 0 at the end) continued to 3 epochs with other
+    optimiser values: each new epoch trains with the rebuilt schedule's rate, never 0."""
+    assert runner.main([*TINY, "--epochs", "1", "--scheduler", "cosine", "--lr", "0.01", "--no-eval_test",
+                        "--output_dir", str(tmp_path)]) == 0
+    seen = []
+    real = runner.train_one_epoch
+
+    def recording(model, modulator, optimizer, *args, **kwargs):
+        seen.append({k: optimizer.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")})
+        return real(model, modulator, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", recording)
+    last = tmp_path / "run" / "last.pt"
+    assert runner.main(["--resume", str(last), "--epochs", "3", "--lr", "0.05", "--momentum", "0.5",
+                        "--weight_decay", "0.001", "--no-eval_test"]) == 0
+    cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
+    assert [s["lr"] for s in seen] == pytest.approx(cosine, rel=1e-12)
+    assert all(s["momentum"] == 0.5 and s["weight_decay"] == 0.001 for s in seen)
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["lr"], saved["epochs"], saved["momentum"]) == (0.05, 3, 0.5)
+
+
+# --------------------------------------------------------------------------- stops and interruptions
+
+
+@pytest.mark.parametrize("overflow,message", [
+    ("inf weight", "the weights became non-finite during epoch 0"),
+    ("huge head", "the model's outputs became non-finite after epoch 0"),  # finite weights, inf logits
+])
+def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, capsys, monkeypatch, overflow, message):
+    real = runner.build_optimizer
+
+    def overflowing(cfg, model):  # the last step of epoch 0 writes inf into a weight, from finite gradients
+        optimizer = real(cfg, model)
+        calls = []
+
+        def overflow_after_the_second_step(opt, args, kwargs):
+            calls.append(1)
+            if len(calls) == 2 and overflow == "inf weight":
+                next(model.parameters()).data[0].fill_(float("inf"))
+            if len(calls) == 2 and overflow == "huge head":
+                next(model.head.parameters()).data.fill_(3e37)  # finite; their sums are not
+
+        optimizer.register_step_post_hook(overflow_after_the_second_step)
+        return optimizer
+
+    monkeypatch.setattr(runner, "build_optimizer", overflowing)
+    rc = runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()  # tqdm's bar, then the one line of the stop
+    assert rc == 3 and "Traceback" not in err, err
+    assert message in err.splitlines()[-1] and "no checkpoint to resume from" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tmp_path, capsys, monkeypatch):
+    modulate = Modulator.modulate_gradients
+
+    def always_inf(modulator, out, labels, epoch):
+        modulate(modulator, out, labels, epoch)
+        next(p for group in modulator.groups for p in group).grad[0].fill_(float("inf"))
+
+    monkeypatch.setattr(Modulator, "modulate_gradients", always_inf)
+    rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
+                      "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and "every batch of epoch 0 had a non-finite loss or gradient and was skipped" in err[-1], err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    real, epochs = runner.train_one_epoch, []
+
+    def interrupted_in_epoch_1(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", interrupted_in_epoch_1)
+    rc = runner.main([*TINY, "--epochs", "2", "--no-eval_test", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    last = tmp_path / "run" / "last.pt"
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"train.py: interrupted during epoch 1; resume with: python code/train.py --resume {last}"
+    monkeypatch.undo()
+    assert runner.main(["--resume", str(last)]) == 0  # the folder was unlocked
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1]
+
+
+# --------------------------------------------------------------------------- inference on the run's own split
+
+
+def test_inference_refuses_a_dataset_split_differently(reference, tmp_path, capsys, monkeypatch):
+    real = avdigits.load_arrays
+
+    def resplit(cfg):  # the same samples, assigned to the splits differently
+        arrays = dict(real(cfg))
+        arrays["split"] = np.roll(arrays["split"], 1)
+        return arrays
+
+    monkeypatch.setattr(avdigits, "load_arrays", resplit)
+    out = tmp_path / "eval"
+    rc = infer.main(["--checkpoint", str(reference / "best.pt"), "--device", "cpu", "--out", str(out)])
+    one_line_error(capsys, rc, "--split test: the data at --data is split differently", str(reference / "best.pt"))
+    assert not out.exists()
+    monkeypatch.undo()
+    assert infer.main(["--checkpoint", str(reference / "best.pt"), "--device", "cpu", "--out", str(out)]) == 0

@@ -7,6 +7,11 @@ A checkpoint is a dict with:
   dataset_info         -- what build_model needs to rebuild the network for inference
   rng                  -- Python, NumPy, torch CPU and CUDA generator states (rank 0's)
   rng_ranks            -- the same for every rank of a torchrun run (optional; rank order)
+  splits               -- per split, what identifies its samples (`split_fingerprint`), so
+                          inference can refuse a dataset that was split differently since
+
+A resumed run rebuilds the learning-rate schedule from its settings (they may change on
+--resume) rather than loading `scheduler`, which is kept for information.
 
 Checkpoints, config.json and test_metrics.json are replaced atomically (temporary file,
 fsync, rename), so a run killed at any moment leaves each of them whole: the old version or
@@ -15,11 +20,13 @@ metrics.jsonl (appended once per epoch) the epochs its checkpoint does not hold.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -35,10 +42,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the temporary files of writes a kill interrupted (never a finished file)."""
-    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
-    stale += [p for p in [Path(run_dir) / ".write_probe"] if p.is_file()]
+def remove_stale_temporaries(run_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that `_atomic_write` of the files `names` left when a kill
+    interrupted it (never a finished file, nor any other file)."""
+    run_dir = Path(run_dir)
+    stale = [p for name in names for p in run_dir.glob(f".{glob.escape(name)}.*.tmp") if p.is_file()]
+    stale += [p for p in [run_dir / ".write_probe"] if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -128,6 +137,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def split_fingerprint(dataset: Any, count: int | None = None) -> dict[str, Any] | None:
+    """{"count", "sha1"} of the ids of a split's first `count` samples (all by default), in
+    order: a cache's clip ids, or AV-Digits' rows of its arrays. None when the dataset exposes
+    none (nothing to compare)."""
+    ids = getattr(dataset, "clip_ids", None)
+    if ids is None:
+        return None
+    ids = [str(i) for i in list(ids)[: min(len(dataset), len(dataset) if count is None else count)]]
+    return {"count": len(ids), "sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

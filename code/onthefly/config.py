@@ -1,8 +1,9 @@
 """One argparse parser, optional YAML defaults, per-dataset defaults, validation.
 
 Precedence, highest first: command line > YAML file (--config) > the dataset's defaults >
-GLOBAL_DEFAULTS. Options whose default depends on the dataset are declared with
-default=None here and filled in by `resolve_config`.
+the parser's defaults. A YAML value is turned into the same option on a command line and
+parsed by the same parser, so it meets exactly the same types, choices and checks. The
+modulation options are generated from `ModulationConfig`, which owns their defaults and ranges.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -19,37 +21,45 @@ from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
 from .models import FUSIONS, INITS
-from .modulation import METHODS
-from .modulation.ogm import OGM_FORMS, OGM_PARAMS
+from .modulation import ModulationConfig
 
-# Used when neither the command line, the YAML file nor the dataset sets a value.
-GLOBAL_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd",
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "scheduler": "step",
-    "lr_step": 70,
-    "lr_gamma": 0.1,
-    "epochs": 100,
-    "batch_size": 64,
-    "alpha": 0.1,
-    "num_frames": 3,
-    "num_workers": 4,
-}
-
-# Settings a resumed run may not change: they define the model or the data it was trained on.
+# Settings a resumed run may not change: they define the model or the data it was trained on,
+# or (optimizer) the kind of optimiser state the checkpoint holds.
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
-    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset", "data_seed", "seed",
+    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset",
+    "data_seed", "seed", "optimizer",
 )
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line (exit 2) instead of usage + error."""
+    """argparse that reports a bad option as a UserError (one line, exit 2 from the entry
+    point) instead of usage + error, so a YAML file's values can be parsed by it too."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise UserError(f"{message} (see --help)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (never a valid setting here)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+_FIELD_TYPES = {"float": finite_float, "int": int, "str": str}
+
+
+def _add_modulation_options(group) -> None:
+    """One option per ModulationConfig field, with its name, default, type and choices."""
+    for f in fields(ModulationConfig):
+        choices = f.metadata["choices"]
+        group.add_argument(f"--{f.name}", type=_FIELD_TYPES[f.type], default=f.default, choices=choices,
+                           help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else ""))
 
 
 def get_args_parser(prog: str = "train.py") -> ArgumentParser:
@@ -59,51 +69,42 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
     g.add_argument("--data", default=None, help="dataset directory (a preprocessed cache; avdigits: its cache dir)")
-    g.add_argument("--num_frames", type=int, default=None, help="frames per clip (dataset default)")
-    g.add_argument("--num_workers", type=int, default=None, help="data loader processes (dataset default)")
+    g.add_argument("--num_frames", type=int, default=3, help="frames per clip (dataset default)")
+    g.add_argument("--num_workers", type=int, default=4, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
-    g.add_argument("--crop_size", type=int, default=None, help="frame crop side for preprocessed datasets (default: the cache's)")
+    g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
     g.add_argument("--preprocess", default=None,
-                   help="expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': refuse a cache made otherwise")
+                   help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
+                        "refuse a cache made otherwise")
     g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
                    help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
-    g.add_argument("--audio_noise", type=float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
-    g.add_argument("--audio_corrupt", type=float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
-    g.add_argument("--image_corrupt", type=float, default=None, help="avdigits: fraction of images replaced by noise")
+    g.add_argument("--audio_noise", type=finite_float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
+    g.add_argument("--audio_corrupt", type=finite_float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
+    g.add_argument("--image_corrupt", type=finite_float, default=None, help="avdigits: fraction of images replaced by noise")
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
-    g.add_argument("--image_noise", type=float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
+    g.add_argument("--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
     g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
     g.add_argument("--data_seed", type=int, default=None, help="avdigits: seed of the split, pairing and degradation")
 
     g = p.add_argument_group("model")
-    g.add_argument("--fusion", default="concat", help=f"one of: {', '.join(FUSIONS)}")
+    g.add_argument("--fusion", default="concat", choices=FUSIONS)
     g.add_argument("--init", default="official", choices=INITS,
                    help="official: Kaiming-normal convs, Xavier-normal linears (as the official code); torch: PyTorch defaults")
     g.add_argument("--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)")
 
-    g = p.add_argument_group("modulation")
-    g.add_argument("--modulation", default="none", help=f"one of: {', '.join(METHODS)}")
-    g.add_argument("--alpha", type=float, default=None, help="OGM strength alpha (dataset default)")
-    g.add_argument("--ogm_form", default="official", choices=OGM_FORMS, help="k = 1 - tanh(alpha*rho) (official) or 1 - tanh(alpha*(rho-1))")
-    g.add_argument("--ogm_params", default="conv", choices=OGM_PARAMS, help="scale conv weights' gradients (official) or all encoder parameters'")
-    g.add_argument("--q_base", type=float, default=0.5, help="OPM base drop probability")
-    g.add_argument("--lam", type=float, default=0.5, help="OPM: how fast the drop probability grows with the discrepancy")
-    g.add_argument("--p_exe", type=float, default=0.7, help="OPM: probability that a batch is modulated at all")
-    g.add_argument("--modulation_starts", type=int, default=0, help="first epoch (0-based, inclusive) with modulation")
-    g.add_argument("--modulation_ends", type=int, default=10**9, help="last epoch (0-based, inclusive) with modulation")
-    g.add_argument("--warmup_epochs", type=int, default=0, help="epochs of plain joint training before any modulation")
+    _add_modulation_options(p.add_argument_group("modulation (alpha: dataset default)"))
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="dataset default")
-    g.add_argument("--lr", type=float, default=None, help="dataset default")
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=None)
-    g.add_argument("--scheduler", default=None, choices=("step", "cosine", "none"))
-    g.add_argument("--lr_step", type=int, default=None, help="StepLR period in epochs")
-    g.add_argument("--lr_gamma", type=float, default=None, help="StepLR factor")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=None, help="per process")
+    g = p.add_argument_group("optimisation (dataset defaults)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument("--lr", type=finite_float, default=1e-3)
+    g.add_argument("--momentum", type=finite_float, default=0.9)
+    g.add_argument("--weight_decay", type=finite_float, default=1e-4)
+    g.add_argument("--scheduler", default="step", choices=("step", "cosine", "none"))
+    g.add_argument("--lr_step", type=int, default=70, help="StepLR period in epochs")
+    g.add_argument("--lr_gamma", type=finite_float, default=0.1, help="StepLR factor")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch_size", type=int, default=64, help="per process")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -114,13 +115,16 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
     g.add_argument("--output_dir", default="checkpoints", help="runs are written to <output_dir>/<run_name>/")
     g.add_argument("--run_name", default=None, help="default: <dataset>_<modality or fusion>_<modulation>_seed<seed>")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
-    g.add_argument("--resume", default=None, help="a run's last.pt (or its directory) to continue exactly")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding an earlier run's files")
+    g.add_argument("--resume", default=None, help="a run's last.pt (or its folder) to continue exactly, in its own folder")
     g.add_argument("--log_every", type=int, default=20, help="read and log step statistics every N steps (the only host syncs)")
     g.add_argument("--nonfinite", default="stop", choices=("stop", "skip"), help="on a NaN/Inf loss or gradient: stop, or skip the batch")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
     g.add_argument("--eval_test", action=argparse.BooleanOptionalAction, default=True, help="evaluate best.pt on the test split at the end")
     return p
+
+
+_FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
 
 def _explicit_options(parser: ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
@@ -129,7 +133,7 @@ def _explicit_options(parser: ArgumentParser, argv: Sequence[str]) -> dict[str, 
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            if isinstance(action, _FLAGS):
                 quiet._add_action(type(action)(action.option_strings, **kwargs))
                 continue
             quiet.add_argument(*action.option_strings, type=action.type, **kwargs)
@@ -137,8 +141,7 @@ def _explicit_options(parser: ArgumentParser, argv: Sequence[str]) -> dict[str, 
     return vars(known)
 
 
-def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
-    file = Path(path)
+def _load_yaml(file: Path, actions: dict[str, argparse.Action]) -> dict[str, Any]:
     if not file.is_file():
         raise UserError(f"--config: no such file: {file}")
     try:
@@ -147,21 +150,37 @@ def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
         raise UserError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {file}: expected a mapping of option: value")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in values if k not in actions)
     if unknown:
         raise UserError(f"--config {file}: unknown option(s): {', '.join(unknown)}")
     return values
 
 
-# Numeric options, checked for type first: a YAML file can give 8.5 for an integer option or
-# a string for any. Floats must also be finite: NaN or infinity is never a valid setting.
-FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise", "audio_noise", "audio_corrupt", "image_corrupt")
-INT_OPTIONS = (
-    "epochs", "batch_size", "num_frames", "num_workers", "limit_samples", "crop_size", "lr_step", "log_every", "seed",
-    "modulation_starts", "modulation_ends", "warmup_epochs", "data_seed", "audio_frames", "image_downsample",
-    "image_occlusion",
-)
+def _as_tokens(action: argparse.Action, key: str, value: Any, file: Path) -> list[str]:
+    """The command-line tokens that give `value` to `action` (a YAML bool only for a flag)."""
+    if isinstance(action, _FLAGS):
+        if not isinstance(value, bool):
+            raise UserError(f"--config {file}: {key}: expected true or false (got {value!r})")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0] if value else action.option_strings[1]]
+        return [action.option_strings[0]] if value != action.default else []
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"--config {file}: {key}: expected one value for {action.option_strings[0]} (got {value!r})")
+    return [f"{action.option_strings[0]}={value}"]
+
+
+def _yaml_options(path: str, parser: ArgumentParser) -> dict[str, Any]:
+    """The options a YAML file sets, parsed by `parser` exactly as on the command line
+    (null leaves an option unset)."""
+    file = Path(path)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = {k: v for k, v in _load_yaml(file, actions).items() if v is not None}
+    tokens = [t for key, value in values.items() for t in _as_tokens(actions[key], key, value, file)]
+    try:
+        parsed = parser.parse_args(tokens)
+    except UserError as e:
+        raise UserError(f"--config {file}: {e}") from None
+    return {key: getattr(parsed, key) for key in values}
 
 
 def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
@@ -169,30 +188,25 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
     return value is None or ok(value)
 
 
-def validate_config(cfg: argparse.Namespace) -> None:
-    """Reject settings that cannot work, naming the option."""
-    for key in INT_OPTIONS:
-        value = getattr(cfg, key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"--{key} must be an integer (got {value!r})")
-    for key in FLOAT_OPTIONS:
-        value = getattr(cfg, key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"--{key} must be a number (got {value!r})")
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"--{key} must be a finite number (got {value})")
+# Options only one kind of dataset reads: given for another, they would be silently ignored.
+_DATASET_SPECIFIC = {
+    "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
+                 "image_noise", "image_occlusion", "data_seed"),
+    "preprocessed datasets": ("crop_size", "preprocess"),
+}
+
+
+def _dataset_kind(dataset: str) -> str:
+    return "avdigits" if dataset == "avdigits" else "preprocessed datasets"
+
+
+def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
+    """Reject settings that cannot work, naming the option. `given`: the options the user set
+    (command line or YAML), checked against what the dataset reads."""
     checks = [
-        (cfg.fusion in FUSIONS, f"--fusion: unknown fusion {cfg.fusion!r}; choose one of: {', '.join(FUSIONS)}"),
-        (cfg.modulation in METHODS, f"--modulation: unknown {cfg.modulation!r}; choose one of: {', '.join(METHODS)}"),
-        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha})"),
-        (0 <= cfg.q_base <= 1, f"--q_base must be in [0, 1] (got {cfg.q_base})"),
-        (0 <= cfg.p_exe <= 1, f"--p_exe must be in [0, 1] (got {cfg.p_exe})"),
-        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
-        (cfg.modulation_starts <= cfg.modulation_ends,
-         f"--modulation_starts ({cfg.modulation_starts}) must be <= --modulation_ends ({cfg.modulation_ends})"),
-        (cfg.modulation_starts >= 0 and cfg.warmup_epochs >= 0, "--modulation_starts and --warmup_epochs must be >= 0"),
         (cfg.epochs > 0, f"--epochs must be > 0 (got {cfg.epochs})"),
-        (cfg.batch_size > 0, f"--batch_size must be > 0 (got {cfg.batch_size})"),
+        (cfg.batch_size >= 2,
+         f"--batch_size must be >= 2: BatchNorm needs at least 2 samples per batch in training (got {cfg.batch_size})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay})"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
@@ -203,6 +217,7 @@ def validate_config(cfg: argparse.Namespace) -> None:
         (cfg.log_every > 0, f"--log_every must be > 0 (got {cfg.log_every})"),
         (cfg.limit_samples is None or cfg.limit_samples > 0, "--limit_samples must be > 0"),
         (0 <= cfg.seed < 2**31, f"--seed must be in [0, 2**31) (got {cfg.seed})"),
+        (_unset_or(cfg, "crop_size", lambda v: v > 0), f"--crop_size must be > 0 (got {getattr(cfg, 'crop_size', None)})"),
         (_unset_or(cfg, "data_seed", lambda v: 0 <= v < 2**31), f"--data_seed must be in [0, 2**31) (got {getattr(cfg, 'data_seed', None)})"),
         (_unset_or(cfg, "audio_frames", lambda v: v > 0), f"--audio_frames must be > 0 (got {getattr(cfg, 'audio_frames', None)})"),
         (_unset_or(cfg, "image_downsample", lambda v: 1 <= v <= 28),
@@ -217,8 +232,15 @@ def validate_config(cfg: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    problem = ModulationConfig.check({f.name: getattr(cfg, f.name) for f in fields(ModulationConfig)}, prefix="--")
+    if problem:
+        raise UserError(problem)
     if cfg.modality != "both" and cfg.modulation != "none":
         raise UserError(f"--modality {cfg.modality}: a unimodal reference run takes --modulation none")
+    for kind, options in _DATASET_SPECIFIC.items():
+        unused = [f"--{k}" for k in options if k in given and kind != _dataset_kind(cfg.dataset)]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: only for {kind}; --dataset {cfg.dataset} does not use it, remove it")
     if cfg.data is not None and cfg.dataset != "avdigits" and not Path(cfg.data).is_dir():
         raise UserError(f"--data: no such directory: {cfg.data}")
     if cfg.data is not None and Path(cfg.data).exists() and not Path(cfg.data).is_dir():
@@ -228,23 +250,36 @@ def validate_config(cfg: argparse.Namespace) -> None:
 
 
 def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse argv and fill every option: CLI > YAML > dataset defaults > global defaults."""
+    """Parse argv and fill every option: CLI > YAML > dataset defaults > the parser's defaults.
+
+    `cfg.explicit` lists the options given on the command line (what --resume may change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_args_parser()
     cfg = parser.parse_args(argv)
+    explicit = sorted(_explicit_options(parser, argv))
+    given = set(explicit)
     if cfg.config:
-        parser.set_defaults(**_load_yaml(cfg.config, parser))
+        from_file = _yaml_options(cfg.config, parser)
+        parser.set_defaults(**from_file)
         cfg = parser.parse_args(argv)
-    cfg.explicit = sorted(_explicit_options(parser, argv))
-    entry = get_dataset_entry(cfg.dataset)
-    for key, value in {**GLOBAL_DEFAULTS, **entry.defaults}.items():
-        if getattr(cfg, key, None) is None:
+        given |= set(from_file)
+    for key, value in get_dataset_entry(cfg.dataset).defaults.items():
+        if key not in given:
             setattr(cfg, key, value)
-    validate_config(cfg)
+    cfg.explicit = explicit
+    validate_config(cfg, given)
     if cfg.run_name is None:
         what = cfg.fusion if cfg.modality == "both" else f"{cfg.modality}-only"
         cfg.run_name = f"{cfg.dataset}_{what}_{cfg.modulation}_seed{cfg.seed}"
     return cfg
+
+
+def resolved_defaults(dataset: str = "avdigits") -> dict[str, Any]:
+    """Every training option's value in a run of `dataset` given no other option: the parser's
+    defaults (the modulation's from ModulationConfig) under the dataset's own."""
+    values = config_to_dict(resolve_config(["--dataset", dataset]))
+    del values["explicit"]
+    return values
 
 
 def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:

@@ -15,10 +15,23 @@ from .distributed import all_gather_objects, all_reduce_min, all_reduce_sum, is_
 from .metrics import classification_metrics
 from .models import auxiliary_loss
 from .modulation import Modulator
+from .utils import unwrap_model
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss or a gradient is NaN/Inf; the message says where and how to resume."""
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient (kind "step"), at an epoch's end the weights ("weights"), or the
+    model's outputs on an evaluation split ("outputs") became NaN/Inf, or every batch of an
+    epoch was skipped ("all skipped"). Carries where; the caller words what to do about it."""
+
+    def __init__(self, kind: str, epoch: int, step: int | None = None, global_step: int | None = None):
+        self.kind, self.epoch, self.step, self.global_step = kind, epoch, step, global_step
+        where = {
+            "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch (global step {global_step})",
+            "weights": f"the weights became non-finite during epoch {epoch} (an update overflowed)",
+            "all skipped": f"every batch of epoch {epoch} had a non-finite loss or gradient and was skipped",
+            "outputs": f"the model's outputs became non-finite after epoch {epoch} (its weights grew too large)",
+        }[kind]
+        super().__init__(f"{where}; nothing was saved from this epoch.")
 
 
 @dataclass
@@ -41,9 +54,16 @@ def compute_loss(out: dict, labels: torch.Tensor, head: torch.nn.Module) -> torc
     return loss + auxiliary_loss(head, out["unimodal_logits"], labels)
 
 
-def _grads_finite(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One device bool: every element of every tensor is finite (a norm is NaN/Inf otherwise)."""
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all() if tensors else torch.tensor(True)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Parameters and floating-point buffers (BatchNorm statistics) all finite: one host read.
+    Element-wise, not via norms: a huge but finite weight has an infinite norm."""
+    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def train_one_epoch(
@@ -56,11 +76,11 @@ def train_one_epoch(
     cfg,
     autocast_dtype: torch.dtype | None,
     writer=None,
-    resume_hint: str = "",
 ) -> dict[str, float]:
-    """One pass over `loader`. Nothing is read on the host except every `cfg.log_every` steps."""
+    """One pass over `loader`. Nothing is read on the host except every `cfg.log_every` steps
+    and once at the end. Raises NonFiniteError (see there)."""
     model.train()
-    head = (model.module if hasattr(model, "module") else model).head
+    head = unwrap_model(model).head
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
     totals = torch.zeros(2, device=device)  # loss sum, correct
@@ -83,7 +103,7 @@ def train_one_epoch(
         with shared_randomness(getattr(cfg, "seed", 0) * 1_000_003 + state.global_step, device) if modulator.gaussian_noise else nullcontext():
             modulator.modulate_gradients(out, labels, epoch)
 
-        finite = loss.detach().isfinite() & _grads_finite(params)
+        finite = loss.detach().isfinite() & _all_finite([p.grad for p in params if p.grad is not None])
         if cfg.nonfinite == "skip":
             # A host sync (and under DDP an all-reduce) per step: the price of the opt-in skip
             # policy. Every rank skips the same steps, so the model replicas stay identical.
@@ -104,14 +124,17 @@ def train_one_epoch(
         if step % cfg.log_every == 0 or step == len(loader) - 1:
             bad = int(all_reduce_min(first_bad))  # the earliest on any rank
             if bad != no_step:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at epoch {epoch}, step {bad} of the epoch "
-                    f"(global step {state.global_step - step + bad}); nothing was saved from this epoch. {resume_hint}"
-                )
+                raise NonFiniteError("step", epoch, bad, state.global_step - step + bad)
             _log_step(bar, writer, modulator, loss, optimizer, state.global_step)
 
     loss_sum, correct = all_reduce_sum(totals).tolist()
     n = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
+    if n == 0:
+        raise NonFiniteError("all skipped", epoch)
+    # An update from finite gradients can still overflow the weights (a huge --lr); on an
+    # epoch's last step no later loss would show it, and validation would run on NaN.
+    if not _weights_finite(model):
+        raise NonFiniteError("weights", epoch)
     stats = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
     if cfg.nonfinite == "skip":
         stats["skipped"] = skipped
@@ -137,7 +160,7 @@ def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: to
     counted exactly once (shards must not overlap: see data.loaders.eval_sampler).
     """
     model.eval()
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap_model(model)
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "index": []}
@@ -156,10 +179,14 @@ def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: to
     return {k: torch.cat([s[k] for s in shards]) for k in local}
 
 
-def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval") -> dict[str, float]:
-    """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`."""
-    inner = model.module if hasattr(model, "module") else model
+def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval",
+             epoch: int | None = None) -> dict[str, float]:
+    """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`.
+    Raises NonFiniteError("outputs", epoch) when a logit is NaN/Inf: no metric means anything then."""
+    inner = unwrap_model(model)
     pred = predict(model, loader, preset, autocast_dtype, desc)
+    if not all(v.isfinite().all() for k, v in pred.items() if k.startswith("logits")):
+        raise NonFiniteError("outputs", epoch)
     metrics = classification_metrics(
         pred["logits"], pred["labels"], {n: pred[f"logits_{n}"] for n in inner.modality_names}
     )

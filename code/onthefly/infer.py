@@ -1,11 +1,27 @@
-"""Evaluate a checkpoint on a split: a metrics table, metrics.json and per-sample predictions.csv."""
+"""Evaluate a checkpoint on a split: a metrics table, metrics.json and per-sample predictions.csv.
+
+The split evaluated must be the one the run was trained with: a checkpoint records what
+identifies each split's samples, and a cache split differently since is refused.
+
+Missing-modality evaluation (--zero_modality m): "modality m is missing" means: the tensor fed to m's encoder is all zeros. The zeroing is
+applied *after* the device preset, i.e. to the normalised input the encoder sees, so for
+frames it stands for the per-channel dataset-mean image (mean imputation), and for
+AV-Digits' MFCCs (standardised per coefficient) the mean coefficients -- the same value the
+dataset already uses for padding frames. Zeroing the raw uint8 frames instead would feed a
+black image, far outside the training distribution after normalisation.
+
+This is not the same as zeroing the encoder's *feature*: in eval mode BatchNorm and biases
+still turn a zero input into a non-zero feature, and the fusion head sees that feature.
+"""
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,11 +31,10 @@ from .data import DatasetInfo, get_dataset_entry
 from .data.loaders import eval_loader
 from .data.presets import DevicePreset
 from .engine import predict
-from .analysis.robustness import ZeroModality
 from .errors import UserError
 from .metrics import classification_metrics
 from .models import build_model
-from .runner import autocast_dtype, print_table, select_device
+from .utils import autocast_dtype, print_table, select_device
 
 
 def get_args_parser() -> ArgumentParser:
@@ -33,9 +48,25 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=None)
     p.add_argument("--zero_modality", default=None, metavar="NAME",
-                   help="missing-modality test: feed zeros to NAME's encoder (its normalised input; see analysis/robustness.py); "
+                   help="missing-modality test: feed zeros to NAME's encoder (its normalised input; see infer.py); "
                         "default output: <run dir>/eval_<split>_zero_<NAME>")
     return p
+
+
+class ZeroModality:
+    """Wraps a device preset: the batch is prepared as usual, then `name`'s tensor is zeroed."""
+
+    def __init__(self, preset: Callable, name: str):
+        self.preset = preset
+        self.name = name
+
+    def __call__(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs, labels = self.preset(batch)
+        if self.name not in inputs:
+            raise KeyError(f"cannot zero modality {self.name!r}: the batch has {sorted(inputs)}")
+        inputs = dict(inputs)
+        inputs[self.name] = torch.zeros_like(inputs[self.name])
+        return inputs, labels
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides) -> tuple:
@@ -54,19 +85,43 @@ def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides
     info = DatasetInfo.from_dict(ckpt["dataset_info"])
     entry = get_dataset_entry(info.name)
     current = entry.info(cfg)
-    if (current.num_classes, current.modalities) != (info.num_classes, info.modalities):
+    if (current.class_names, current.modalities) != (info.class_names, info.modalities):
         raise UserError(f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data")
     model = build_model(info, cfg.fusion, cfg.modality).to(device)
     ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
     return model, cfg, info, entry, ckpt
 
 
+def check_split(ckpt: dict, split: str, dataset) -> None:
+    """Refuse a split whose samples differ from those the run had under that name: the cache
+    was split again (e.g. preprocessed with other fractions), so "test" may hold training clips."""
+    recorded = (ckpt.get("splits") or {}).get(split)
+    if recorded is None:  # a checkpoint from before splits were recorded: nothing to compare
+        return
+    if ckpt_io.split_fingerprint(dataset, recorded["count"]) != recorded:
+        raise UserError(f"--split {split}: the data at --data is split differently from when {ckpt['path']} was trained; "
+                        "its metrics would not be on held-out samples. Evaluate on the cache the run was trained on")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before anything is loaded or written."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size must be > 0 (got {args.batch_size})")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0 (got {args.num_workers})")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out: not a directory: {args.out}")
+
+
 def run_inference(args: argparse.Namespace) -> dict:
+    check_args(args)
     device = select_device(args.device)
     model, cfg, info, entry, ckpt = load_trained_model(
         args.checkpoint, device, data=args.data, batch_size=args.batch_size, num_workers=args.num_workers
     )
-    loader = eval_loader(entry.build(cfg, args.split), cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
+    dataset = entry.build(cfg, args.split)
+    check_split(ckpt, args.split, dataset)
+    loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
     preset = DevicePreset(info, device)
     zero = getattr(args, "zero_modality", None)
     if zero is not None:
@@ -78,21 +133,30 @@ def run_inference(args: argparse.Namespace) -> dict:
     names = model.modality_names
     metrics = classification_metrics(pred["logits"], pred["labels"], {n: pred[f"logits_{n}"] for n in names})
     out_dir = Path(args.out) if args.out else Path(ckpt["path"]).parent / (f"eval_{args.split}" + (f"_zero_{zero}" if zero else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {out_dir}: {e.strerror or e}") from None
     summary = {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "split": args.split, "zero_modality": zero,
                "samples": len(pred["labels"]), **metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-
-    probs = pred["logits"].softmax(dim=1)
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "label", "pred", "confidence", *[f"pred_{n}" for n in names]])
-        per_mod = [pred[f"logits_{n}"].argmax(1).tolist() for n in names]
-        for row, (i, y, p, c) in enumerate(zip(pred["index"].tolist(), pred["labels"].tolist(), probs.argmax(1).tolist(), probs.max(1).values.tolist())):
-            writer.writerow([i, info.class_names[y], info.class_names[p], f"{c:.6f}", *[info.class_names[m[row]] for m in per_mod]])
+    ckpt_io.atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    ckpt_io.atomic_write_text(out_dir / "predictions.csv", _predictions_csv(pred, names, info.class_names))
     print_table(f"{info.name} {args.split} ({len(pred['labels'])} samples{f', {zero} zeroed' if zero else ''}), {ckpt['path']}:", metrics)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
     return summary
+
+
+def _predictions_csv(pred: dict, names, class_names) -> str:
+    """One row per sample: index, label, fused prediction and confidence, each modality's prediction."""
+    probs = pred["logits"].softmax(dim=1)
+    per_mod = [pred[f"logits_{n}"].argmax(1).tolist() for n in names]
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["index", "label", "pred", "confidence", *[f"pred_{n}" for n in names]])
+    rows = zip(pred["index"].tolist(), pred["labels"].tolist(), probs.argmax(1).tolist(), probs.max(1).values.tolist())
+    for row, (i, y, p, c) in enumerate(rows):
+        writer.writerow([i, class_names[y], class_names[p], f"{c:.6f}", *[class_names[m[row]] for m in per_mod]])
+    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,6 @@
 """Evaluation and analysis of trained runs.
 
   probe.py       linear probes on frozen encoder features (probe.json)
-  robustness.py  missing-modality evaluation: one modality's encoder input set to zero
   runs.py        reading run folders (config.json, metrics.jsonl, test_metrics.json, ...)
   tb.py          reading TensorBoard scalars of a run
   report.py      grouping runs (methods x seeds) into a markdown table and plots

@@ -163,7 +163,7 @@ def probe_checkpoint(
     from ..data.loaders import eval_loader
     from ..data.presets import DevicePreset
     from ..infer import load_trained_model
-    from ..runner import autocast_dtype, select_device
+    from ..utils import autocast_dtype, select_device
 
     device = select_device(device_name)
     amp = autocast_dtype(precision, device)
@@ -222,8 +222,8 @@ def get_args_parser():
 def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
 
-    args = get_args_parser().parse_args(argv)
     try:
+        args = get_args_parser().parse_args(argv)
         if args.out and len(args.checkpoint) > 1:
             raise UserError("--out takes one --checkpoint; with several, probe.json goes into each run directory")
         for ckpt in args.checkpoint:

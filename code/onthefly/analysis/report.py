@@ -338,9 +338,9 @@ def get_args_parser():
 def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
 
-    args = get_args_parser().parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
     try:
+        args = get_args_parser().parse_args(argv)
+        out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
         result = write_report(args.runs, out, evaluate=args.evaluate, device=args.device, plots=not args.no_plots)
     except UserError as e:
         print(f"report.py: error: {e}", file=sys.stderr)

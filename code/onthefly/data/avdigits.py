@@ -202,6 +202,7 @@ class AVDigits(Dataset):
             raise UserError(f"unknown split {split!r}; choose one of {SPLITS}")
         arrays = load_arrays(cfg)
         rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))[: getattr(cfg, "limit_samples", None)]
+        self.clip_ids = rows  # rows of the arrays: what identifies the split's samples (see checkpoint.split_fingerprint)
         self.audio = torch.from_numpy(arrays["audio"][rows])
         self.visual = torch.from_numpy(arrays["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1)
         self.labels = torch.from_numpy(arrays["label"][rows])

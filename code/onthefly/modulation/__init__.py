@@ -1,5 +1,5 @@
 """OGM, OGM-GE and OPM as small functions, plus `Modulator`, which a training loop calls twice a step."""
-from .modulator import METHODS, ModulationConfig, Modulator
+from .modulator import METHODS, ModulationConfig, Modulator, modulation_defaults
 from .ogm import modulate_gradients_, ogm_coefficients, ogm_parameters
 from .opm import opm_drop_probabilities, opm_feature_dropout
 from .scores import discrepancy_ratios, unimodal_scores
@@ -14,5 +14,6 @@ __all__ = [
     "ogm_parameters",
     "opm_drop_probabilities",
     "opm_feature_dropout",
+    "modulation_defaults",
     "unimodal_scores",
 ]

@@ -12,7 +12,7 @@ for logging, which is the only place they are read on the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from .ogm import OGM_FORMS, OGM_PARAMS, modulate_gradients_, ogm_coefficients, ogm_parameters
 from .opm import opm_drop_probabilities, opm_feature_dropout
 from .scores import ReduceFn, discrepancy_ratios, unimodal_scores
+from ..utils import unwrap_model
 
 # method -> (uses OGM, adds GE noise, uses OPM)
 METHODS: dict[str, tuple[bool, bool, bool]] = {
@@ -33,30 +34,63 @@ METHODS: dict[str, tuple[bool, bool, bool]] = {
 }
 
 
+def _setting(default: Any, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None):
+    """A ModulationConfig field: its default, allowed values and the --help text of its option."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
+
+
 @dataclass
 class ModulationConfig:
-    method: str = "none"
-    alpha: float = 0.1
-    ogm_form: str = "official"
-    ogm_params: str = "conv"
-    q_base: float = 0.5
-    lam: float = 0.5
-    p_exe: float = 0.7
-    modulation_starts: int = 0
-    modulation_ends: int = 10**9
-    warmup_epochs: int = 0
+    """Every modulation setting, with its default and allowed values: the one place they live.
+
+    The command line (one option per field, same name), YAML files, the per-dataset defaults
+    and the benchmarks read them from here; `modulation_defaults()` returns the defaults.
+    """
+
+    modulation: str = _setting("none", "the method", choices=tuple(METHODS))
+    alpha: float = _setting(0.1, "OGM strength alpha in k = 1 - tanh(alpha rho)", low=0.0)
+    ogm_form: str = _setting("official", "official: k = 1 - tanh(alpha rho); continuous: 1 - tanh(alpha (rho - 1))",
+                             choices=OGM_FORMS)
+    ogm_params: str = _setting("conv", "scale conv weights' gradients (official) or all encoder parameters'",
+                               choices=OGM_PARAMS)
+    q_base: float = _setting(0.5, "OPM base drop probability q_base", low=0.0, high=1.0)
+    lam: float = _setting(0.5, "OPM: growth lambda of the drop probability with the discrepancy", low=0.0)
+    p_exe: float = _setting(0.7, "OPM: probability that a batch is modulated at all", low=0.0, high=1.0)
+    modulation_starts: int = _setting(0, "first epoch (0-based, inclusive) with modulation", low=0)
+    modulation_ends: int = _setting(10**9, "last epoch (0-based, inclusive) with modulation", low=0)
+    warmup_epochs: int = _setting(0, "epochs of plain joint training before any modulation", low=0)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown modulation {self.method!r}; choose one of {list(METHODS)}")
-        if self.ogm_form not in OGM_FORMS:
-            raise ValueError(f"unknown --ogm_form {self.ogm_form!r}; choose one of {OGM_FORMS}")
-        if self.ogm_params not in OGM_PARAMS:
-            raise ValueError(f"unknown --ogm_params {self.ogm_params!r}; choose one of {OGM_PARAMS}")
+        problem = self.check(asdict(self))
+        if problem:
+            raise ValueError(problem)
+
+    @staticmethod
+    def check(values: dict[str, Any], prefix: str = "") -> str | None:
+        """The first problem with these settings (one line, each named `prefix + field`), or None."""
+        for f in fields(ModulationConfig):
+            value, meta, name = values[f.name], f.metadata, prefix + f.name
+            if meta["choices"] is not None and value not in meta["choices"]:
+                return f"{name}: unknown {value!r}; choose one of: {', '.join(meta['choices'])}"
+            low, high = meta["low"], meta["high"]
+            if (low is not None and value < low) or (high is not None and value > high):
+                need = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+                return f"{name} must be {need} (got {value})"
+        first = max(values["modulation_starts"], values["warmup_epochs"])
+        if first > values["modulation_ends"]:  # the window would be empty: modulation never runs
+            which = "modulation_starts" if values["modulation_starts"] >= values["warmup_epochs"] else "warmup_epochs"
+            return (f"{prefix}{which} ({first}) must be <= {prefix}modulation_ends ({values['modulation_ends']}): "
+                    "modulation would never run")
+        return None
 
     def active(self, epoch: int) -> bool:
         """Modulate in epochs [max(starts, warmup_epochs), ends], both ends inclusive, 0-based."""
         return max(self.modulation_starts, self.warmup_epochs) <= epoch <= self.modulation_ends
+
+
+def modulation_defaults() -> dict[str, Any]:
+    """{setting: default} of every modulation setting, read from ModulationConfig's fields."""
+    return {f.name: f.default for f in fields(ModulationConfig)}
 
 
 class Modulator:
@@ -68,7 +102,7 @@ class Modulator:
         modality_names: tuple[str, ...] | None = None,
     ):
         self.config = config
-        self.use_ogm, self.gaussian_noise, self.use_opm = METHODS[config.method]
+        self.use_ogm, self.gaussian_noise, self.use_opm = METHODS[config.modulation]
         self.groups = [ogm_parameters(ps, config.ogm_params) for ps in encoder_parameters]
         # Under DDP the scores are summed over ranks so every rank sees the global batch.
         self.reduce_fn = reduce_fn
@@ -78,11 +112,8 @@ class Modulator:
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> "Modulator":
-        fields = ModulationConfig.__dataclass_fields__
-        config = ModulationConfig(
-            method=cfg.modulation, **{k: getattr(cfg, k) for k in fields if k != "method" and hasattr(cfg, k)}
-        )
-        inner = getattr(model, "module", model)
+        config = ModulationConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModulationConfig) if hasattr(cfg, f.name)})
+        inner = unwrap_model(model)
         return cls(config, inner.encoder_parameters(), reduce_fn, tuple(inner.modality_names))
 
     def measure(self, unimodal_logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
