@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import random
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -14,15 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "code") not in sys.path:
-    sys.path.insert(0, str(REPO / "code"))
-
-from onthefly.data import cache as C  # noqa: E402
-from onthefly.data.raw.common import flow_to_uint8  # noqa: E402
-from onthefly.data.raw.splits import assign_splits  # noqa: E402
-from onthefly.data.registry import get_dataset_entry  # noqa: E402
-from onthefly.errors import UserError  # noqa: E402
+from onthefly.data import cache as C
+from onthefly.data.raw.common import flow_to_uint8
+from onthefly.data.raw.splits import assign_splits
+from onthefly.data.registry import get_dataset_entry
+from onthefly.errors import UserError
 
 SIDE, CROP = 16, 12
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--deterministic", "--run_name", "run"]
 # 3 epochs of 2 steps; OGM-GE draws noise every step, so exact resumption needs the RNG state.
 KILL_ARGS = [*TINY, "--epochs", "3", "--modulation", "OGM_GE", "--modulation_starts", "1", "--log_every", "1"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "code"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,7 @@ class Injection:
         monkeypatch.setattr(Modulator, "modulate_gradients", poisoned_gradient)
 
 
-def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=3, what="nan loss")  # epoch 1, its second step
     rc = runner.main([*TINY, "--epochs", "3", "--modulation", "OGM", "--log_every", "20", "--no-eval_test",
                       "--output_dir", str(tmp_path)])
@@ -224,7 +224,7 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, capsys, mon
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
 
 
-def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, monkeypatch):
+def test_nan_before_the_first_checkpoint_says_there_is_none(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=0, what="inf gradient")
     rc = runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -232,7 +232,7 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, mo
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_nonfinite_skip_drops_only_the_bad_batch(tmp_path, capsys, monkeypatch):
+def test_nonfinite_skip_drops_only_the_bad_batch(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=1, what="inf gradient")
     rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
                       "--output_dir", str(tmp_path)])
