@@ -60,7 +60,9 @@ TINY_ENCODERS = {"spectrogram": TinySpectrogramEncoder, "frames": TinyFrameEncod
 
 
 @contextlib.contextmanager
-def _tiny_encoders_swapped() -> Iterator[None]:
+def swap_in_tiny_encoders() -> Iterator[None]:
+    """Within the block, build_model makes tiny encoders. The fixtures below are the way in for
+    tests; a training process of its own gets it with runpy.run_path (test_fault_tolerance.py)."""
     with pytest.MonkeyPatch.context() as patch:
         for kind, encoder in TINY_ENCODERS.items():
             patch.setitem(ENCODERS, kind, encoder)
@@ -72,7 +74,7 @@ def tiny_encoders() -> Iterator[dict]:
     """Within the test, build_model makes tiny encoders instead of ResNet18s (~8k parameters
     instead of ~11M each), for tests of plumbing only: the runner, checkpoints, DDP, the data
     path. The formula and end-to-end tests keep the real ResNet18. Yields the registry in force."""
-    with _tiny_encoders_swapped():
+    with swap_in_tiny_encoders():
         yield dict(ENCODERS)
 
 
@@ -80,7 +82,7 @@ def tiny_encoders() -> Iterator[dict]:
 def tiny_encoders_within() -> Callable[[], contextlib.AbstractContextManager]:
     """The swap of `tiny_encoders` as a context manager, for module-scoped fixtures; tests
     that load what such a fixture trained request `tiny_encoders` too."""
-    return _tiny_encoders_swapped
+    return swap_in_tiny_encoders
 
 
 # --------------------------------------------------------------------------- tiny model inputs
