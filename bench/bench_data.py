@@ -14,6 +14,8 @@ DataLoader with num_workers=0. The cache is read from the page cache (warm), as 
 training run sees it after its first epoch.
 
     python bench/bench_data.py --out runs/bench_data.json
+
+(with onthefly installed by the README's set-up; elsewhere prefix PYTHONPATH=code)
 """
 from __future__ import annotations
 
@@ -28,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "code"))
 
 
 def make_media(folder: Path, n: int, seed: int = 0) -> tuple[list[str], list[str]]:

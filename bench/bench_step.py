@@ -4,6 +4,8 @@
     python bench/bench_step.py --device cuda --batch_size 64 --shape cremad --out results.json
     python bench/bench_step.py --device cpu --small --batch_size 4 --iters 3 --warmup 1 --rounds 1
 
+(with onthefly installed by the README's set-up; elsewhere prefix PYTHONPATH=code, as gpu_check.sh does)
+
 For one input shape, every configuration is built from the same initial weights and fed
 the same synthetic batches (already on the device unless --source host), then timed in
 interleaved rounds (each round times every configuration once; the median round is
@@ -49,22 +51,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for p in (str(REPO / "code"), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import official_style as off  # noqa: E402
-from onthefly.data.presets import DevicePreset  # noqa: E402
-from onthefly.data.spec import DatasetInfo, ModalitySpec  # noqa: E402
-from onthefly.engine import TrainState, compute_loss, train_one_epoch  # noqa: E402
-from onthefly.models import build_model  # noqa: E402
-from onthefly.modulation import ModulationConfig, Modulator, modulation_defaults  # noqa: E402
+import official_style as off  # bench/ is the script's own directory, hence on the path
+from onthefly.data.presets import DevicePreset
+from onthefly.data.spec import DatasetInfo, ModalitySpec
+from onthefly.engine import TrainState, compute_loss, train_one_epoch
+from onthefly.models import build_model
+from onthefly.modulation import ModulationConfig, Modulator, modulation_defaults
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

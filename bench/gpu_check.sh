@@ -12,6 +12,8 @@
 # Imports torch, torchvision and onthefly's model / modulation / engine only (no librosa).
 set -u
 cd "$(dirname "$0")/.."
+# The GPU machine may have no pip: onthefly is imported from code/ without being installed.
+export PYTHONPATH="$PWD/code${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-./bench_out}"
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"

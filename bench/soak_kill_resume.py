@@ -55,7 +55,7 @@ def train_cmd(args, out: Path) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "code"), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # code/train.py finds onthefly beside itself
 
 
 def interrupted_run(args, out: Path, rng: random.Random) -> dict:

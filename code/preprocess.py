@@ -4,12 +4,9 @@
 
 Datasets: cremad, kinetics_sounds, ucf101, ave, vggsound. See docs/datasets.md.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from onthefly.data.raw.cli import main  # noqa: E402
+from onthefly.data.raw.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,4 +3,3 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export PYTHONPATH="$PWD/code${PYTHONPATH:+:$PYTHONPATH}"

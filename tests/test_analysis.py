@@ -220,11 +220,13 @@ def test_report_reads_tensorboard_scalars(fake_runs):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_encoders_within):
+    """A one-epoch run on tiny encoders: tests that use it request `tiny_encoders` to load it."""
     root = tmp_path_factory.mktemp("tiny")
     argv = ["--epochs", "1", "--limit_samples", "64", "--batch_size", "16", "--device", "cpu", "--log_every", "1",
             "--modulation", "OGM_GE", "--output_dir", str(root), "--run_name", "run"]
-    assert runner.main(argv) == 0
+    with tiny_encoders_within():
+        assert runner.main(argv) == 0
     return root / "run"
 
 
@@ -238,7 +240,7 @@ def test_zero_modality_preset_zeroes_only_that_input():
     assert torch.equal(labels, batch["label"])
 
 
-def test_inference_with_a_modality_zeroed(tiny_run):
+def test_inference_with_a_modality_zeroed(tiny_encoders, tiny_run):
     for m in ("visual",):  # the frames path: zeroed after the preset's normalisation
         assert infer.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--zero_modality", m]) == 0
         out = tiny_run / f"eval_test_zero_{m}"
@@ -252,7 +254,7 @@ def test_inference_with_a_modality_zeroed(tiny_run):
         infer.run_inference(infer.get_args_parser().parse_args(["--checkpoint", str(tiny_run), "--zero_modality", "depth"]))
 
 
-def test_probe_of_a_trained_checkpoint(tiny_run):
+def test_probe_of_a_trained_checkpoint(tiny_encoders, tiny_run):
     result = probe_checkpoint(tiny_run, device_name="cpu", limit_samples=48, max_iter=30)
     saved = json.loads((tiny_run / "probe.json").read_text())
     assert saved["samples"] == {"train": 48, "val": 48, "test": 48} and saved["feature_dim"] == 512

@@ -1,4 +1,7 @@
-"""Every fusion head with every modulation: shapes, finite values, which parameters learn."""
+"""Every fusion head with every modulation: shapes, finite values, which parameters learn.
+
+The training test checks the wiring of heads and methods, so it runs on tiny encoders
+(conftest's `tiny_encoders`); the others build the real ResNet18s."""
 import pytest
 import torch
 
@@ -6,13 +9,11 @@ from onthefly.engine import compute_loss
 from onthefly.models import FUSIONS, build_model
 from onthefly.modulation import METHODS, ModulationConfig, Modulator
 
-from test_core_modulation import tiny_batch, tiny_info
-
 NUM_CLASSES = 5
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
-def test_forward_output_shapes(fusion):
+def test_forward_output_shapes(tiny_info, tiny_batch, fusion):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), fusion)
     inputs, _ = tiny_batch(batch=3, num_classes=NUM_CLASSES)
@@ -25,7 +26,7 @@ def test_forward_output_shapes(fusion):
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
-def test_unimodal_logits_send_no_gradient_to_encoders_or_head(fusion):
+def test_unimodal_logits_send_no_gradient_to_encoders_or_head(tiny_info, tiny_batch, fusion):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), fusion)
     inputs, labels = tiny_batch(batch=3, num_classes=NUM_CLASSES)
@@ -43,7 +44,7 @@ def test_unimodal_logits_send_no_gradient_to_encoders_or_head(fusion):
 
 @pytest.mark.parametrize("modulation", list(METHODS))
 @pytest.mark.parametrize("fusion", list(FUSIONS))
-def test_every_fusion_trains_with_every_modulation(fusion, modulation):
+def test_every_fusion_trains_with_every_modulation(tiny_encoders, tiny_info, tiny_batch, fusion, modulation):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), fusion)
     modulator = Modulator(ModulationConfig(modulation=modulation, alpha=0.5, q_base=0.5, p_exe=1.0), model.encoder_parameters())
@@ -73,7 +74,7 @@ def test_every_fusion_trains_with_every_modulation(fusion, modulation):
 
 
 @pytest.mark.parametrize("modality", ["audio", "visual"])
-def test_unimodal_reference_model(modality):
+def test_unimodal_reference_model(tiny_info, tiny_batch, modality):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), "concat", modality=modality)
     inputs, labels = tiny_batch(batch=3, num_classes=NUM_CLASSES)

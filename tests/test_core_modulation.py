@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.models import build_model
 from onthefly.modulation import (
     ModulationConfig,
@@ -29,26 +28,6 @@ def softmax_true_class_sum(rows, labels):
         exps = [math.exp(v) for v in row]
         total += exps[y] / sum(exps)
     return total
-
-
-def tiny_info(num_classes=3):
-    return DatasetInfo(
-        name="tiny",
-        num_classes=num_classes,
-        class_names=tuple(map(str, range(num_classes))),
-        modalities=(
-            ModalitySpec("audio", "spectrogram", 1, (1, 16, 16)),
-            ModalitySpec("visual", "frames", 3, (3, 2, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
-        ),
-    )
-
-
-def tiny_batch(batch=4, num_classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        {"audio": torch.randn(batch, 1, 16, 16, generator=g), "visual": torch.randn(batch, 3, 2, 16, 16, generator=g)},
-        torch.randint(0, num_classes, (batch,), generator=g),
-    )
 
 
 def test_scores_match_hand_computation():
@@ -88,8 +67,10 @@ def test_ogm_coefficients(form, rho_a):
         assert km == pytest.approx(expected, abs=1e-12)
 
 
-def _model_with_grads(seed=0):
-    torch.manual_seed(seed)
+@pytest.fixture
+def model_with_grads(tiny_info, tiny_batch):
+    """The concat model after one backward pass of the fused loss on tiny_batch()."""
+    torch.manual_seed(0)
     model = build_model(tiny_info(), "concat")
     inputs, labels = tiny_batch()
     out = model(inputs)
@@ -98,8 +79,8 @@ def _model_with_grads(seed=0):
 
 
 @pytest.mark.parametrize("which", ["conv", "all"])
-def test_ogm_scales_exactly_the_selected_gradients(which):
-    model = _model_with_grads()
+def test_ogm_scales_exactly_the_selected_gradients(model_with_grads, which):
+    model = model_with_grads
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
     enc_a, enc_v = model.encoder_parameters()
     groups = [ogm_parameters(enc_a, which), ogm_parameters(enc_v, which)]
@@ -205,8 +186,8 @@ def test_modulation_window_and_warmup(starts, ends, warmup, active_epochs):
     assert [e for e in range(5) if cfg.active(e)] == active_epochs
 
 
-def test_modulator_leaves_gradients_alone_outside_its_window():
-    model = _model_with_grads()
+def test_modulator_leaves_gradients_alone_outside_its_window(model_with_grads, tiny_batch):
+    model = model_with_grads
     inputs, labels = tiny_batch()
     out = model(inputs)
     before = [p.grad.clone() for p in model.parameters()]
@@ -216,8 +197,8 @@ def test_modulator_leaves_gradients_alone_outside_its_window():
     assert mod.stats["coeff"].tolist() == [1.0, 1.0]
 
 
-def test_modulator_applies_the_coefficient_of_the_batch():
-    model = _model_with_grads()
+def test_modulator_applies_the_coefficient_of_the_batch(model_with_grads, tiny_batch):
+    model = model_with_grads
     model.eval()  # fixed BN statistics: the same z_m on the second forward
     inputs, labels = tiny_batch()
     out = model(inputs)
@@ -240,7 +221,7 @@ def test_modulator_applies_the_coefficient_of_the_batch():
         assert torch.allclose(p.grad, b * k[1], rtol=1e-6, atol=0)
 
 
-def test_concat_unimodal_logits_are_the_heads_shares():
+def test_concat_unimodal_logits_are_the_heads_shares(tiny_info, tiny_batch):
     torch.manual_seed(0)
     model = build_model(tiny_info(), "concat").eval()
     inputs, _ = tiny_batch()
@@ -254,7 +235,7 @@ def test_concat_unimodal_logits_are_the_heads_shares():
     assert torch.allclose(out["logits"].double(), z_a + z_v, atol=1e-5)  # the shares add up to the output
 
 
-def test_sum_unimodal_logits_are_each_branch():
+def test_sum_unimodal_logits_are_each_branch(tiny_info, tiny_batch):
     torch.manual_seed(0)
     model = build_model(tiny_info(), "sum").eval()
     inputs, _ = tiny_batch()
@@ -264,7 +245,7 @@ def test_sum_unimodal_logits_are_each_branch():
     assert torch.allclose(out["logits"], model.head.fc_a(h_a) + model.head.fc_b(h_v), atol=1e-6)
 
 
-def test_evaluation_drops_nothing_even_with_opm_configured():
+def test_evaluation_drops_nothing_even_with_opm_configured(tiny_info, tiny_batch):
     from onthefly.data.presets import DevicePreset
     from onthefly.engine import predict
 

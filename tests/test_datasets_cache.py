@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import random
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -17,16 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "code") not in sys.path:
-    sys.path.insert(0, str(REPO / "code"))
-
-from onthefly.data import cache as C  # noqa: E402
-from onthefly.data.raw.cli import main as cli_main  # noqa: E402
-from onthefly.data.raw.media import flow_to_uint8  # noqa: E402
-from onthefly.data.raw.splits import assign_splits  # noqa: E402
-from onthefly.data.registry import get_dataset_entry  # noqa: E402
-from onthefly.errors import UserError  # noqa: E402
+from onthefly.data import cache as C
+from onthefly.data.raw.cli import main as cli_main
+from onthefly.data.raw.media import flow_to_uint8
+from onthefly.data.raw.splits import assign_splits
+from onthefly.data.registry import get_dataset_entry
+from onthefly.errors import UserError
 
 SIDE, CROP = 16, 12
 

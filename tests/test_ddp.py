@@ -1,6 +1,7 @@
 """DistributedDataParallel on CPU: 2 processes (gloo), started with torch.multiprocessing.
 
-What is checked, with the real MultimodalClassifier, Modulator and training loop:
+What is checked, with the real MultimodalClassifier, Modulator and training loop (on tiny
+encoders, conftest's `tiny_encoders`: the distributed plumbing is under test, not ResNet18):
   * OGM with SyncBatchNorm: 2 ranks at batch B/2 each follow one process at batch B step for
     step: the same k_m every step and the same weights (float64, so no rounding noise can
     build up in a few steps of a tiny-batch ResNet);
@@ -31,7 +32,7 @@ from onthefly.data.avdigits import avdigits_info
 from onthefly.data.loaders import eval_loader
 from onthefly.distributed import all_reduce_sum, convert_sync_batchnorm, is_distributed
 from onthefly.engine import TrainState, predict, train_one_epoch
-from onthefly.models import build_model
+from onthefly.models import ENCODERS, build_model
 from onthefly.modulation import Modulator
 
 WORLD = 2
@@ -106,7 +107,8 @@ def _init_group(rank: int, init_file: str) -> None:
                             timeout=timedelta(seconds=120))
 
 
-def _worker(rank: int, tmp: str) -> None:
+def _worker(rank: int, tmp: str, encoders: dict) -> None:
+    ENCODERS.update(encoders)  # a spawned process starts from the real registry
     torch.set_num_threads(1)
     tmp_path = Path(tmp)
     default_dtype = torch.get_default_dtype()
@@ -155,22 +157,23 @@ def _worker(rank: int, tmp: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
+def ddp(tmp_path_factory, tiny_encoders_within):
     """Both ranks' results, and the one-process references."""
     tmp = tmp_path_factory.mktemp("ddp")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            single = train_steps("OGM", "concat", STEPS, 0, 1)
-        finally:
-            torch.set_default_dtype(dtype)
-        torch.save(single["weights"], tmp / "single_ogm.pt")  # each rank compares its weights with these
-        (tmp / "blocker").write_text("a file where the run directory's parent should be")
-        mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-        assert runner.main([*RUN_ARGS, "--batch_size", str(RUN_BATCH), "--epochs", "2", "--output_dir", str(tmp / "single")]) == 0
+        with tiny_encoders_within():
+            dtype = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                single = train_steps("OGM", "concat", STEPS, 0, 1)
+            finally:
+                torch.set_default_dtype(dtype)
+            torch.save(single["weights"], tmp / "single_ogm.pt")  # each rank compares its weights with these
+            (tmp / "blocker").write_text("a file where the run directory's parent should be")
+            mp.spawn(_worker, args=(str(tmp), dict(ENCODERS)), nprocs=WORLD, join=True)
+            assert runner.main([*RUN_ARGS, "--batch_size", str(RUN_BATCH), "--epochs", "2", "--output_dir", str(tmp / "single")]) == 0
     finally:
         torch.set_num_threads(threads)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

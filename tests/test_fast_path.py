@@ -5,20 +5,15 @@ parameter loop); bench/bench_step.py drives our step (Modulator, compute_loss, m
 """
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import bench_step as bs  # noqa: E402
-import official_style as off  # noqa: E402
-from onthefly.data.spec import DatasetInfo, ModalitySpec  # noqa: E402
-from onthefly.models import build_model  # noqa: E402
-from onthefly.modulation import discrepancy_ratios, ogm_coefficients, unimodal_scores  # noqa: E402
+import bench_step as bs  # bench/ is on pytest's pythonpath (pyproject.toml)
+import official_style as off
+from onthefly.data.spec import DatasetInfo, ModalitySpec
+from onthefly.models import build_model
+from onthefly.modulation import discrepancy_ratios, ogm_coefficients, unimodal_scores
 
 ALPHA = 0.8
 
@@ -167,7 +162,8 @@ def test_stem_variants_keep_the_function_and_the_gradient(stem, channels_last):
     bs.compute_loss(model(inputs), labels, model.head).backward()  # the whole model still trains
 
 
-def test_bench_runs_every_row_and_writes_json(tmp_path, monkeypatch):
+def test_bench_runs_every_row_and_writes_json(tiny_encoders, tmp_path, monkeypatch):
+    # Every row, variant and output of the script, on tiny encoders: what is timed does not matter here.
     monkeypatch.setattr(bs, "SMALL_AUDIO", (1, 16, 12))
     monkeypatch.setattr(bs, "SMALL_SIDE", 16)
     out = tmp_path / "r.json"

@@ -1,6 +1,6 @@
 """Nothing is lost under kills, bad numbers, bad files or an unusable output directory.
 
-  * kill -9 mid-epoch and in the middle of a checkpoint write, then --resume: the run ends
+  * kill -9 mid-epoch and in the middle of a checkpoint write (tiny encoders), then --resume: the run ends
     with exactly the weights, metrics and test results of an uninterrupted run, and the
     half-written file is never loaded;
   * truncated or foreign checkpoints, and --resume with settings that would break the run,
@@ -24,8 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,11 @@ from onthefly import engine, infer, runner
 from onthefly.data import avdigits
 from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
 
-REPO = Path(__file__).resolve().parents[1]
+CONFTEST = Path(__file__).with_name("conftest.py")
 TINY = ["--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--deterministic", "--run_name", "run"]
 # 3 epochs of 2 steps; OGM-GE draws noise every step, so exact resumption needs the RNG state.
 KILL_ARGS = [*TINY, "--epochs", "3", "--modulation", "OGM_GE", "--modulation_starts", "1", "--log_every", "1"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "code"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -53,43 +51,43 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class Training:
-    """code/train.py in a subprocess, its output collected as it comes."""
+# train.py's main in a process of its own, on conftest's tiny encoders: checkpointing and
+# resumption are under test, and ResNet18's ~170 MiB checkpoints would make every write slow.
+# The process can SIGKILL itself at an exact moment (a tiny model's step or write is too short
+# to hit from outside): "at_step_N" as training step N (0-based) begins, "in_write" halfway
+# through writing its first checkpoint. (Kills at random moments: bench/soak_kill_resume.py.)
+CHILD = """
+import io, itertools, os, runpy, signal, sys
+import torch
+from onthefly import engine, runner
+conftest, die, *argv = sys.argv[1:]
+def die_now():
+    os.kill(os.getpid(), signal.SIGKILL)
+if die == "in_write":
+    real_save = torch.save
+    def save_half_then_die(obj, f):
+        data = io.BytesIO()
+        real_save(obj, data)
+        f.write(data.getbuffer()[: data.tell() // 2])
+        f.flush()
+        die_now()
+    torch.save = save_half_then_die
+elif die.startswith("at_step_"):
+    real_loss, steps, at = engine.compute_loss, itertools.count(), int(die.removeprefix("at_step_"))
+    def loss_or_die(*args):
+        if next(steps) == at:
+            die_now()
+        return real_loss(*args)
+    engine.compute_loss = loss_or_die
+with runpy.run_path(conftest)["swap_in_tiny_encoders"]():
+    sys.exit(runner.main(argv))
+"""
 
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "code" / "train.py"), *args], env=ENV,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.output = b""
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
 
-    def _read(self) -> None:
-        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
-            self.output += chunk
-
-    def wait_for(self, condition, timeout: float = 120, poll: float = 0.002) -> bool:
-        """Poll `condition()` until it holds (True) or the process ends (False)."""
-        end = time.time() + timeout
-        while time.time() < end:
-            if condition():
-                return True
-            if self.proc.poll() is not None:
-                return condition()
-            time.sleep(poll)
-        raise TimeoutError(self.text())
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.reader.join()
-
-    def finish(self, timeout: float = 180) -> int:
-        rc = self.proc.wait(timeout)
-        self.reader.join()
-        return rc
-
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
+def train(*args: str, die: str = "never") -> subprocess.CompletedProcess:
+    """Training (CHILD) in a subprocess; its exit status and output (stdout and stderr)."""
+    return subprocess.run([sys.executable, "-c", CHILD, str(CONFTEST), die, *args], env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
 def temporaries(run: Path) -> list[Path]:
@@ -103,11 +101,16 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run (subprocess, like the interrupted one)."""
+def reference(tmp_path_factory, tiny_encoders_within) -> Path:
+    """An uninterrupted run, in this process: one thread and tiny encoders, as the subprocesses."""
     out = tmp_path_factory.mktemp("reference")
-    run = Training(*KILL_ARGS, "--output_dir", str(out))
-    assert run.finish() == 0, run.text()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tiny_encoders_within():
+            assert runner.main([*KILL_ARGS, "--output_dir", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out / "run"
 
 
@@ -116,28 +119,21 @@ def test_kill_mid_epoch_and_mid_checkpoint_then_resume_is_exact(reference, tmp_p
     last = run_dir / "last.pt"
 
     # 1. Killed in the middle of epoch 1 (after one of its two steps).
-    job = Training(*KILL_ARGS, "--output_dir", str(tmp_path))
-    assert job.wait_for(lambda: "epoch 1:  50%" in job.text()), job.text()
-    job.kill()
+    job = train(*KILL_ARGS, "--output_dir", str(tmp_path), die="at_step_3")
+    assert job.returncode == -signal.SIGKILL and "epoch   0" in job.stdout and "epoch   1" not in job.stdout, job.stdout
     assert ckpt_io.load_checkpoint(last)["epoch"] == 1  # epoch 0's checkpoint, whole
 
-    # 2. Resumed, then killed while a checkpoint is being written (its temporary file exists).
-    for _ in range(3):  # a write takes ~0.2 s: the first try nearly always lands inside one
-        job = Training("--resume", str(last))
-        assert job.wait_for(lambda: temporaries(run_dir)), job.text()
-        job.kill()
-        left = temporaries(run_dir)
-        if left:
-            break
-    assert left, "never killed during a checkpoint write"
-    if left[0].stat().st_size < last.stat().st_size:  # (not killed in the instant between fsync and rename)
-        with pytest.raises(Exception, match="unreadable"):  # the half-written file is garbage ...
-            ckpt_io.load_checkpoint(left[0])
-    assert ckpt_io.load_checkpoint(last)["epoch"] in (1, 2)  # ... and last.pt is whole
+    # 2. Resumed, then killed halfway through writing the checkpoint of epoch 1.
+    job = train("--resume", str(last), die="in_write")
+    assert job.returncode == -signal.SIGKILL, job.stdout
+    (left,) = temporaries(run_dir)
+    with pytest.raises(Exception, match="unreadable"):  # the half-written file is garbage ...
+        ckpt_io.load_checkpoint(left)
+    assert ckpt_io.load_checkpoint(last)["epoch"] == 1  # ... and last.pt is whole
 
     # 3. Resumed to the end: the temporary file is ignored, then removed.
-    job = Training("--resume", str(run_dir))
-    assert job.finish() == 0, job.text()
+    job = train("--resume", str(run_dir))
+    assert job.returncode == 0, job.stdout
     assert not temporaries(run_dir)
 
     for name in ("last.pt", "best.pt"):
@@ -208,7 +204,7 @@ class Injection:
         monkeypatch.setattr(Modulator, "modulate_gradients", poisoned_gradient)
 
 
-def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=3, what="nan loss")  # epoch 1, its second step
     rc = runner.main([*TINY, "--epochs", "3", "--modulation", "OGM", "--log_every", "20", "--no-eval_test",
                       "--output_dir", str(tmp_path)])
@@ -226,7 +222,7 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, capsys, mon
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
 
 
-def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, monkeypatch):
+def test_nan_before_the_first_checkpoint_says_there_is_none(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=0, what="inf gradient")
     rc = runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -234,7 +230,7 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, mo
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_nonfinite_skip_drops_only_the_bad_batch(tmp_path, capsys, monkeypatch):
+def test_nonfinite_skip_drops_only_the_bad_batch(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=1, what="inf gradient")
     rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
                       "--output_dir", str(tmp_path)])
