@@ -20,6 +20,7 @@ from .errors import UserError
 from .models import FUSIONS, INITS
 from .modulation import METHODS
 from .modulation.ogm import OGM_FORMS, OGM_PARAMS
+from .modulation.opm import OPM_GRADS
 
 # Used when neither the command line, the YAML file nor the dataset sets a value.
 GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -33,7 +34,14 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "batch_size": 64,
     "alpha": 0.1,
+    "q_base": 0.5,
+    "lam": 0.5,
+    "p_exe": 0.7,
+    "modulation_starts": 0,
+    "modulation_ends": 10**9,
+    "warmup_epochs": 0,
     "num_frames": 3,
+    "frame_crop": "fixed",
     "num_workers": 4,
 }
 
@@ -54,6 +62,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Train an audio-visual classifier with on-the-fly modulation.")
     p.add_argument("--config", type=str, default=None, help="YAML file of option defaults (keys = option names)")
+    p.add_argument("--print_config", action="store_true", help="print the resolved configuration as YAML and exit")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
@@ -62,6 +71,7 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--num_workers", type=int, default=None, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="frame crop side for preprocessed datasets (default: the cache's)")
+    g.add_argument("--frame_crop", default=None, choices=("fixed", "official"), help="fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
     g.add_argument("--preprocess", default=None,
                    help="expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': refuse a cache made otherwise")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
@@ -81,12 +91,13 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="OGM strength alpha (dataset default)")
     g.add_argument("--ogm_form", default="official", choices=OGM_FORMS, help="k = 1 - tanh(alpha*rho) (official) or 1 - tanh(alpha*(rho-1))")
     g.add_argument("--ogm_params", default="conv", choices=OGM_PARAMS, help="scale conv weights' gradients (official) or all encoder parameters'")
-    g.add_argument("--q_base", type=float, default=0.5, help="OPM base drop probability")
-    g.add_argument("--lam", type=float, default=0.5, help="OPM: how fast the drop probability grows with the discrepancy")
-    g.add_argument("--p_exe", type=float, default=0.7, help="OPM: probability that a batch is modulated at all")
-    g.add_argument("--modulation_starts", type=int, default=0, help="first epoch (0-based, inclusive) with modulation")
-    g.add_argument("--modulation_ends", type=int, default=10**9, help="last epoch (0-based, inclusive) with modulation")
-    g.add_argument("--warmup_epochs", type=int, default=0, help="epochs of plain joint training before any modulation")
+    g.add_argument("--q_base", type=float, default=None, help="OPM base drop probability (dataset default)")
+    g.add_argument("--lam", type=float, default=None, help="OPM: how fast the drop probability grows with the discrepancy")
+    g.add_argument("--p_exe", type=float, default=None, help="OPM: probability that a batch is modulated at all")
+    g.add_argument("--modulation_starts", type=int, default=None, help="first epoch (0-based, inclusive) with modulation")
+    g.add_argument("--modulation_ends", type=int, default=None, help="last epoch (0-based, inclusive) with modulation")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="epochs of plain joint training before any modulation")
+    g.add_argument("--opm_grad", default="clean", choices=OPM_GRADS, help="clean: no gradient through OPM's theta; official: as the released code (docs/fidelity.md)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="dataset default")
@@ -241,3 +252,9 @@ def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | N
 def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
     """JSON-safe copy of the resolved config."""
     return json.loads(json.dumps(vars(cfg), default=str))
+
+
+def format_config(cfg: argparse.Namespace) -> str:
+    """The resolved options as YAML (sorted; usable again as a --config file)."""
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in ("explicit", "print_config", "config")}
+    return yaml.safe_dump(values, sort_keys=True, default_flow_style=False)
