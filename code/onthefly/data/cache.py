@@ -458,7 +458,7 @@ class CachedClips(Dataset):
                 else:
                     y0, x0 = (height - crop) // 2, (width - crop) // 2
             if self.frame_crop == "official":
-                whole = torch.from_numpy(np.ascontiguousarray(self._frames(arr, start, picks).transpose(1, 0, 2, 3)))
+                whole = torch.from_numpy(np.array(self._frames(arr, start, picks).transpose(1, 0, 2, 3)))  # a copy
                 item[name] = official_frame_crop(whole, crop, self.train)
                 continue
             clip = self._frames(arr, start, picks)[:, :, y0 : y0 + crop, x0 : x0 + crop]
