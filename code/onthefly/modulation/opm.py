@@ -47,8 +47,8 @@ def opm_feature_dropout(
 
     features:  M tensors (B, d_m); drop_prob: (M,) q_m; with probability p_exe the drop is
     executed for this batch, otherwise nothing changes (one draw per batch, kept on device).
-    Kept features are scaled by 1 / (1 - theta), theta = sum_m d_m q_m / sum_m d_m (T-PAMI
-    2024, Sec. 4.2), which keeps the expected fused input unchanged.
+    Kept features are scaled by 1 / (1 - theta), theta = sum_m d_m q_m / sum_m d_m (the OPM
+    rescaling of the T-PAMI 2024 paper), which keeps the expected fused input unchanged.
 
     grad="clean": q carries no gradient, the rescaling is a plain product. grad="official":
     `drop_prob` may carry gradient (the official code builds it from non-detached scores) and
