@@ -186,7 +186,8 @@ def test_ogm_under_ddp_follows_one_process_at_the_global_batch(ddp):
             assert r["OGM"]["scalars"][f"modulation/coeff_{m}"] == pytest.approx(k_single, abs=1e-6)  # scores are float32
     assert any(k < 1 for k in single["scalars"]["modulation/coeff_audio"] + single["scalars"]["modulation/coeff_visual"])  # OGM acted
     for r in ranks:
-        assert r["OGM"]["diff_to_single"] < 1e-8
+        # float64 weights, but k comes from float32 scores: they agree to k's float32 rounding times the update
+        assert r["OGM"]["diff_to_single"] < 1e-7
     assert ranks[0]["OGM"]["weights"] == ranks[1]["OGM"]["weights"]
 
 
