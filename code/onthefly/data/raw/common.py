@@ -168,9 +168,8 @@ def to_whole_frame(img: np.ndarray, side: int, aspect: float) -> np.ndarray:
     """
     import cv2
 
-    h, w = img.shape[:2]
-    nw = int(round(side * aspect))
-    return cv2.resize(img, (nw, side), interpolation=cv2.INTER_AREA if side < h else cv2.INTER_LINEAR)
+    shrink = side < img.shape[0]
+    return cv2.resize(img, (int(round(side * aspect)), side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def fit_frame(img: np.ndarray, p: dict[str, Any]) -> np.ndarray:

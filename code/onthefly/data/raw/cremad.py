@@ -20,7 +20,7 @@ EXPECTED = (
 )
 # Audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
 # STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188. Frames: 1 per second, all kept,
-# the whole 480 x 360 frame stored at 341 x 256 (aspect 4:3), so the loader can take the
+# the whole 480 x 360 frame stored 256 high and 341 wide (4:3), so the loader can take the
 # official RandomResizedCrop of the full frame (or, with --frame_crop fixed, 224 crops).
 DEFAULTS: dict[str, Any] = {
     **CONTAINER_DEFAULTS,
