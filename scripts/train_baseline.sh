@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Plain joint training (no modulation) on AV-Digits by default; options pass through.
 set -euo pipefail
+# With --config FILE (a recipe in configs/), the file decides the method: nothing is added.
 source "$(dirname "$0")/_env.sh"
-exec "$PYTHON" code/train.py --modulation none "$@"
+method=(--modulation none); has_config "$@" && method=()
+exec "$PYTHON" code/train.py "${method[@]}" "$@"

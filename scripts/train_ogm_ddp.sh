@@ -33,5 +33,8 @@ else
     launch=(--standalone --nnodes=1)
 fi
 
+# A recipe file (--config) decides the method; without one this script trains OGM-GE.
+method=(--modulation OGM_GE)
+for a in "$@"; do case "$a" in --config|--config=*) method=() ;; esac; done
 exec "$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$NPROC" \
-    code/train.py --modulation OGM_GE --sync_bn "$@"
+    code/train.py "${method[@]}" --sync_bn "$@"

@@ -188,7 +188,7 @@ def test_cremad_cache_contents(cremad_cache):
     audio = np.load(out / "audio.npy", mmap_mode="r")
     visual = np.load(out / "visual.npy", mmap_mode="r")
     assert audio.dtype == np.float16 and audio.shape == (13, *SPEC_SHAPE)
-    assert visual.dtype == np.uint8 and visual.shape[1:] == (3, 32, 32)  # channel-planar
+    assert visual.dtype == np.uint8 and visual.shape[1:] == (3, 32, 43)  # channel-planar, whole 4:3 frame
     counts = np.diff(idx["offsets"]["visual"])
     assert (counts == 4).all()  # 2 s at 2 frames per second
     assert np.isfinite(audio[:].astype(np.float32)).all()

@@ -21,6 +21,7 @@ from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
 from .models import FUSIONS, INITS
+from .data.cache.format import FRAME_CROPS
 from .modulation import ModulationConfig
 
 # Settings a resumed run may not change: they define the model or the data it was trained on,
@@ -65,6 +66,7 @@ def _add_modulation_options(group) -> None:
 def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="Train an audio-visual classifier with on-the-fly modulation.")
     p.add_argument("--config", type=str, default=None, help="YAML file of option defaults (keys = option names)")
+    p.add_argument("--print_config", action="store_true", help="print the resolved configuration as YAML and exit")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
@@ -73,6 +75,8 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
+    g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
+                   help="fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
     g.add_argument("--preprocess", default=None,
                    help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
                         "refuse a cache made otherwise")
@@ -285,3 +289,9 @@ def resolved_defaults(dataset: str = "avdigits") -> dict[str, Any]:
 def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
     """JSON-safe copy of the resolved config."""
     return json.loads(json.dumps(vars(cfg), default=str))
+
+
+def format_config(cfg: argparse.Namespace) -> str:
+    """The resolved options as YAML (sorted; usable again as a --config file)."""
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in ("explicit", "print_config", "config")}
+    return yaml.safe_dump(values, sort_keys=True, default_flow_style=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import RUN_IDENTITY_KEYS, config_to_dict, resolve_config, validate_config
+from .config import RUN_IDENTITY_KEYS, config_to_dict, format_config, resolve_config, validate_config
 from .data import DatasetInfo, get_dataset_entry
 from .data.loaders import eval_loader, train_loader
 from .data.presets import DevicePreset
@@ -261,6 +261,7 @@ def _train_in(run_dir: Path, cfg, ckpt, entry, info, device, amp_dtype, rank, wo
         if ckpt is not None:  # epochs logged after the checkpoint was written are redone
             ckpt_io.trim_metrics_log(run_dir / "metrics.jsonl", state.epoch)
         ckpt_io.atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+        print(f"resolved configuration (saved in {run_dir / 'config.json'}):\n{format_config(cfg)}", end="", flush=True)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.global_step or None)
@@ -351,6 +352,9 @@ def _resume_hint(epoch: int, last: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(argv)
+        if cfg.print_config:
+            print(format_config(cfg), end="")
+            return 0
         train(cfg)
         return 0
     except UserError as e:

@@ -9,13 +9,23 @@ features, so it observes each encoder without sending any gradient to the encode
 the fusion head. The engine adds that auxiliary loss (see `auxiliary_loss`).
 
 z_m are always computed without gradient through the encoders: they only feed the scores
-of Eq. (scores) and the per-modality accuracy.
+of Eq. (scores) and the per-modality accuracy. They are computed in float32 outside autocast
+(matmul included): the scores are the method's control signal, and a bf16 product near a tie
+can flip which modality counts as dominant. `feature_logits` is the same computation with the
+head's parameters held fixed but gradient kept to the features: the official OPM code builds
+theta from such scores (see modulation/opm.py, --opm_grad official).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _weights(layer: nn.Linear, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight and bias in float32, optionally detached."""
+    weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach else (layer.weight, layer.bias)
+    return weight.float(), bias.float()
 
 
 class FusionHead(nn.Module):
@@ -25,8 +35,21 @@ class FusionHead(nn.Module):
     def forward(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:  # (B, K)
         raise NotImplementedError
 
-    def unimodal_logits(self, h_a: torch.Tensor, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shares(self, h_a: torch.Tensor, h_b: torch.Tensor, detach_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each modality's logits z_m from (float32) features; `detach_head` holds the head fixed."""
         raise NotImplementedError
+
+    def unimodal_logits(self, h_a: torch.Tensor, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_m in float32, no gradient to the encoders (nor to the head, unless it has auxiliary classifiers)."""
+        with torch.autocast(h_a.device.type, enabled=False), torch.set_grad_enabled(
+            torch.is_grad_enabled() and self.has_auxiliary_classifiers
+        ):
+            return self.shares(h_a.detach().float(), h_b.detach().float(), detach_head=False)
+
+    def feature_logits(self, h_a: torch.Tensor, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_m in float32 as a function of the features (gradient reaches the encoders, never the head)."""
+        with torch.autocast(h_a.device.type, enabled=False):
+            return self.shares(h_a.float(), h_b.float(), detach_head=True)
 
 
 class ConcatFusion(FusionHead):
@@ -38,11 +61,11 @@ class ConcatFusion(FusionHead):
     def forward(self, h_a, h_b):
         return self.fc(torch.cat([h_a, h_b], dim=1))
 
-    @torch.no_grad()
-    def unimodal_logits(self, h_a, h_b):
-        w_a, w_b = self.fc.weight[:, : self.dim], self.fc.weight[:, self.dim :]
-        half_bias = self.fc.bias / 2
-        return h_a @ w_a.T + half_bias, h_b @ w_b.T + half_bias
+    def shares(self, h_a, h_b, detach_head):
+        weight, bias = _weights(self.fc, detach_head)
+        half_bias = bias / 2
+        w_a, w_b = weight[:, : self.dim], weight[:, self.dim :]
+        return F.linear(h_a, w_a, half_bias), F.linear(h_b, w_b, half_bias)
 
 
 class SumFusion(FusionHead):
@@ -54,9 +77,10 @@ class SumFusion(FusionHead):
     def forward(self, h_a, h_b):
         return self.fc_a(h_a) + self.fc_b(h_b)
 
-    @torch.no_grad()
-    def unimodal_logits(self, h_a, h_b):
-        return self.fc_a(h_a), self.fc_b(h_b)
+    def shares(self, h_a, h_b, detach_head):
+        # Each branch's full bias: z_a + z_b is the output. (The official evaluation prints
+        # per-modality accuracy with bias / 2 for this head; see docs/fidelity.md.)
+        return F.linear(h_a, *_weights(self.fc_a, detach_head)), F.linear(h_b, *_weights(self.fc_b, detach_head))
 
 
 class _AuxiliaryProbeMixin(FusionHead):
@@ -66,9 +90,9 @@ class _AuxiliaryProbeMixin(FusionHead):
         self.aux_a = nn.Linear(dim, num_classes)
         self.aux_b = nn.Linear(dim, num_classes)
 
-    def unimodal_logits(self, h_a, h_b):
-        # Gradient reaches the auxiliary classifiers only (inputs are detached).
-        return self.aux_a(h_a.detach()), self.aux_b(h_b.detach())
+    def shares(self, h_a, h_b, detach_head):
+        # From unimodal_logits the inputs are detached: gradient reaches the auxiliary classifiers only.
+        return F.linear(h_a, *_weights(self.aux_a, detach_head)), F.linear(h_b, *_weights(self.aux_b, detach_head))
 
 
 class FiLMFusion(_AuxiliaryProbeMixin):

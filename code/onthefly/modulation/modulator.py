@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .ogm import OGM_FORMS, OGM_PARAMS, modulate_gradients_, ogm_coefficients, ogm_parameters
-from .opm import opm_drop_probabilities, opm_feature_dropout
-from .scores import ReduceFn, discrepancy_ratios, unimodal_scores
+from .opm import OPM_GRADS, drop_probabilities, opm_feature_dropout
+from .scores import ReduceFn, discrepancy_ratios, scores_with_grad, unimodal_scores
 from ..utils import unwrap_model
 
 # method -> (uses OGM, adds GE noise, uses OPM)
@@ -59,6 +59,8 @@ class ModulationConfig:
     modulation_starts: int = _setting(0, "first epoch (0-based, inclusive) with modulation", low=0)
     modulation_ends: int = _setting(10**9, "last epoch (0-based, inclusive) with modulation", low=0)
     warmup_epochs: int = _setting(0, "epochs of plain joint training before any modulation", low=0)
+    opm_grad: str = _setting("clean", "OPM's gradient: clean (none through q), or official (the released code's theta-as-gradient)",
+                             choices=OPM_GRADS)
 
     def __post_init__(self) -> None:
         problem = self.check(asdict(self))
@@ -100,6 +102,7 @@ class Modulator:
         encoder_parameters: tuple[list[nn.Parameter], ...],
         reduce_fn: ReduceFn | None = None,
         modality_names: tuple[str, ...] | None = None,
+        head: nn.Module | None = None,
     ):
         self.config = config
         self.use_ogm, self.gaussian_noise, self.use_opm = METHODS[config.modulation]
@@ -109,12 +112,16 @@ class Modulator:
         self.stats: dict[str, torch.Tensor] = {}
         # Names for logging; stats tensors are indexed in this (the model's) modality order.
         self.modality_names = modality_names or tuple(str(i) for i in range(len(encoder_parameters)))
+        # The fusion head, for --opm_grad official (scores that carry gradient to the encoders).
+        self.head = head
+        if self.use_opm and config.opm_grad == "official" and head is None:
+            raise ValueError("--opm_grad official needs the fusion head (pass head=model.head)")
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> "Modulator":
         config = ModulationConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModulationConfig) if hasattr(cfg, f.name)})
         inner = unwrap_model(model)
-        return cls(config, inner.encoder_parameters(), reduce_fn, tuple(inner.modality_names))
+        return cls(config, inner.encoder_parameters(), reduce_fn, tuple(inner.modality_names), getattr(inner, "head", None))
 
     def measure(self, unimodal_logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores s_m (summed over ranks) and ratios rho_m for this batch; recorded in `stats`."""
@@ -132,13 +139,26 @@ class Modulator:
 
         def hook(out: dict):
             _, ratios = self.measure(out["unimodal_logits"], labels)
-            q = opm_drop_probabilities(ratios, self.config.q_base, self.config.lam)
-            features, sample_weight, keep = opm_feature_dropout(out["features"], q, self.config.p_exe)
-            self.stats["drop_prob"] = q
+            if self.config.opm_grad == "official":
+                ratios = self._ratios_with_grad(out["features"], labels)
+            q = drop_probabilities(ratios, self.config.q_base, self.config.lam)
+            features, sample_weight, keep = opm_feature_dropout(out["features"], q, self.config.p_exe, self.config.opm_grad)
+            self.stats["drop_prob"] = q.detach()
             self.stats["kept"] = keep.float().mean(dim=0)
             return features, sample_weight
 
         return hook
+
+    def _ratios_with_grad(self, features, labels: torch.Tensor) -> torch.Tensor:
+        """rho from scores that keep their gradient to the encoders (the official OPM's theta path).
+
+        Under DDP the value is the global batch's (as `measure`), the gradient flows through
+        this rank's share of the sum.
+        """
+        scores = scores_with_grad(self.head.feature_logits(*features), labels)
+        if self.reduce_fn is not None:
+            scores = scores + (self.stats["score"] - scores).detach()
+        return discrepancy_ratios(scores)
 
     def modulate_gradients(self, out: dict, labels: torch.Tensor, epoch: int) -> None:
         """Call between backward() and step(). Measures the discrepancy (for logging, every

@@ -10,8 +10,26 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import UserError
-from .format import FLOW_HALF, SPLITS
+from .format import FLOW_HALF, FRAME_CROPS, SPLITS, stored_frame_size
 from .reader import CacheReader
+
+
+def official_frame_crop(clip: torch.Tensor, size: int, train: bool) -> torch.Tensor:
+    """The official CREMA-D frame transform on a (C, T, H, W) uint8 clip, one draw per clip.
+
+    Training: RandomResizedCrop(size) of the whole frame (area scale 0.08-1, aspect 3/4-4/3,
+    torchvision's sampling) and a horizontal flip with probability 1/2; evaluation: the whole
+    frame resized to size x size. Bilinear with antialiasing, uint8 out. Random draws use
+    torch's generator, which the loader seeds per sample.
+    """
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms import functional as TF
+
+    if not train:
+        return TF.resize(clip, [size, size], antialias=True)
+    top, left, h, w = RandomResizedCrop.get_params(clip, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    out = TF.resized_crop(clip, top, left, h, w, [size, size], antialias=True)
+    return out.flip(-1) if bool(torch.rand(()) < 0.5) else out
 
 
 def pick_frames(count: int, t: int, train: bool, rng: random.Random | None = None) -> list[int]:
@@ -41,9 +59,11 @@ class CachedClips(Dataset):
     """
 
     def __init__(self, path: str, split: str, num_frames: int, crop_size: int, train: bool, verify: bool = True,
-                 limit: int | None = None):
+                 limit: int | None = None, frame_crop: str = "fixed"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if frame_crop not in FRAME_CROPS:
+            raise UserError(f"--frame_crop: unknown {frame_crop!r}; choose one of {', '.join(FRAME_CROPS)}")
         reader = CacheReader(path, verify=verify)
         self.path = path
         self.split = split
@@ -64,9 +84,15 @@ class CachedClips(Dataset):
             for name, rec in self.records.items()
             if rec["kind"] == "frames"
         }
-        side = int(reader.meta["params"]["short_side"])
-        if self.crop_size > side:
-            raise UserError(f"crop size {self.crop_size} is larger than the cached frames ({side}x{side}) in {path}")
+        height, width = stored_frame_size(reader.meta["params"])
+        if self.crop_size > min(height, width):
+            raise UserError(f"crop size {self.crop_size} is larger than the cached frames ({height}x{width}) in {path}")
+        if frame_crop == "official" and height == width:
+            raise UserError(
+                f"--frame_crop official crops the whole frame, but {path} stores centre squares; "
+                "preprocess CREMA-D again (whole frames are the default now) or pass --frame_crop fixed"
+            )
+        self.frame_crop = frame_crop
         self._arrays: dict[str, np.ndarray] | None = reader.arrays
 
     def __len__(self) -> int:
@@ -108,18 +134,18 @@ class CachedClips(Dataset):
             start, stop = int(off[row]), int(off[row + 1])
             if picks is None:  # the same frames, crop and flip for every frames modality
                 picks = pick_frames(stop - start, self.num_frames, self.train)
-                side = arr.shape[-1]
+                height, width = arr.shape[-2:]
                 if self.train:
-                    y0 = random.randint(0, side - crop)
-                    x0 = random.randint(0, side - crop)
+                    y0 = random.randint(0, height - crop)
+                    x0 = random.randint(0, width - crop)
                     flip = random.random() < 0.5
                 else:
-                    y0 = x0 = (side - crop) // 2
-            first = start + picks[0]
-            if picks == list(range(picks[0], picks[0] + len(picks))):
-                clip = arr[first : first + len(picks), :, y0 : y0 + crop, x0 : x0 + crop]
-            else:
-                clip = arr[[start + p for p in picks]][:, :, y0 : y0 + crop, x0 : x0 + crop]
+                    y0, x0 = (height - crop) // 2, (width - crop) // 2
+            if self.frame_crop == "official":
+                whole = torch.from_numpy(np.array(self._frames(arr, start, picks).transpose(1, 0, 2, 3)))  # a copy
+                item[name] = official_frame_crop(whole, crop, self.train)
+                continue
+            clip = self._frames(arr, start, picks)[:, :, y0 : y0 + crop, x0 : x0 + crop]
             out = torch.from_numpy(np.ascontiguousarray(clip.transpose(1, 0, 2, 3)))  # (C, T, H, W)
             if flip:
                 out = out.flip(-1)
@@ -127,3 +153,11 @@ class CachedClips(Dataset):
                     out[0] = 2 * FLOW_HALF - out[0]
             item[name] = out
         return item
+
+    @staticmethod
+    def _frames(arr: np.ndarray, start: int, picks: list[int]) -> np.ndarray:
+        """Rows start + picks of a frames array (T, C, H, W): one slice when they are consecutive."""
+        first = start + picks[0]
+        if picks == list(range(picks[0], picks[0] + len(picks))):
+            return arr[first : first + len(picks)]
+        return arr[[start + p for p in picks]]

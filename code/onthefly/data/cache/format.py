@@ -18,6 +18,7 @@ ARRAY_NAMES = ("audio", "visual", "flow")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
+FRAME_CROPS = ("fixed", "official")
 
 # Flow is stored as u8 = round((clip(f, -B, B) + B) * FLOW_HALF / B): zero motion is FLOW_HALF,
 # and a horizontal flip maps u8 -> 2 * FLOW_HALF - u8 exactly.
@@ -66,3 +67,10 @@ def meta_checksum(meta: dict[str, Any]) -> str:
 def remake_hint(meta: dict[str, Any] | None = None) -> str:
     ds = (meta or {}).get("dataset", "<name>")
     return f"make it again with: python code/preprocess.py --dataset {ds} --root <raw data> --out <dir>"
+
+
+def stored_frame_size(params: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the cached frames: centre squares, or whole frames with frame_aspect."""
+    side = int(params["short_side"])
+    aspect = float(params.get("frame_aspect") or 0)
+    return (side, int(round(side * aspect))) if aspect else (side, side)

@@ -152,9 +152,9 @@ class CacheReader:
             if rec["kind"] == "spectrogram" and rows != n:
                 raise UserError(f"{rec['file']}: {rows} clips, index.json has {n}; {hint}")
             if rec["kind"] == "frames":
-                side = int(self.meta["params"]["short_side"])
-                if tuple(self.arrays[name].shape[2:]) != (side, side):
-                    raise UserError(f"{rec['file']}: frames are not (C, {side}, {side}) as meta.json says; {hint}")
+                size = stored_frame_size(self.meta["params"])
+                if tuple(self.arrays[name].shape[2:]) != size:
+                    raise UserError(f"{rec['file']}: frames are not (C, {size[0]}, {size[1]}) as meta.json says; {hint}")
                 off = self.index["offsets"][name]
                 if len(off) != n + 1 or off[-1] != rows:
                     raise UserError(f"{rec['file']}: {rows} frames, index.json offsets disagree; {hint}")

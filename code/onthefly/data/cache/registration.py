@@ -80,14 +80,20 @@ def cache_build(name: str, cfg: Any, split: str, default_frames: int) -> CachedC
         train=(split == "train"),
         verify=verify,
         limit=getattr(cfg, "limit_samples", None),
+        frame_crop=getattr(cfg, "frame_crop", None) or "fixed",
     )
     _VERIFIED[key] = True
     return ds
 
 
-# Training defaults as in the paper's code: SGD (momentum 0.9, weight decay 1e-4), lr 1e-3
-# decayed x0.1 every 70 epochs, 100 epochs, batch 64.
-_PAPER_DEFAULTS = {
+# Per-dataset training defaults: the official recipe where one is published, so that
+# `--dataset X` alone is the paper's run. configs/*.yaml repeat these values, one file per
+# recipe, and tests/test_fidelity.py checks both against the published numbers.
+#
+# The CVPR 2022 OGM-GE code (GeWu-Lab/OGM-GE_CVPR2022): SGD momentum 0.9, weight decay 1e-4,
+# lr 1e-3 decayed x0.1 every 70 epochs, 100 epochs, batch 64. Kept for the datasets whose
+# T-PAMI recipe is unknown (UCF101, AVE, VGGSound: see docs/fidelity.md).
+_CVPR2022_OPTIMISATION = {
     "optimizer": "sgd",
     "lr": 1e-3,
     "momentum": 0.9,
@@ -97,6 +103,30 @@ _PAPER_DEFAULTS = {
     "scheduler": "step",
     "lr_step": 70,
     "lr_gamma": 0.1,
+}
+
+# T-PAMI 2024 (On-the-fly Modulation for Balanced Multimodal Learning).
+# CREMA-D: the authors' reply on the journal repository's issue tracker (AdamW lr 1e-3,
+# batch 32, 100 epochs, StepLR(20, 0.1), modulation in epochs 0-80, alpha 2.6). Weight
+# decay, frames and the OPM values are not stated: AdamW's 0.01 (the journal code's), 1 frame
+# (the CVPR code's), the journal scripts' q_base / lam / p_exe.
+# Kinetics-Sounds: the journal code (code/config.py, scripts/train_ogm.sh, train_opm.sh):
+# AdamW lr 5e-5 weight decay 0.01, batch 32, 100 epochs, StepLR(40, 0.1), epochs 0-5 are
+# warm-up without modulation, OGM to epoch 60 with alpha 0.8, OPM q_base 0.5, lam 0.5,
+# p_exe 0.7, 3 frames cropped to 112.
+_TPAMI2024_RECIPES: dict[str, dict[str, Any]] = {
+    "cremad": {
+        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "epochs": 100, "batch_size": 32,
+        "scheduler": "step", "lr_step": 20, "lr_gamma": 0.1,
+        "alpha": 2.6, "modulation_starts": 0, "modulation_ends": 80, "warmup_epochs": 0,
+        "q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "num_frames": 1, "frame_crop": "official",
+    },
+    "kinetics_sounds": {
+        "optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01, "epochs": 100, "batch_size": 32,
+        "scheduler": "step", "lr_step": 40, "lr_gamma": 0.1,
+        "alpha": 0.8, "modulation_starts": 0, "modulation_ends": 60, "warmup_epochs": 6,
+        "q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "num_frames": 3, "crop_size": 112,
+    },
 }
 
 _DATASETS = {
@@ -119,7 +149,7 @@ def _make_entry(name: str, frames: int, description: str) -> DatasetEntry:
         name=name,
         info=info,
         build=build,
-        defaults={**_PAPER_DEFAULTS, "num_frames": frames},
+        defaults=_TPAMI2024_RECIPES.get(name, {**_CVPR2022_OPTIMISATION, "num_frames": frames}),
         description=description,
     )
 

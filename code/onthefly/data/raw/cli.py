@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("frames")
     g.add_argument("--fps", type=float, default=None, help="frames kept per second of video [1]")
     g.add_argument("--short_side", type=int, default=None, help="stored frames are short_side x short_side [256]")
+    g.add_argument("--frame_aspect", type=float, default=None,
+                   help="cremad: store whole frames short_side x round(short_side * this) (0: centre square) [4/3]")
     g.add_argument("--crop_size", type=int, default=None, help="crop the loader takes from a stored frame [224]")
     g.add_argument("--max_frames", type=int, default=None,
                    help="at most this many frames per clip, evenly spread (0: all) [cremad/ucf101 0, "
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("splits")
     s.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="ucf101: official split")
     s.add_argument("--speaker_independent", action="store_true", help="cremad: actor-disjoint train/val/test")
+    s.add_argument("--random_split", action="store_true",
+                   help="cremad: seeded stratified split instead of the official lists (data/splits/cremad)")
     s.add_argument("--val_fraction", type=float, default=0.1, help="val share where val is carved")
     s.add_argument("--test_fraction", type=float, default=0.1, help="test share where test is carved")
     s.add_argument("--seed", type=int, default=0, help="seed of carved splits")
@@ -66,6 +70,10 @@ def _check_applicable(opts: argparse.Namespace, layout) -> None:
         raise UserError(f"--flow_bound: {layout.NAME} has no optical flow")
     if opts.speaker_independent and layout.NAME != "cremad":
         raise UserError("--speaker_independent applies to cremad only")
+    if opts.random_split and layout.NAME != "cremad":
+        raise UserError("--random_split applies to cremad only")
+    if given("frame_aspect") and "frame_aspect" not in layout.DEFAULTS:
+        raise UserError(f"--frame_aspect: {layout.NAME} stores centre squares only")
     if opts.split != 1 and layout.NAME != "ucf101":
         raise UserError("--split applies to ucf101 only")
     if (opts.csv or opts.videos) and layout.NAME not in ("kinetics_sounds", "vggsound"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from ...errors import UserError
 from .common import CONTAINER_DEFAULTS, ClipJob, Scan, require_dir
@@ -19,7 +20,8 @@ EXPECTED = (
 )
 # Audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
 # STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188. Frames: 1 per second, all kept,
-# stored 256 x 256 (random 224 crops for training).
+# the whole 480 x 360 frame stored 256 high and 341 wide (4:3), so the loader can take the
+# official RandomResizedCrop of the full frame (or, with --frame_crop fixed, 224 crops).
 DEFAULTS: dict[str, Any] = {
     **CONTAINER_DEFAULTS,
     "audio_source": "file",
@@ -28,14 +30,50 @@ DEFAULTS: dict[str, Any] = {
     "n_fft": 512,
     "hop_length": 353,
     "max_frames": 0,
+    "frame_aspect": 4 / 3,
 }
-SPLIT_OPTIONS = ("speaker_independent",)
+SPLIT_OPTIONS = ("speaker_independent", "random_split")
+# The official split lists, vendored with their MIT notice (see the README beside them).
+OFFICIAL_LISTS = Path(__file__).resolve().parents[4] / "data" / "splits" / "cremad"
 VIDEO_EXTS = (".flv", ".mp4", ".avi", ".mkv")
 _NAME_RE = re.compile(r"^(\d+)_([A-Za-z]+)_([A-Za-z]{3})_([A-Za-z]+)$")
 
 
 def uses_groups(opts: Any) -> bool:
     return bool(getattr(opts, "speaker_independent", False))
+
+
+def read_official_lists(folder: Path = OFFICIAL_LISTS) -> dict[str, str]:
+    """clip id -> "train" or "test" from the official train.csv and test.csv ({} when absent)."""
+    out: dict[str, str] = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.csv"
+        if not path.is_file():
+            return {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out[line.split(",")[0].strip()] = split
+    return out
+
+
+def official_splits(clip_ids: Sequence[str], lists: dict[str, str]) -> tuple[list[str] | None, list[str]]:
+    """Each clip's official split, or None when the lists miss some clip; and the missed ids."""
+    missing = [c for c in clip_ids if c not in lists]
+    return (None if missing or not lists else [lists[c] for c in clip_ids]), missing
+
+
+def _apply_official_split(jobs: list[ClipJob], opts: Any) -> str:
+    """Give every job its official split when the lists cover them all; say what was done."""
+    if uses_groups(opts) or getattr(opts, "random_split", False):
+        return "seeded split (--speaker_independent or --random_split): the official lists are not used"
+    splits, missing = official_splits([j.clip_id for j in jobs], read_official_lists())
+    if splits is None:
+        why = f"{len(missing)} clip(s) are not in them, e.g. {missing[0]}" if missing else f"{OFFICIAL_LISTS} is missing"
+        return f"official split lists not used ({why}): seeded stratified split instead"
+    for job, split in zip(jobs, splits):
+        job.split = split
+    return (f"official split: test list as test ({splits.count('test')} clips), "
+            f"val carved from the train list ({splits.count('train')} clips)")
 
 
 def scan(root: str, opts: Any) -> Scan:
@@ -75,4 +113,5 @@ def scan(root: str, opts: Any) -> Scan:
         )
     if not jobs and not any(s[1].startswith("missing video") for s in skipped):
         raise UserError(f"--root {root}: no CREMA-D clips found in AudioWAV/ (expected {EXPECTED})")
-    return Scan(class_names=list(CLASSES), jobs=jobs, skipped=skipped)
+    note = _apply_official_split(jobs, opts)
+    return Scan(class_names=list(CLASSES), jobs=jobs, skipped=skipped, notes=[note])

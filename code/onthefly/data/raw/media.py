@@ -126,6 +126,25 @@ def to_square(img: np.ndarray, side: int) -> np.ndarray:
     return img[y0 : y0 + side, x0 : x0 + side]
 
 
+def to_whole_frame(img: np.ndarray, side: int, aspect: float) -> np.ndarray:
+    """The whole frame resized to side x round(side * aspect) (height x width), nothing cut.
+
+    Keeps what the official CREMA-D pipeline crops from (the full frame), at a fixed size so
+    every clip's frames fit one array; a 480 x 360 frame with aspect 4/3 keeps its shape.
+    """
+    import cv2
+
+    shrink = side < img.shape[0]
+    return cv2.resize(img, (int(round(side * aspect)), side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def fit_frame(img: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+    """A decoded frame as stored: the whole frame with --frame_aspect, else the centre square."""
+    aspect = float(p.get("frame_aspect") or 0)
+    side = int(p["short_side"])
+    return to_whole_frame(img, side, aspect) if aspect else to_square(img, side)
+
+
 def flow_to_uint8(flow: np.ndarray, bound: float) -> np.ndarray:
     """(H, W, 2) float pixels -> uint8: round((clip(f, -B, B) + B) * 127 / B), zero motion = 127."""
     q = (np.clip(flow, -bound, bound) + bound) * (FLOW_HALF / bound)
@@ -171,7 +190,7 @@ def read_frames(path: str, p: dict[str, Any], with_flow: bool) -> tuple[np.ndarr
                 ok, img = cap.retrieve()
                 if not ok or img is None:
                     break
-                small = to_square(img, side)
+                small = fit_frame(img, p)
                 gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if with_flow else None
                 if pending is not None:
                     flows.append(flow_to_uint8(farneback(pending, gray), p["flow_bound"]))

@@ -52,6 +52,8 @@ def processing_params(layout: Any, opts: Any) -> dict[str, Any]:
     if "audio" in layout.MODALITIES:
         keys += AUDIO_KEYS
     keys += FRAME_KEYS
+    if "frame_aspect" in layout.DEFAULTS:  # whole frames (CREMA-D): only there, so other caches stay valid
+        keys.append("frame_aspect")
     if "flow" in layout.MODALITIES:
         keys += FLOW_KEYS
     p = {}
@@ -90,6 +92,8 @@ def _check_params(p: dict[str, Any], ip: dict[str, Any]) -> None:
         bad("--fps must be positive")
     if p["short_side"] < 8:
         bad("--short_side must be at least 8")
+    if p.get("frame_aspect", 0) < 0:
+        bad("--frame_aspect must be >= 0 (0: centre squares)")
     if p["max_frames"] < 0:
         bad("--max_frames must be >= 0 (0 keeps every frame)")
     if not 1 <= ip["crop_size"] <= p["short_side"]:
