@@ -154,9 +154,9 @@ def test_a_modulation_default_lives_in_one_place(tmp_path, monkeypatch, name):
     monkeypatch.setattr(field, "default", 0.37)
     assert getattr(get_args_parser().parse_args([]), name) == 0.37
     config = tmp_path / "c.yaml"
-    config.write_text("dataset: cremad\nmodulation: OGM_OPM\n")  # no dataset default for alpha
+    config.write_text("dataset: ucf101\nmodulation: OGM_OPM\n")  # no dataset default for alpha, q_base, lam
     assert getattr(resolve_config(["--config", str(config)]), name) == 0.37
-    assert resolved_defaults("cremad")[name] == modulation_defaults()[name] == 0.37
+    assert resolved_defaults("ucf101")[name] == modulation_defaults()[name] == 0.37
     bench_args = _bench_step(monkeypatch).parse_args([])
     if name == "alpha":  # the benchmark's only modulation option
         assert bench_args.alpha == 0.37

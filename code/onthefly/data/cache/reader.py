@@ -11,6 +11,7 @@ import numpy as np
 from ...errors import UserError
 from .format import (
     CACHE_FORMAT, CACHE_VERSION, INDEX_FILE, META_FILE, file_fingerprint, file_sha1, meta_checksum, remake_hint,
+    stored_frame_size,
 )
 
 
