@@ -527,7 +527,7 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, capsys, monkey
 # --------------------------------------------------------------------------- inference on the run's own split
 
 
-def test_inference_refuses_a_dataset_split_differently(reference, tmp_path, capsys, monkeypatch):
+def test_inference_refuses_a_dataset_split_differently(tiny_encoders, reference, tmp_path, capsys, monkeypatch):
     real = avdigits.load_arrays
 
     def resplit(cfg):  # the same samples, assigned to the splits differently
