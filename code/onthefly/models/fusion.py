@@ -65,7 +65,7 @@ class ConcatFusion(FusionHead):
         weight, bias = _weights(self.fc, detach_head)
         half_bias = bias / 2
         w_a, w_b = weight[:, : self.dim], weight[:, self.dim :]
-        return F.linear(h_a, w_a, half_bias), F.linear(h_b, w_b, half_bias)
+        return h_a @ w_a.T + half_bias, h_b @ w_b.T + half_bias  # (B, K) each
 
 
 class SumFusion(FusionHead):
