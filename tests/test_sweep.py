@@ -130,9 +130,13 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     protocol(tmp_path, grid, again)
     assert again.commands == []  # everything finished: nothing relaunched
 
-    # One run interrupted after a checkpoint (no completion record): resumed from its last.pt.
+    # Finished runs keep only what a later phase reads: no checkpoint of a tuning run.
     run = tmp_path / "out" / "tune" / "OPM" / "p1_q_base0.5_seed11"
+    assert (run / "metrics.jsonl").is_file() and not list(run.glob("*.pt"))
+
+    # One run interrupted after a checkpoint (no completion record): resumed from its last.pt.
     (run / sweep.DONE_FILE).unlink()
+    (run / "last.pt").write_text("fake")
     resumed = FakeRuns()
     protocol(tmp_path, grid, resumed)
     assert resumed.commands == [["python", str(sweep.TRAIN_SCRIPT), "--resume", str(run / "last.pt"), "--device", "cpu"]]

@@ -466,10 +466,17 @@ def write_runs_csv(path: Path, specs: list[RunSpec], python: str) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+# Checkpoints no later phase reads, removed once a run is done: a joint AV-Digits run writes
+# about 250 MB of them, which over the protocol's 75 runs would fill a small disk.
+UNUSED_CHECKPOINTS = {"tune": ("last.pt", "best.pt"), "test": ("last.pt",)}  # the probes read test runs' best.pt
+
+
 def _mark_done(job: Job, seconds: float) -> None:
     assert job.spec is not None
     record = {"returncode": 0, "seconds": round(seconds, 2), "options": job.spec.options}
     atomic_write_text(job.spec.run_dir / DONE_FILE, json.dumps(record, indent=2))
+    for name in UNUSED_CHECKPOINTS[job.spec.phase]:
+        (job.spec.run_dir / name).unlink(missing_ok=True)
 
 
 def training_jobs(specs: list[RunSpec], python: str, out: Path) -> list[Job]:
