@@ -28,18 +28,16 @@ import torch.nn.functional as F
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "code") not in sys.path:
-    sys.path.insert(0, str(REPO / "code"))
 
-from onthefly.config import resolve_config  # noqa: E402
-from onthefly.data.raw.cremad import CLASSES, official_splits, read_official_lists  # noqa: E402
-from onthefly.data.raw.splits import assign_splits  # noqa: E402
-from onthefly.data.registry import get_dataset_entry  # noqa: E402
-from onthefly.data.spec import DatasetInfo, ModalitySpec  # noqa: E402
-from onthefly.engine import compute_loss  # noqa: E402
-from onthefly.errors import UserError  # noqa: E402
-from onthefly.models import build_model  # noqa: E402
-from onthefly.modulation import ModulationConfig, Modulator  # noqa: E402
+from onthefly.config import resolve_config
+from onthefly.data.raw.cremad import CLASSES, official_splits, read_official_lists
+from onthefly.data.raw.splits import assign_splits
+from onthefly.data.registry import get_dataset_entry
+from onthefly.data.spec import DatasetInfo, ModalitySpec
+from onthefly.engine import compute_loss
+from onthefly.errors import UserError
+from onthefly.models import build_model
+from onthefly.modulation import ModulationConfig, Modulator
 
 # --------------------------------------------------------------------------- recipes
 
