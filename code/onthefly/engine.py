@@ -135,7 +135,7 @@ def train_one_epoch(
     # epoch's last step no later loss would show it, and validation would run on NaN.
     if not _weights_finite(model):
         raise NonFiniteError("weights", epoch)
-    stats = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    stats = {"loss": loss_sum / n, "acc": correct / n}
     if cfg.nonfinite == "skip":
         stats["skipped"] = skipped
     return stats
