@@ -1,5 +1,5 @@
 """One way to replace a file atomically, used for checkpoints, cache metadata, work files
-and the AV-Digits arrays.
+and the AV-Digits arrays; and the lenient read of a JSON object such a write left.
 
 The new content goes to a temporary file in the destination's folder (so the final rename
 never crosses a file system), is flushed and fsynced, gets the mode a plain `open()` would
@@ -45,3 +45,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object stored in `path`, or None when the file is missing, unreadable or holds
+    something else: for files that say whether earlier work can be reused, where "no" is safe."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

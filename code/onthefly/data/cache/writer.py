@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import uuid
 from typing import Any, Iterable
 
 import numpy as np
 
-from ...fileio import atomic_write_json, atomic_write_text
+from ...fileio import atomic_write_json, atomic_write_text, read_json_object
 from .format import (
     CACHE_FORMAT, CACHE_VERSION, INDEX_FILE, META_FILE, SKIPPED_FILE, file_fingerprint, file_sha1, meta_checksum,
 )
@@ -18,12 +17,8 @@ from .format import (
 
 def read_own_meta(out_dir: str) -> dict[str, Any] | None:
     """meta.json in `out_dir` when this program wrote it (any version, unchecked), else None."""
-    try:
-        with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT else None
+    meta = read_json_object(os.path.join(out_dir, META_FILE))
+    return meta if meta is not None and meta.get("format") == CACHE_FORMAT else None
 
 
 def owned_arrays(out_dir: str) -> set[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ...fileio import atomic_write, atomic_write_json
+from ...fileio import atomic_write, atomic_write_json, read_json_object
 from .common import ClipJob
 from .media import SkipClip, decode_container_audio, first_line, load_audio_file, log_spectrogram, read_frames
 
@@ -86,12 +86,7 @@ def load_work(path: str) -> dict[str, np.ndarray]:
 
 def read_params(work_dir: str) -> dict[str, Any] | None:
     """The parameters the unfinished work in `work_dir` was made with (None: none or unreadable)."""
-    try:
-        with open(os.path.join(work_dir, PARAMS_FILE), encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return params if isinstance(params, dict) else None
+    return read_json_object(os.path.join(work_dir, PARAMS_FILE))
 
 
 def write_params(work_dir: str, params: dict[str, Any]) -> None:
