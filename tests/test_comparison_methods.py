@@ -138,7 +138,8 @@ def test_pmr_prototypes_logits_weights_and_loss_by_hand():
 
     u_a, u_v = prototype_logits(h_a, p_a), prototype_logits(h_v, p_v)
     # Distances of h_a to (0.5, 0) and (3, 4): (0.5, 5), (sqrt(22.25), 0), (0.5, sqrt(20)).
-    assert u_a.flatten().tolist() == pytest.approx([-0.5, -5.0, -math.sqrt(22.25), 0.0, -0.5, -math.sqrt(20)])
+    # (0 is floored to 1e-6.)
+    assert u_a.flatten().tolist() == pytest.approx([-0.5, -5.0, -math.sqrt(22.25), 0.0, -0.5, -math.sqrt(20)], abs=2e-6)
 
     def softmax_true(rows, ys):
         return sum(math.exp(r[y]) / sum(math.exp(v) for v in r) for r, y in zip(rows, ys))
@@ -155,7 +156,12 @@ def test_pmr_prototypes_logits_weights_and_loss_by_hand():
 
     loss = pmr_loss((u_a, u_v), labels, weights)
     assert loss.item() == pytest.approx(2.0 * ce(u_v.tolist(), [0, 1, 0]), rel=1e-12)
-    # Gradient reaches the features (the encoders), not the prototypes' source.
+    # Gradient reaches the features (the encoders). h_v[0] lies on its class prototype (1, 1): the
+    # distance floor gives it zero gradient through that distance where a plain sqrt gives NaN.
     h_v.requires_grad_(True)
     pmr_loss((u_a, prototype_logits(h_v, p_v)), labels, weights).backward()
-    assert h_v.grad is not None and h_v.grad.abs().sum() > 0
+    assert h_v.grad.isfinite().all() and h_v.grad[1:].abs().sum() > 0
+    # Row 0: only the distance to the other prototype (0, 1) counts. dCE/du_01 = softmax(u_v[0])_1 = p_01,
+    # du_01/dh = -(h - (0, 1)) / |h - (0, 1)| = (-1, 0); the loss is 2 x the mean over 3 samples.
+    p_01 = math.exp(-1.0) / (math.exp(0.0) + math.exp(-1.0))
+    assert h_v.grad[0].tolist() == pytest.approx([-2 / 3 * p_01, 0.0], abs=1e-6)

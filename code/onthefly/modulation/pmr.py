@@ -28,8 +28,9 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.
     """-|h_i - P_k|_2: (B, d), (K, d) -> (B, K), differentiable in the features; float32 at least."""
     dtype = torch.promote_types(features.dtype, torch.float32)
     diff = features.to(dtype).unsqueeze(1) - prototypes.to(dtype).unsqueeze(0)  # (B, K, d)
-    # sqrt of the summed squares, not torch.cdist: cdist's matrix-product path loses digits.
-    return -diff.pow(2).sum(dim=2).sqrt()
+    # sqrt of the summed squares, not torch.cdist: cdist's matrix-product path loses digits. The floor
+    # (a distance of at least 1e-6) makes a feature lying on a prototype give zero gradient, not NaN.
+    return -diff.pow(2).sum(dim=2).clamp_min(1e-12).sqrt()
 
 
 @torch.no_grad()
