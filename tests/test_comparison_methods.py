@@ -165,3 +165,154 @@ def test_pmr_prototypes_logits_weights_and_loss_by_hand():
     # du_01/dh = -(h - (0, 1)) / |h - (0, 1)| = (-1, 0); the loss is 2 x the mean over 3 samples.
     p_01 = math.exp(-1.0) / (math.exp(0.0) + math.exp(-1.0))
     assert h_v.grad[0].tolist() == pytest.approx([-2 / 3 * p_01, 0.0], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- through the Modulator
+
+
+class TinyDoubleModel(torch.nn.Module):
+    """The modulation contract in float64: two linear encoders and the concat head. The engine's
+    loss and the z_m are float32 by design, so these checks of the wiring hold to float32
+    precision; the rules themselves are checked exactly above."""
+
+    modality_names = ("a", "b")
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        from onthefly.models.fusion import ConcatFusion
+
+        self.encoders = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(4, 2)})
+        self.head = ConcatFusion(2, num_classes)
+        self.double()
+
+    def forward(self, inputs, feature_hook=None):
+        features = tuple(self.encoders[m](inputs[m]) for m in self.modality_names)
+        out = {"features": features, "unimodal_logits": self.head.unimodal_logits(*features), "sample_weight": None}
+        if feature_hook is not None:
+            features, out["sample_weight"] = feature_hook(out)
+        out["logits"] = self.head(*features)
+        return out
+
+    def encoder_parameters(self):
+        return tuple(list(self.encoders[m].parameters()) for m in self.modality_names)
+
+
+def _tiny_step(modulation: str, **settings):
+    from onthefly.engine import compute_loss
+    from onthefly.modulation import ModulationConfig, Modulator
+
+    torch.manual_seed(0)
+    model = TinyDoubleModel()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"a": torch.randn(5, 3, generator=g, dtype=D), "b": torch.randn(5, 4, generator=g, dtype=D)}
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    modulator = Modulator.for_model(model, ModulationConfig(modulation=modulation, **settings))
+    modulator.begin_epoch(model, [(inputs, labels)], lambda batch: batch, epoch=0)
+    out = model(inputs, feature_hook=modulator.feature_hook(labels, 0))
+    loss = compute_loss(out, labels, model.head)
+    loss = loss + modulator.auxiliary_loss(out, labels, 0, loss)
+    loss.backward()
+    modulator.modulate_gradients(out, labels, 0)
+    return model, modulator, inputs, labels
+
+
+def _plain_grads(inputs, labels, extra=None):
+    """Every parameter's gradient of CE(fused) (+ extra(model, features)) on a fresh copy of the tiny model."""
+    torch.manual_seed(0)
+    model = TinyDoubleModel()
+    features = [model.encoders[m](inputs[m]) for m in model.modality_names]
+    loss = torch.nn.functional.cross_entropy(model.head(*features), labels)
+    if extra is not None:
+        loss = loss + extra(model, features)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, model, features
+
+
+def test_ogm_const_through_the_modulator_scales_the_named_encoder_by_k():
+    model, modulator, inputs, labels = _tiny_step("OGM_CONST", const_dominant="b", const_k=0.25, ogm_params="all")
+    plain, _, _ = _plain_grads(inputs, labels)
+    for name, p in model.named_parameters():
+        k = 0.25 if name.startswith("encoders.b.") else 1.0
+        assert torch.allclose(p.grad, k * plain[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_unimodal_aux_gradient_of_a_head_share_by_hand():
+    model, _, inputs, labels = _tiny_step("UNIMODAL_AUX", aux_weight=0.5)
+    plain, fresh, features = _plain_grads(inputs, labels)
+    # z_a = h_a W_a^T + b / 2; d CE(z_a) / d W_a = (softmax(z_a) - onehot)^T h_a / B, d / db = mean(...) / 2.
+    h_a = features[0].detach().numpy()
+    w = fresh.head.fc.weight.detach().numpy()
+    b = fresh.head.fc.bias.detach().numpy()
+    z_a = h_a @ w[:, :2].T + b / 2
+    p_a = np.exp(z_a - z_a.max(1, keepdims=True))
+    p_a /= p_a.sum(1, keepdims=True)
+    residual = p_a - np.eye(3)[labels.numpy()]
+    expected_w_a = plain["head.fc.weight"].numpy()[:, :2] + 0.5 * residual.T @ h_a / 5
+    assert np.allclose(model.head.fc.weight.grad.numpy()[:, :2], expected_w_a, rtol=1e-5, atol=1e-7)
+    # The encoders get the aux loss too: compare with autograd on the written-out loss.
+    def aux(m, fs):
+        w, b = m.head.fc.weight, m.head.fc.bias
+        return 0.5 * sum(torch.nn.functional.cross_entropy(h @ w[:, 2 * i:2 * i + 2].T + b / 2, labels)
+                         for i, h in enumerate(fs))
+    with_aux, _, _ = _plain_grads(inputs, labels, aux)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, with_aux[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_mmpareto_through_the_modulator_integrates_separately_taken_gradients():
+    model, _, inputs, labels = _tiny_step("MMPARETO")
+    # As the released code takes them: one backward per loss, each encoder's gradients read off.
+    def share_ce(i):
+        def loss(m, fs):
+            w, b = m.head.fc.weight, m.head.fc.bias
+            return torch.nn.functional.cross_entropy(fs[i] @ w[:, 2 * i:2 * i + 2].T + b / 2, labels)
+        return loss
+    joint, _, _ = _plain_grads(inputs, labels)
+    total, _, _ = _plain_grads(inputs, labels, lambda m, fs: share_ce(0)(m, fs) + share_ce(1)(m, fs))
+    for i, name in enumerate(("a", "b")):
+        uni_all, _, _ = _plain_grads(inputs, labels, share_ce(i))
+        keys = [f"encoders.{name}.weight", f"encoders.{name}.bias"]
+        g_mm = [joint[k] for k in keys]
+        g_uni = [uni_all[k] - joint[k] for k in keys]
+        for k, expected in zip(keys, integrate_gradients(g_mm, g_uni, gamma=1.5)):
+            assert torch.allclose(dict(model.named_parameters())[k].grad, expected, rtol=1e-5, atol=1e-7), k
+    for k in ("head.fc.weight", "head.fc.bias"):  # the head keeps the plain summed gradient
+        assert torch.allclose(dict(model.named_parameters())[k].grad, total[k], rtol=1e-5, atol=1e-7)
+
+
+def test_pmr_prototypes_come_from_the_first_tenth_of_the_batches_and_blend():
+    from onthefly.modulation import ModulationConfig, Modulator
+
+    torch.manual_seed(0)
+    model = TinyDoubleModel()
+    g = torch.Generator().manual_seed(2)
+    batches = [({"a": torch.randn(4, 3, generator=g, dtype=D), "b": torch.randn(4, 4, generator=g, dtype=D)},
+                torch.tensor([0, 1, 2, i % 3])) for i in range(25)]
+    modulator = Modulator.for_model(model, ModulationConfig(modulation="PMR", pmr_momentum=0.25))
+    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=0)
+    with torch.no_grad():  # 25 // 10 = 2 batches
+        h = torch.cat([model.encoders["a"](x["a"]) for x, _ in batches[:2]])
+        y = torch.cat([labels for _, labels in batches[:2]])
+        means = torch.stack([h[y == k].mean(0) for k in range(3)])
+    assert torch.allclose(modulator.prototypes[0].double(), means, atol=1e-6)
+    first = modulator.prototypes[0].clone()
+    with torch.no_grad():
+        model.encoders["a"].bias += 1.0  # the encoder moved: new class means, each shifted by 1
+    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=1)
+    assert torch.allclose(modulator.prototypes[0], 0.75 * (first + 1.0) + 0.25 * first, atol=1e-6)
+    assert model.training  # back in training mode
+
+
+def test_settings_of_the_new_methods_are_checked():
+    from onthefly.modulation import ModulationConfig, Modulator
+
+    with pytest.raises(ValueError, match="OGM_CONST needs const_dominant"):
+        ModulationConfig(modulation="OGM_CONST")
+    with pytest.raises(ValueError, match="drop_prob must be < 1"):
+        ModulationConfig(modulation="DROPOUT_UNIFORM", drop_prob=1.0)
+    with pytest.raises(ValueError, match="'c' is not a modality of this model"):
+        Modulator.for_model(TinyDoubleModel(), ModulationConfig(modulation="OGM_CONST", const_dominant="c"))
+    modulator = Modulator.for_model(TinyDoubleModel(), ModulationConfig(modulation="PMR"))
+    out = TinyDoubleModel()({"a": torch.zeros(2, 3, dtype=D), "b": torch.zeros(2, 4, dtype=D)})
+    with pytest.raises(RuntimeError, match="call begin_epoch"):
+        modulator.auxiliary_loss(out, torch.tensor([0, 1]), 0, torch.zeros(()))

@@ -387,8 +387,7 @@ class Modulator:
         if self.method.loss == "pmr":
             return self._pmr_loss(out["features"], labels)
         with torch.autocast(labels.device.type, enabled=False):
-            shares = self.head.shares(tuple(h.to(torch.promote_types(h.dtype, torch.float32)) for h in out["features"]),
-                                      detach_head=False)
+            shares = self.head.shares(tuple(h.float() for h in out["features"]), detach_head=False)
         unimodal = [torch.nn.functional.cross_entropy(z, labels) for z in shares]
         if self.method.gradients == "mmpareto":
             self._pareto_grads = [(self._grads(joint_loss, ps), self._grads(loss, ps))
