@@ -43,6 +43,8 @@ class ContractError(TypeError):
 
 
 def _accepts_feature_hook(model: nn.Module) -> bool:
+    if not callable(getattr(model, "forward", None)):
+        return False
     params = inspect.signature(model.forward).parameters
     return "feature_hook" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
@@ -62,7 +64,7 @@ def check_model(model: nn.Module, needs_feature_logits: bool = False) -> None:
         missing.append(f"encoder_parameters() with one group per modality ({len(names)}: {', '.join(names)}); "
                        f"it returned {len(model.encoder_parameters())}")
     if not _accepts_feature_hook(model):
-        missing.append("the forward() argument feature_hook (see onthefly.modulation.contract)")
+        missing.append("forward(inputs, feature_hook=None): the feature_hook argument (see onthefly.modulation.contract)")
     if needs_feature_logits and not callable(getattr(getattr(model, "head", None), "feature_logits", None)):
         missing.append("head.feature_logits(*features) (needed by opm_grad official)")
     if missing:
