@@ -1,21 +1,26 @@
-"""The benchmark protocol's plumbing (analysis/sweep.py) on a tiny grid with faked runs.
+"""The benchmark protocol's plumbing (onthefly/experiments) on a tiny grid with faked runs.
 
-The fake launcher writes what train.py and probe.py would write (config.json, metrics.jsonl,
-test_metrics.json, probe.json) with known numbers, and counts its launches. One test launches
-the real train.py once, to check that the options the sweep writes are train.py's and that the
-run it leaves behind counts as finished.
+The fake spawn writes what train.py and probe.py would write (config.json, metrics.jsonl,
+best.pt, test_metrics.json, probe.json) with known numbers, and counts its launches. One test
+launches the real train.py once, to check that the options the sweep writes are train.py's
+and that the run it leaves behind counts as finished.
 """
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from onthefly.analysis import sweep
 from onthefly.analysis.benchmark_report import paired_difference
 from onthefly.errors import UserError
+from onthefly.experiments import cli, launchers
+from onthefly.experiments import grid as gridfile
+from onthefly.experiments import protocol as protocol_module
+from onthefly.experiments import spec as runspec
+from onthefly.experiments.protocol import Programs
 
 GRID = {
     "common": {"dataset": "avdigits", "epochs": 2},
@@ -34,13 +39,15 @@ TEST_IF_LEAKED = {("none", 0): 0.60, ("none", 1): 0.70, ("OPM", 0): 0.90, ("OPM"
 TEST = {"none": [0.70, 0.72, 0.74], "OPM": [0.75, 0.73, 0.80], "audio alone": [0.81, 0.80, 0.79],
         "visual alone": [0.55, 0.50, 0.60]}
 ALONE_VAL = {"audio": 0.82, "visual": 0.58}
+PROGRAMS = Programs(python="python")
+GOLDEN = Path(__file__).parent / "golden" / "protocol_fake"
 
 
-def write_grid(tmp_path: Path, grid: dict = GRID) -> sweep.Grid:
+def write_grid(tmp_path: Path, grid: dict = GRID) -> gridfile.Grid:
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({**grid, "methods": {k: {kk: vv for kk, vv in v.items() if vv is not None}
                                                          for k, v in grid["methods"].items()}}, sort_keys=False))
-    return sweep.load_grid(path)
+    return gridfile.load_grid(path)
 
 
 class FakeRuns:
@@ -74,6 +81,7 @@ class FakeRuns:
                   {"epoch": 1, "val_acc": val, "val_acc_audio": 0.8, "val_acc_visual": 0.35}]
         (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
         (spec.run_dir / "last.pt").write_text("fake")
+        (spec.run_dir / "best.pt").write_text("fake")
         # A leak: the fake writes test numbers even for tuning runs, which the selection must ignore.
         (spec.run_dir / "test_metrics.json").write_text(json.dumps(
             {"acc": test, "macro_f1": test - 0.01, "acc_audio": 0.8, "acc_visual": 0.3 + spec.seed / 100}))
@@ -83,8 +91,9 @@ class FakeRuns:
         return [c for c in self.commands if c[1].endswith(kind)]
 
 
-def protocol(tmp_path: Path, grid: sweep.Grid, runs: FakeRuns) -> dict:
-    return sweep.run_protocol(grid, tmp_path / "out", ["cpu", "cpu"], launcher=runs, python="python", report_every=0.01)
+def protocol(tmp_path: Path, grid: gridfile.Grid, runs: FakeRuns) -> dict:
+    launcher = launchers.LocalLauncher(["cpu", "cpu"], spawn=runs, report_every=0.01)
+    return protocol_module.run_protocol(grid, tmp_path / "out", launcher, PROGRAMS)
 
 
 def test_selection_uses_validation_never_test(tmp_path):
@@ -111,11 +120,11 @@ def test_selection_uses_validation_never_test(tmp_path):
 
 def test_ties_go_to_the_earlier_point(tmp_path):
     grid = write_grid(tmp_path)
-    specs = sweep.tuning_runs(grid, tmp_path / "out")
+    specs = runspec.tuning_runs(grid, tmp_path / "out")
     for s in specs:
         s.run_dir.mkdir(parents=True)
         (s.run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_acc": 0.5}) + "\n")
-    assert {m: c["index"] for m, c in sweep.select_points(grid, specs).items()} == {"none": 0, "OPM": 0}
+    assert {m: c["index"] for m, c in protocol_module.select_points(grid, specs).items()} == {"none": 0, "OPM": 0}
 
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
@@ -135,11 +144,11 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run / "metrics.jsonl").is_file() and not list(run.glob("*.pt"))
 
     # One run interrupted after a checkpoint (no completion record): resumed from its last.pt.
-    (run / sweep.DONE_FILE).unlink()
+    (run / runspec.DONE_FILE).unlink()
     (run / "last.pt").write_text("fake")
     resumed = FakeRuns()
     protocol(tmp_path, grid, resumed)
-    assert resumed.commands == [["python", str(sweep.TRAIN_SCRIPT), "--resume", str(run / "last.pt"), "--device", "cpu"]]
+    assert resumed.commands == [["python", str(PROGRAMS.train), "--resume", str(run / "last.pt"), "--device", "cpu"]]
 
     # A changed common option: every run's config differs, so every run starts afresh.
     changed = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 3}})
@@ -150,8 +159,8 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
 
 def test_failed_runs_stop_the_phase_and_are_retried(tmp_path):
     grid = write_grid(tmp_path)
-    broken = FakeRuns(fail={"p0_lr0.01_seed10"})
-    with pytest.raises(sweep.RunsFailed, match="1 run"):
+    broken = FakeRuns(fail={"tune/none/p0_lr0.01_seed10"})
+    with pytest.raises(protocol_module.RunsFailed, match="1 run"):
         protocol(tmp_path, grid, broken)
     assert len(broken.launches()) == 8  # the other tuning runs finished; no test run started
     retry = FakeRuns()
@@ -212,27 +221,26 @@ def test_bad_grid_files_are_refused(tmp_path, change, message):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({**GRID, **change}, sort_keys=False))
     with pytest.raises(UserError, match=message):
-        sweep.load_grid(path)
+        gridfile.load_grid(path)
 
 
 def test_a_real_train_run_counts_as_finished(tmp_path):
     grid = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 1, "limit_samples": 64,
                                                     "batch_size": 32, "weight_decay": 0.0001}})
-    spec = sweep.tuning_runs(grid, tmp_path / "out")[0]
-    assert sweep.run_state(spec) == "start"
-    launcher = sweep.SubprocessLauncher()
-    jobs = sweep.training_jobs([spec], __import__("sys").executable, tmp_path / "out")
-    progress = sweep.Progress("tuning", 1, 0, [], 1)
-    assert sweep.run_jobs(jobs, ["cpu"], launcher, progress, sweep._mark_done) == []
-    assert sweep.run_state(spec) == "done", (tmp_path / "out" / "logs" / "tune" / f"{spec.run_dir.name}.log").read_text()
+    spec = runspec.tuning_runs(grid, tmp_path / "out")[0]
+    assert runspec.run_state(spec) == "start"
+    jobs = protocol_module.training_jobs([spec], Programs(), tmp_path / "out")
+    progress = launchers.Progress("tuning", 1, 0, [], 1)
+    assert launchers.LocalLauncher(["cpu"]).run(jobs, progress, protocol_module.settle_training) == []
+    assert runspec.run_state(spec) == "done", jobs[0].log.read_text()
     assert not (spec.run_dir / "test_metrics.json").exists()  # --no-eval_test
-    assert sweep.best_val_acc(spec.run_dir) is not None
+    assert runspec.best_val_acc(spec.run_dir) is not None
 
 
 def test_progress_line_counts_and_eta():
-    progress = sweep.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
+    progress = launchers.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
     progress.running = 2
     # 10 - 4 done - 2 running counted as half done = 5 runs of 90 s on 2 slots = 225 s; with 6 more: 495 s.
     assert progress.line() == ("[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
                                "with the 6 runs of the test phase: 8.2 min")
-    assert sweep.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"
+    assert launchers.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"

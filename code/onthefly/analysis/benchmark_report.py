@@ -1,4 +1,4 @@
-"""Statistics and report of the benchmark protocol (analysis/sweep.py): report.md, results.csv, figures.
+"""Statistics and report of the benchmark protocol (experiments/protocol.py): report.md, results.csv, figures.
 
 Per method, over the test seeds of its selected grid point:
   - test accuracy and macro-F1 of the fused prediction: mean ± sample std (ddof 1);
@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_write_text
-from .runs import _read_json, load_run
-from .sweep import Grid, RunSpec, best_val_acc, point_name
+from ..experiments.grid import Grid
+from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
+from ..fileio import atomic_write_text, read_json_object
+from .runs import load_run
 
 BASELINE = "none"
 BOOTSTRAP_RESAMPLES = 10_000
@@ -78,7 +79,7 @@ def _test_values(specs: list[RunSpec], key: str, source: str = "test") -> dict[i
     """{seed: value} of key in each run's test_metrics.json (source 'test') or probe.json ('probe')."""
     out = {}
     for s in specs:
-        data = _read_json(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
+        data = read_json_object(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
         if data is not None and data.get(key) is not None:
             out[s.seed] = float(data[key])
     return out
@@ -123,7 +124,7 @@ def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
     """The selected options as the runs resolved them (config.json), with the defaults they kept."""
     keys = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
     for s in runs:
-        config = _read_json(s.run_dir / "config.json")
+        config = read_json_object(s.run_dir / "config.json")
         if config:
             return {k: config.get(k) for k in keys if k in config}
     return {}
@@ -252,7 +253,7 @@ def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], tes
                            wall_seconds: float, slots: int) -> dict:
     """report.md, results.csv, summary.json and figures in `out`."""
     summary = summarize(grid, selection, test)
-    durations = [d["seconds"] for s in tune + test if (d := _read_json(s.run_dir / "sweep_run.json")) and "seconds" in d]
+    durations = [d for s in tune + test if (d := run_seconds(s)) is not None]
     timing = {"wall_s": wall_seconds, "train_s": float(sum(durations)), "runs": len(durations), "slots": slots}
     figures = _figures(grid, selection, tune, test, out, summary["weak_modality"])
     atomic_write_text(out / "report.md", _markdown(grid, summary, selection, figures, timing))
