@@ -107,6 +107,7 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
         row = {
             "method": method,
             "seeds": sorted(acc),
+            "diverged": sorted(s.seed for s in runs if run_state(s) == "diverged"),
             "acc": mean_std(list(acc.values())),
             "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
             "diff_to_none": None if reference or method == BASELINE else paired_difference(acc, base),
@@ -135,14 +136,14 @@ def write_results_csv(path: Path, summary: dict) -> None:
     w = csv.writer(buf)
     w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
                 "diff_ci_low", "diff_ci_high", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
-                "weak_probe_std", "selected", "selected_val_acc"])
+                "weak_probe_std", "selected", "selected_val_acc", "n_diverged"])
     num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
     for r in summary["rows"]:
         w.writerow([r["method"], len(r["seeds"]), num(r["acc"], "mean"), num(r["acc"], "std"), num(r["macro_f1"], "mean"),
                     num(r["macro_f1"], "std"), num(r["diff_to_none"], "mean"), num(r["diff_to_none"], "low"),
                     num(r["diff_to_none"], "high"), summary["weak_modality"] or "", num(r["weak_head"], "mean"),
                     num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
-                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}"])
+                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}", len(r["diverged"])])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -183,6 +184,9 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(r["diff_to_none"]),
                      _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
     lines += _table(header, rows) + [""]
+    diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
+    if diverged:
+        lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
 
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
@@ -198,8 +202,8 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         for p in chosen["points"]:
             mark = "**" if p["index"] == chosen["index"] else ""
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
-            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}",
-                         f"{mark}{100 * p['val_acc']:.2f}{mark}", per_seed])
+            score = "diverged" if p["val_acc"] is None else f"{mark}{100 * p['val_acc']:.2f}{mark}"
+            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}", score, per_seed])
         lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
@@ -224,7 +228,7 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
             continue
         x, lines = method.sensitivity["x"], method.sensitivity.get("lines")
         series: dict[str, list[tuple[float, float, float]]] = {}
-        for p in selection[name]["points"]:
+        for p in [p for p in selection[name]["points"] if p["val_acc"] is not None]:
             values = list(p["per_seed"].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))

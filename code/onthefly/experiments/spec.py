@@ -136,6 +136,11 @@ def check_run_options(grid: Grid) -> None:
     its first run rather than when that run starts."""
     from ..config import resolve_config
 
+    known = {a.dest for a in _train_parser()._actions if a.option_strings}
+    given = {*grid.common, *(k for m in grid.methods.values() for k in m.grid)}
+    unknown = sorted(given - known)  # exact names: argparse would take '--epoch' for '--epochs'
+    if unknown:
+        raise UserError(f"{grid.path}: not train.py options: {', '.join(unknown)}")
     first = grid.tuning_seeds[0]
     candidates = [{**grid.common, "modulation": m.name, **p, "seed": first} for m in grid.methods.values()
                   for p in m.points()]
