@@ -1,4 +1,4 @@
-"""Statistics and report of the benchmark protocol (analysis/sweep.py): report.md, results.csv, figures.
+"""Statistics and report of the benchmark protocol (experiments/protocol.py): report.md, results.csv, figures.
 
 Per method, over the test seeds of its selected grid point:
   - test accuracy and macro-F1 of the fused prediction: mean ± sample std (ddof 1);
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 
-from ..checkpoint import atomic_write_text
-from .runs import _read_json, load_run
+from ..experiments.grid import Grid
+from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
+from ..fileio import atomic_write_text, read_json_object
+from .runs import load_run
 from .stats import ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, compare_paired, holm_verdicts
-from .sweep import Grid, RunSpec, best_val_acc, point_name
 
 BASELINE = "none"
 CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
@@ -69,7 +70,7 @@ def _test_values(specs: list[RunSpec], key: str, source: str = "test") -> dict[i
     """{seed: value} of key in each run's test_metrics.json (source 'test') or probe.json ('probe')."""
     out = {}
     for s in specs:
-        data = _read_json(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
+        data = read_json_object(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
         if data is not None and data.get(key) is not None:
             out[s.seed] = float(data[key])
     return out
@@ -101,6 +102,7 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
         row = {
             "method": method,
             "seeds": sorted(acc),
+            "diverged": sorted(s.seed for s in runs if run_state(s) == "diverged"),
             "acc": mean_std(list(acc.values())),
             "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
             "diff_to_none": comparisons.get(method),
@@ -119,7 +121,7 @@ def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
     """The selected options as the runs resolved them (config.json), with the defaults they kept."""
     keys = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
     for s in runs:
-        config = _read_json(s.run_dir / "config.json")
+        config = read_json_object(s.run_dir / "config.json")
         if config:
             return {k: config.get(k) for k in keys if k in config}
     return {}
@@ -131,7 +133,7 @@ def write_results_csv(path: Path, summary: dict) -> None:
     w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
                 "diff_t_low", "diff_t_high", "diff_t_p", "diff_perm_p", "diff_holm_p", "diff_survives", "diff_boot_low",
                 "diff_boot_high", "none_acc_std", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
-                "weak_probe_std", "selected", "selected_val_acc"])
+                "weak_probe_std", "selected", "selected_val_acc", "n_diverged"])
     num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
     for r in summary["rows"]:
         d = r["diff_to_none"]
@@ -141,14 +143,14 @@ def write_results_csv(path: Path, summary: dict) -> None:
                     num(d, "boot_low"), num(d, "boot_high"), num(summary["baseline_acc"], "std"),
                     summary["weak_modality"] or "", num(r["weak_head"], "mean"),
                     num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
-                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}"])
+                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}", len(r["diverged"])])
     atomic_write_text(path, buf.getvalue())
 
 
 def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     """One row per test-phase run: method, seed and every number of its test_metrics.json, so
     each interval of the report can be recomputed from the committed file."""
-    rows = [(s.method, s.seed, data) for s in test if (data := _read_json(s.run_dir / "test_metrics.json")) is not None]
+    rows = [(s.method, s.seed, data) for s in test if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
     keys = sorted({k for _, _, data in rows for k, v in data.items() if isinstance(v, (int, float))})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -183,8 +185,8 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         "the paired Student-t interval of that mean; percentage points. **none std**: the seed-to-seed std of `none` "
         "itself, the scale a difference has to be read against.",
         "- **p (sign-flip)**: exact two-sided permutation p-value over all 2^n sign patterns of the paired differences "
-        f"(its smallest possible value is 2/2^n). **Holm p**: adjusted across the {len(grid.methods) - 1} methods "
-        f"compared with none. **Verdict**: better / worse when the Holm-adjusted p is below {ALPHA}, otherwise "
+        f"(its smallest possible value is 2/2^n). **Holm p**: adjusted across the methods compared with none "
+        f"({len(grid.methods) - 1}). **Verdict**: better / worse when the Holm-adjusted p is below {ALPHA}, otherwise "
         "\"no difference shown\".",
         f"- **Bootstrap [{int(100 * CONFIDENCE)}%]** (secondary): percentile bootstrap interval of the mean difference "
         f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); with few seeds it cannot "
@@ -207,6 +209,9 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
                      base_std if d else "–", _p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d),
                      _diff_text(d, "boot_low", "boot_high"), _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
     lines += _table(header, rows) + [""]
+    diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
+    if diverged:
+        lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
 
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
@@ -222,8 +227,8 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         for p in chosen["points"]:
             mark = "**" if p["index"] == chosen["index"] else ""
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
-            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}",
-                         f"{mark}{100 * p['val_acc']:.2f}{mark}", per_seed])
+            score = "diverged" if p["val_acc"] is None else f"{mark}{100 * p['val_acc']:.2f}{mark}"
+            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}", score, per_seed])
         lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
@@ -248,7 +253,7 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
             continue
         x, lines = method.sensitivity["x"], method.sensitivity.get("lines")
         series: dict[str, list[tuple[float, float, float]]] = {}
-        for p in selection[name]["points"]:
+        for p in [p for p in selection[name]["points"] if p["val_acc"] is not None]:
             values = list(p["per_seed"].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))
@@ -277,7 +282,7 @@ def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], tes
                            wall_seconds: float, slots: int) -> dict:
     """report.md, results.csv, per_seed.csv, summary.json and figures in `out`."""
     summary = summarize(grid, selection, test)
-    durations = [d["seconds"] for s in tune + test if (d := _read_json(s.run_dir / "sweep_run.json")) and "seconds" in d]
+    durations = [d for s in tune + test if (d := run_seconds(s)) is not None]
     timing = {"wall_s": wall_seconds, "train_s": float(sum(durations)), "runs": len(durations), "slots": slots}
     figures = _figures(grid, selection, tune, test, out, summary["weak_modality"])
     atomic_write_text(out / "report.md", _markdown(grid, summary, selection, figures, timing))
