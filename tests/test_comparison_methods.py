@@ -86,7 +86,7 @@ def test_unimodal_cross_entropy_by_hand():
 def test_mmpareto_without_conflict_is_gamma_times_the_sum():
     g_mm, g_uni = [_t([1.0, 0.0]), _t([2.0])], [_t([1.0, 1.0]), _t([0.0])]  # cos > 0
     assert pareto_weights(g_mm, g_uni).tolist() == [0.5, 0.5]
-    out = integrate_gradients(g_mm, g_uni, gamma=1.5)
+    out, _ = integrate_gradients(g_mm, g_uni, gamma=1.5)
     assert out[0].tolist() == pytest.approx([3.0, 1.5]) and out[1].tolist() == pytest.approx([3.0])
 
 
@@ -101,7 +101,7 @@ def test_mmpareto_with_conflict_takes_the_min_norm_direction_and_the_sums_magnit
     a, b = np.array([1.0, 0.0, 0.5]), np.array([-1.0, 1.0, -2.0])
     grid = np.linspace(0, 1, 1_000_001)
     assert grid[np.argmin(np.linalg.norm(np.outer(grid, a) + np.outer(1 - grid, b), axis=1))] == pytest.approx(c, abs=1e-6)
-    out = integrate_gradients(g_mm, g_uni, gamma=1.5)
+    out, _ = integrate_gradients(g_mm, g_uni, gamma=1.5)
     for mm, uni, got in zip(g_mm, g_uni, out):
         new = 2 * (c * mm + (1 - c) * uni)
         boost = max(1.0, float((mm + uni).norm() / new.norm()))
@@ -116,9 +116,9 @@ def test_mmpareto_boundary_cases_follow_the_released_solver():
     # the result is then the unimodal gradient rescaled to the sum's norm, times gamma.
     g_mm, g_uni = [_t([0.0, 0.0])], [_t([3.0, -4.0])]
     assert pareto_weights(g_mm, g_uni).tolist() == pytest.approx([0.999, 0.001])
-    assert integrate_gradients(g_mm, g_uni, gamma=1.5)[0].tolist() == pytest.approx([4.5, -6.0])
+    assert integrate_gradients(g_mm, g_uni, gamma=1.5)[0][0].tolist() == pytest.approx([4.5, -6.0])
     # Opposite gradients of equal norm: the min-norm point is 0, and so is the update.
-    assert integrate_gradients([_t([1.0, 2.0])], [_t([-1.0, -2.0])], gamma=1.5)[0].tolist() == [0.0, 0.0]
+    assert integrate_gradients([_t([1.0, 2.0])], [_t([-1.0, -2.0])], gamma=1.5)[0][0].tolist() == [0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- PMR
@@ -274,7 +274,7 @@ def test_mmpareto_through_the_modulator_integrates_separately_taken_gradients():
         keys = [f"encoders.{name}.weight", f"encoders.{name}.bias"]
         g_mm = [joint[k] for k in keys]
         g_uni = [uni_all[k] - joint[k] for k in keys]
-        for k, expected in zip(keys, integrate_gradients(g_mm, g_uni, gamma=1.5)):
+        for k, expected in zip(keys, integrate_gradients(g_mm, g_uni, gamma=1.5)[0]):
             assert torch.allclose(dict(model.named_parameters())[k].grad, expected, rtol=1e-5, atol=1e-7), k
     for k in ("head.fc.weight", "head.fc.bias"):  # the head keeps the plain summed gradient
         assert torch.allclose(dict(model.named_parameters())[k].grad, total[k], rtol=1e-5, atol=1e-7)

@@ -41,8 +41,9 @@ def pareto_weights(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor]) 
 
 @torch.no_grad()
 def integrate_gradients(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor], gamma: float
-                        ) -> list[torch.Tensor]:
-    """The MMPareto gradient of each of one encoder's parameter tensors (see the module docstring)."""
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The MMPareto gradient of each of one encoder's parameter tensors (see the module docstring),
+    and the weights (w_mm, w_uni) used."""
     w = pareto_weights(g_mm, g_uni)
     out = []
     for mm, uni in zip(g_mm, g_uni):
@@ -50,4 +51,4 @@ def integrate_gradients(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tens
         plain_norm, new_norm = torch.linalg.vector_norm(mm + uni), torch.linalg.vector_norm(new)
         boost = torch.where(new_norm > 0, plain_norm / new_norm.clamp_min(1e-30), torch.ones_like(new_norm))
         out.append(new * (gamma * boost.clamp_min(1.0)))
-    return out
+    return out, w

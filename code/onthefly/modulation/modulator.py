@@ -408,9 +408,13 @@ class Modulator:
         if pending is None:
             raise RuntimeError("MMPARETO: call auxiliary_loss(out, labels, epoch, loss) before backward(); its "
                                "gradients are what modulate_gradients integrates")
+        joint_weights = []
         for params, (g_mm, g_uni) in zip(self.encoders, pending):
-            for p, g in zip(params, integrate_gradients(g_mm, g_uni, self.config.pareto_gamma)):
+            grads, weights = integrate_gradients(g_mm, g_uni, self.config.pareto_gamma)
+            for p, g in zip(params, grads):
                 p.grad = g.to(p.dtype)
+            joint_weights.append(weights[0])
+        self.stats["pareto_w_joint"] = torch.stack(joint_weights).float()  # 0.5: no conflict in that encoder
 
     def _pmr_loss(self, features: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
