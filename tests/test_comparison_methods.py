@@ -298,8 +298,12 @@ def test_pmr_prototypes_come_from_the_first_tenth_of_the_batches_and_blend():
     first = modulator.prototypes[0].clone()
     with torch.no_grad():
         model.encoders["a"].bias += 1.0  # the encoder moved: new class means, each shifted by 1
-    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=1)
-    assert torch.allclose(modulator.prototypes[0], 0.75 * (first + 1.0) + 0.25 * first, atol=1e-6)
+    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=1)  # epoch 1: fresh means, as released
+    assert torch.allclose(modulator.prototypes[0], first + 1.0, atol=1e-6)
+    with torch.no_grad():
+        model.encoders["a"].bias += 1.0
+    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=2)  # from epoch 2: blended
+    assert torch.allclose(modulator.prototypes[0], 0.75 * (first + 2.0) + 0.25 * (first + 1.0), atol=1e-6)
     assert model.training  # back in training mode
 
 

@@ -432,8 +432,9 @@ class Modulator:
     @torch.no_grad()
     def begin_epoch(self, model: nn.Module, loader: Iterable, preset: Callable, epoch: int) -> None:
         """PMR: recompute the class prototypes from the first tenth of `loader`'s batches, in
-        evaluation mode, blended with the previous ones by pmr_momentum (the released script does
-        this before the first epoch and after every epoch). Nothing to do for the other methods."""
+        evaluation mode, blended from epoch 2 on with the previous ones by pmr_momentum (the
+        released script does this before the first epoch and after every epoch). Nothing to do
+        for the other methods."""
         if self.method.loss != "pmr":
             return
         was_training = model.training
@@ -450,7 +451,9 @@ class Modulator:
         model.train(was_training)
         if self.reduce_fn is not None:
             sums, counts = [self.reduce_fn(s) for s in sums], self.reduce_fn(counts)
-        previous = self.prototypes or [None] * self.num_modalities
+        # As released: the prototypes of epochs 0 and 1 are fresh class means, blending starts at epoch 2
+        # (the script's update after epoch e blends only for e >= 1).
+        previous = self.prototypes if epoch >= 2 else [None] * self.num_modalities
         self.prototypes = [prototypes_from_sums(s, counts, p, self.config.pmr_momentum) for s, p in zip(sums, previous)]
 
     def _require_gradients(self) -> None:

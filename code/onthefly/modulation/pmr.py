@@ -2,8 +2,9 @@
 
 Each modality m keeps one prototype per class: the mean encoder feature of that class,
 computed without gradient in evaluation mode over the first tenth of the training batches,
-before the first epoch and again after every epoch (then blended with the previous ones,
-P <- (1 - mu) P_new + mu P_old, mu = `--pmr_momentum`). In every training step:
+before the first epoch and again after every epoch (from the update after the second epoch on
+blended with the previous ones, P <- (1 - mu) P_new + mu P_old, mu = `--pmr_momentum`; the
+released scripts run mu = 0). In every training step:
   - the prototype logits of modality m are minus the Euclidean distances of its features to
     the prototypes, u_m = -|h_m - P_m,k| (B, K), with gradient to the encoder only;
   - the prototype score s'_m = sum_i softmax(u_m)_i[y_i] gives the ratio rho'_m = s'_m / s'_other;
