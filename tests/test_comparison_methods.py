@@ -305,6 +305,15 @@ def test_pmr_prototypes_come_from_the_first_tenth_of_the_batches_and_blend():
     modulator.begin_epoch(model, batches, lambda batch: batch, epoch=2)  # from epoch 2: blended
     assert torch.allclose(modulator.prototypes[0], 0.75 * (first + 2.0) + 0.25 * (first + 1.0), atol=1e-6)
     assert model.training  # back in training mode
+    # A resumed run: without the previous prototypes a blending epoch is refused; with them restored
+    # (state_dict / load_state_dict) it blends as the uninterrupted run did.
+    resumed = Modulator.for_model(model, ModulationConfig(modulation="PMR", pmr_momentum=0.25))
+    with pytest.raises(RuntimeError, match="load_state_dict"):
+        resumed.begin_epoch(model, batches, lambda batch: batch, epoch=3)
+    resumed.load_state_dict(modulator.state_dict())
+    resumed.begin_epoch(model, batches, lambda batch: batch, epoch=3)
+    modulator.begin_epoch(model, batches, lambda batch: batch, epoch=3)
+    assert torch.equal(resumed.prototypes[0], modulator.prototypes[0])
 
 
 def test_settings_of_the_new_methods_are_checked():

@@ -420,7 +420,7 @@ class Modulator:
         if self.prototypes is None:
             raise RuntimeError("PMR: call begin_epoch(model, loader, preset, epoch) before the epoch's first step; "
                                "it computes the class prototypes")
-        logits = [prototype_logits(h, p) for h, p in zip(features, self.prototypes)]
+        logits = [prototype_logits(h, p.to(h.device)) for h, p in zip(features, self.prototypes)]
         scores = unimodal_scores(logits, labels)
         if self.reduce_fn is not None:
             scores = self.reduce_fn(scores)
@@ -453,8 +453,23 @@ class Modulator:
             sums, counts = [self.reduce_fn(s) for s in sums], self.reduce_fn(counts)
         # As released: the prototypes of epochs 0 and 1 are fresh class means, blending starts at epoch 2
         # (the script's update after epoch e blends only for e >= 1).
-        previous = self.prototypes if epoch >= 2 else [None] * self.num_modalities
+        blend = epoch >= 2 and self.config.pmr_momentum > 0
+        if blend and self.prototypes is None:
+            raise RuntimeError(f"PMR with pmr_momentum {self.config.pmr_momentum} at epoch {epoch} blends the previous "
+                               "epoch's prototypes, which this Modulator does not have (a resumed run: restore them with "
+                               "load_state_dict from the checkpoint's modulator state, or use pmr_momentum 0)")
+        previous = self.prototypes if blend else [None] * self.num_modalities
         self.prototypes = [prototypes_from_sums(s, counts, p, self.config.pmr_momentum) for s, p in zip(sums, previous)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep for an exact resume: PMR's prototypes (nothing for the others)."""
+        return {"prototypes": None if self.prototypes is None else [p.detach().cpu() for p in self.prototypes]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prototypes = state.get("prototypes")
+        if prototypes is not None and len(prototypes) != self.num_modalities:
+            raise ValueError(f"{len(prototypes)} prototype sets for {self.num_modalities} modalities")
+        self.prototypes = None if prototypes is None else list(prototypes)  # moved to the features' device in use
 
     def _require_gradients(self) -> None:
         """OGM before backward() would scale nothing while `stats` showed a coefficient."""
