@@ -329,3 +329,28 @@ def test_settings_of_the_new_methods_are_checked():
     out = TinyDoubleModel()({"a": torch.zeros(2, 3, dtype=D), "b": torch.zeros(2, 4, dtype=D)})
     with pytest.raises(RuntimeError, match="call begin_epoch"):
         modulator.auxiliary_loss(out, torch.tensor([0, 1]), 0, torch.zeros(()))
+
+
+def test_the_protocol_accepts_the_new_methods_and_checks_their_settings(tmp_path):
+    import yaml
+
+    from onthefly.errors import UserError
+    from onthefly.experiments.grid import load_grid
+    from onthefly.experiments.spec import check_run_options
+
+    methods = {
+        "none": {"grid": {"lr": [0.01, 0.02]}},
+        "OGM_CONST": {"grid": {"const_dominant": ["audio"], "const_k": [0.3, 0.6]}},
+        "DROPOUT_UNIFORM": {"grid": {"drop_prob": [0.1, 0.2]}},
+        "UNIMODAL_AUX": {"grid": {"aux_weight": [0.5, 1.0]}},
+        "MMPARETO": {"grid": {"pareto_gamma": [1.0, 1.5]}},
+        "PMR": {"grid": {"pmr_alpha": [0.5, 1.0]}},
+    }
+    grid = {"common": {"dataset": "avdigits", "epochs": 1}, "tuning_seeds": [10], "test_seeds": [0], "methods": methods}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    check_run_options(load_grid(path))  # every point resolves with train.py's own parser and checks
+    methods["OGM_CONST"] = {"grid": {"const_k": [0.3, 0.6]}}
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(UserError, match="OGM_CONST needs --const_dominant"):
+        check_run_options(load_grid(path))
