@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -238,6 +239,24 @@ class LocalLauncher:
         return failed
 
 
+def _stop(pid: int, grace: float = 120.0) -> None:
+    """SIGTERM `pid` (train.py then ends cleanly, its last.pt intact), SIGKILL after `grace` seconds.
+
+    Called from submitit's signal handler, which interrupts Popen.wait(): that call holds the
+    Popen's wait lock, so the child is reaped here with os.waitpid directly."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.1)
+    except (ProcessLookupError, ChildProcessError):  # already ended and reaped
+        return
+
+
 class TrainCommand(submitit.helpers.Checkpointable):
     """The body of one submitit job: run a command, return its exit status.
 
@@ -260,13 +279,8 @@ class TrainCommand(submitit.helpers.Checkpointable):
         return self._proc.wait()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            _stop(self._proc.pid)
         resumable = self.resume_argv is not None and self.last is not None and self.last.is_file()
         argv = self.resume_argv if resumable else self.argv
         with open(self.log, "a") as f:
