@@ -239,6 +239,13 @@ class LocalLauncher:
         return failed
 
 
+def under_torchrun(argv: list[str], gpus: int) -> list[str]:
+    """[python, script, ...] on more than one GPU: the script under torchrun, one process per GPU."""
+    if gpus <= 1:
+        return argv
+    return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *argv[1:]]
+
+
 def _stop(pid: int, grace: float = 120.0) -> None:
     """SIGTERM `pid` (train.py then ends cleanly, its last.pt intact), SIGKILL after `grace` seconds.
 
@@ -283,6 +290,8 @@ class TrainCommand(submitit.helpers.Checkpointable):
             _stop(self._proc.pid)
         resumable = self.resume_argv is not None and self.last is not None and self.last.is_file()
         argv = self.resume_argv if resumable else self.argv
+        if self.resume_argv is not None and not resumable and "--overwrite" not in argv:
+            argv = [*argv, "--overwrite"]  # stopped in its first epoch: the folder holds only this run's files
         with open(self.log, "a") as f:
             f.write(f"\n# preempted or timed out: requeued{', resuming from ' + str(self.last) if resumable else ''}\n")
         return submitit.helpers.DelayedSubmission(TrainCommand(argv, self.log, self.resume_argv, self.last))
@@ -299,11 +308,7 @@ class SubmititLauncher:
         self.width, self.gpus_per_run, self.poll_every, self.report_every = width, gpus_per_run, poll_every, report_every
 
     def _command(self, argv: list[str]) -> list[str]:
-        """More than one GPU per run: train.py under torchrun, one process per GPU."""
-        if self.gpus_per_run <= 1:
-            return argv
-        return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus_per_run}",
-                *argv[1:]]
+        return under_torchrun(argv, self.gpus_per_run)
 
     def _body(self, job: Job) -> TrainCommand:
         argv = self._command([*job.argv, "--device", self.device])
