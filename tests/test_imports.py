@@ -5,6 +5,7 @@ The test process has the third-party libraries loaded already (torch and the res
 to import); it forks a child per module, and each child forgets every module of the package
 and imports just that one. So every module gets the fresh start a `python -c "import
 onthefly.X"` would give, at the cost of a fork."""
+
 import importlib
 import os
 import pkgutil

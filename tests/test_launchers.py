@@ -2,6 +2,7 @@
 launcher, with stand-in programs (tests/fake_programs.py) that write what train.py and probe.py
 write. One run is preempted after its first epoch: its job must be requeued and continue
 from last.pt."""
+
 import json
 import os
 import signal
@@ -9,7 +10,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from onthefly.experiments import launchers
 from onthefly.experiments.grid import load_grid
 from onthefly.experiments.protocol import Programs, run_protocol
@@ -37,8 +37,9 @@ def test_submitit_protocol_requeues_a_preempted_run_and_reports_as_the_local_one
     local = _protocol(tmp_path, "local", launchers.LocalLauncher(["cpu", "cpu"]))
 
     monkeypatch.setenv("FAKE_PREEMPT", PREEMPTED)
-    submitit_launcher = launchers.SubmititLauncher(tmp_path / "jobs", "local", "cpu", {"timeout_min": 5}, width=2,
-                                                   poll_every=0.2)
+    submitit_launcher = launchers.SubmititLauncher(
+        tmp_path / "jobs", "local", "cpu", {"timeout_min": 5}, width=2, poll_every=0.2
+    )
     cluster = _protocol(tmp_path, "submitit", submitit_launcher)
 
     run = cluster / "tune" / "OPM" / PREEMPTED
@@ -72,14 +73,36 @@ def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "code"))
     import submitit_train
 
-    job = submitit_train.submit(["--cluster", "local", "--dataset", "avdigits", "--epochs", "2", "--limit_samples", "64",
-                                 "--batch_size", "16", "--num_workers", "0", "--device", "cpu", "--no-eval_test",
-                                 "--output_dir", str(tmp_path), "--run_name", "long"])
+    job = submitit_train.submit(
+        [
+            "--cluster",
+            "local",
+            "--dataset",
+            "avdigits",
+            "--epochs",
+            "2",
+            "--limit_samples",
+            "64",
+            "--batch_size",
+            "16",
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-eval_test",
+            "--output_dir",
+            str(tmp_path),
+            "--run_name",
+            "long",
+        ]
+    )
     run = tmp_path / "long"
     deadline = time.time() + 120
     while not (run / "last.pt").is_file() and time.time() < deadline:
         time.sleep(0.2)
-    os.kill(_parent_of_process_with("--run_name", "long", str(tmp_path)), signal.SIGUSR2)  # SLURM's preemption signal, to the job's task
+    os.kill(
+        _parent_of_process_with("--run_name", "long", str(tmp_path)), signal.SIGUSR2
+    )  # SLURM's preemption signal, to the job's task
     job.wait()
     log = (tmp_path / "long.submitit" / "train.log").read_text()
     assert f"resuming from {run / 'last.pt'}" in log and "--resume" in log

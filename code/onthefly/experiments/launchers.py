@@ -10,6 +10,7 @@ outcome is final (a success or a recorded divergence) or a failure to report.
                     preempted or timed-out training job is requeued and continues from its
                     last.pt (`TrainCommand.checkpoint`).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 
@@ -57,8 +59,12 @@ def thread_env() -> dict[str, str]:
     cores; on GPU the work is on the device) and this repository's package importable."""
     code = str(REPO_ROOT / "code")
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": code + (os.pathsep + path if path else ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE"}
+    return {
+        "PYTHONPATH": code + (os.pathsep + path if path else ""),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
 
 
 def child_env() -> dict[str, str]:
@@ -104,8 +110,9 @@ class Progress:
     `later`: runs of later phases still to train, included in a second ETA for the protocol.
     """
 
-    def __init__(self, phase: str, total: int, done: int, durations: list[float], slots: int, later: int = 0,
-                 stream=None) -> None:
+    def __init__(
+        self, phase: str, total: int, done: int, durations: list[float], slots: int, later: int = 0, stream=None
+    ) -> None:
         self.phase, self.total, self.done, self.failed, self.running = phase, total, done, 0, 0
         self.durations, self.slots, self.later, self.stream = list(durations), slots, later, stream or sys.stdout
         self.lock = threading.Lock()
@@ -121,10 +128,14 @@ class Progress:
         if self.durations:
             left = self.total - self.done - self.failed - self.running / 2  # a running run is half done, on average
             mean = sum(self.durations) / len(self.durations)
-            text += (f", ETA {minutes(self._seconds_for(left))} ({minutes(mean)} per run over "
-                     f"{len(self.durations)} finished)")
+            text += (
+                f", ETA {minutes(self._seconds_for(left))} ({minutes(mean)} per run over "
+                f"{len(self.durations)} finished)"
+            )
             if self.later:
-                text += f"; with the {self.later} runs of the test phase: {minutes(self._seconds_for(left + self.later))}"
+                text += (
+                    f"; with the {self.later} runs of the test phase: {minutes(self._seconds_for(left + self.later))}"
+                )
         return text
 
     def show(self) -> None:
@@ -188,8 +199,12 @@ class LocalLauncher:
 
     `spawn(job, argv, env) -> exit status` runs one command (tests pass a fake)."""
 
-    def __init__(self, slots: list[str], spawn: Callable[[Job, list[str], dict[str, str]], int] | None = None,
-                 report_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        slots: list[str],
+        spawn: Callable[[Job, list[str], dict[str, str]], int] | None = None,
+        report_every: float = 60.0,
+    ) -> None:
         self.slots, self.spawn, self.report_every = list(slots), spawn or SubprocessSpawn(), report_every
 
     @property
@@ -272,8 +287,9 @@ class TrainCommand(submitit.helpers.Checkpointable):
     epoch in last.pt) and the job is requeued with the command that resumes from last.pt,
     or the original command when no epoch was completed."""
 
-    def __init__(self, argv: list[str], log: Path, resume_argv: list[str] | None = None,
-                 last: Path | None = None) -> None:
+    def __init__(
+        self, argv: list[str], log: Path, resume_argv: list[str] | None = None, last: Path | None = None
+    ) -> None:
         self.argv, self.log, self.resume_argv, self.last = argv, log, resume_argv, last
         self._proc: subprocess.Popen | None = None
 
@@ -302,10 +318,24 @@ class SubmititLauncher:
     or this machine (`cluster='local'`, for tests). `parameters` go to
     AutoExecutor.update_parameters (e.g. slurm_partition, gpus_per_node, timeout_min)."""
 
-    def __init__(self, folder: Path, cluster: str, device: str, parameters: dict[str, Any], width: int,
-                 gpus_per_run: int = 1, poll_every: float = 5.0, report_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        cluster: str,
+        device: str,
+        parameters: dict[str, Any],
+        width: int,
+        gpus_per_run: int = 1,
+        poll_every: float = 5.0,
+        report_every: float = 60.0,
+    ) -> None:
         self.folder, self.cluster, self.device, self.parameters = Path(folder), cluster, device, parameters
-        self.width, self.gpus_per_run, self.poll_every, self.report_every = width, gpus_per_run, poll_every, report_every
+        self.width, self.gpus_per_run, self.poll_every, self.report_every = (
+            width,
+            gpus_per_run,
+            poll_every,
+            report_every,
+        )
 
     def _command(self, argv: list[str]) -> list[str]:
         return under_torchrun(argv, self.gpus_per_run)
