@@ -351,7 +351,7 @@ class SubmititLauncher:
         progress.show()
         if not jobs:
             return []
-        executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.cluster)
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         executor.update_parameters(**self.parameters)
         with executor.batch():
             submitted = [executor.submit(self._body(job)) for job in jobs]
