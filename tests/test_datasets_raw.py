@@ -105,7 +105,11 @@ def write_garbage(path: Path) -> None:
 # --------------------------------------------------------------------------- running
 
 
-def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0) -> dict:
+def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0, official: bool = False) -> dict:
+    """Preprocess quietly. CREMA-D test folders hold made-up clip ids: the seeded split unless
+    `official` (their ids are then the official lists')."""
+    if dataset == "cremad" and not official and "--speaker_independent" not in extra:
+        extra = (*extra, "--random_split")
     argv = ["--dataset", dataset, "--root", str(root), "--out", str(out), "--workers", str(workers), "--quiet", *extra]
     opts = build_parser().parse_args(argv)
     return preprocess(get_layout(dataset), opts)
@@ -629,11 +633,26 @@ def test_empty_result_is_an_error(tmp_path):
     root = tmp_path / "CREMA-D"
     (root / "AudioWAV").mkdir(parents=True)
     (root / "VideoFlash").mkdir()
-    write_garbage(root / "AudioWAV" / "1001_IEO_NEU_HI.wav")
-    write_cv2_video(root / "VideoFlash" / "1001_IEO_NEU_HI.flv", "FLV1", 1.0)
+    for actor in (1001, 1002, 1003):  # enough for a train, a val and a test clip
+        write_garbage(root / "AudioWAV" / f"{actor}_IEO_NEU_HI.wav")
+        write_cv2_video(root / "VideoFlash" / f"{actor}_IEO_NEU_HI.flv", "FLV1", 1.0)
     with pytest.raises(UserError, match="no clip could be processed"):
         run("cremad", root, tmp_path / "out", *SMALL_AUDIO, *SMALL_FRAMES)
     assert "1001_IEO_NEU_HI" in skipped(tmp_path / "out")
+
+
+def test_an_empty_split_is_refused_before_any_clip_is_decoded(tmp_path, monkeypatch):
+    from onthefly.data.raw import pipeline
+
+    root = tmp_path / "CREMA-D"
+    (root / "AudioWAV").mkdir(parents=True)
+    (root / "VideoFlash").mkdir()
+    write_wav(root / "AudioWAV" / "1001_IEO_NEU_HI.wav")
+    write_cv2_video(root / "VideoFlash" / "1001_IEO_NEU_HI.flv", "FLV1", 1.0)
+    monkeypatch.setattr(pipeline, "run_jobs", lambda *a, **k: pytest.fail("a clip was decoded"))
+    with pytest.raises(UserError, match="would be empty"):
+        run("cremad", root, tmp_path / "out", *SMALL_AUDIO, *SMALL_FRAMES)
+    assert not (tmp_path / "out" / ".work").exists()
 
 
 def test_help_and_cache_side_import_no_media_libraries():

@@ -369,7 +369,7 @@ def listed_cremad(tmp_path_factory):
         write_wav(root / "AudioWAV" / f"{cid}.wav", 1.5, 16000, 200 + 30 * k)
         write_cv2_video(root / "VideoFlash" / f"{cid}.flv", "FLV1", 1.0, seed=k)
     out = tmp_path_factory.mktemp("cache") / "cremad"
-    assert run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES)["status"] == "built"
+    assert run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, official=True)["status"] == "built"
     rnd = tmp_path_factory.mktemp("cache") / "cremad_random"
     run("cremad", root, rnd, *SMALL_AUDIO, *SMALL_FRAMES, "--random_split", "--val_fraction", "0.2")
     return lists, root, out, rnd
@@ -421,7 +421,7 @@ def test_official_crop_refuses_centre_squares(listed_cremad, tmp_path):
 
     _, root, _, _ = listed_cremad
     square = tmp_path / "square"
-    run("cremad", root, square, *SMALL_AUDIO, *SMALL_FRAMES, "--frame_aspect", "0")
+    run("cremad", root, square, *SMALL_AUDIO, *SMALL_FRAMES, "--frame_aspect", "0", official=True)
     assert np.load(square / "visual.npy", mmap_mode="r").shape[2:] == (32, 32)
     with pytest.raises(UserError, match="--frame_crop"):
         get_dataset_entry("cremad").build(Namespace(data=str(square), num_frames=1, frame_crop="official"), "train")

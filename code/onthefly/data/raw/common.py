@@ -39,6 +39,16 @@ class Scan:
     jobs: list[ClipJob]
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (clip_id, reason, source)
     notes: list[str] = field(default_factory=list)
+    # Where the dataset ships split lists: clips found but in no list (ignored, as the official
+    # code ignores them) and listed clips not found at all. Both are counted in the summary and
+    # in meta.json ("split" record), never silently dropped.
+    unlisted: list[str] = field(default_factory=list)
+    listed_absent: list[str] = field(default_factory=list)
+
+    def split_record(self) -> dict[str, Any]:
+        """The split's provenance, as written to meta.json."""
+        source = "lists" if any(j.split for j in self.jobs) else "seeded"  # seeded: carved here
+        return {"source": source, "unlisted": len(self.unlisted), "listed_absent": len(self.listed_absent)}
 
 
 # --------------------------------------------------------------------------- helpers for layouts
