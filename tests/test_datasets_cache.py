@@ -9,6 +9,8 @@ import json
 import os
 import pickle
 import random
+import signal
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -209,6 +211,44 @@ def test_worker_crash_skips_only_that_clip():
     assert set(results) == set("abcde")
     assert results["b"][1] == "skip" and "crashed" in results["b"][2][0]
     assert all(results[c][1:] == ("ok", "m") for c in "acde")
+
+
+def _hang_on_b_segfault_on_c(job, folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()  # every worker that ran a clip
+    if job.clip_id == "b":
+        time.sleep(3600)  # a decoder that never returns (a named pipe, a stalled mount)
+    if job.clip_id == "c":
+        os.kill(os.getpid(), signal.SIGSEGV)  # a decoder that segfaults
+    return job.clip_id, "ok", None
+
+
+def test_a_hung_and_a_segfaulting_clip_are_reported_and_no_worker_outlives_the_run(tmp_path):
+    from onthefly.data.raw.common import ClipJob
+    from onthefly.data.raw.pool import run_jobs
+
+    jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcdefg"]
+    t0 = time.time()
+    results = {r[0]: r for r in run_jobs(_hang_on_b_segfault_on_c, jobs, (str(tmp_path),), workers=2, timeout=3)}
+    assert time.time() - t0 < 60
+    assert set(results) == set("abcdefg")
+    assert results["b"][1] == "skip" and "--clip_timeout 3 s" in results["b"][2][0]
+    assert results["c"][1] == "skip" and "crashed" in results["c"][2][0] and "SIGSEGV" in results["c"][2][0]
+    assert results["b"][2][1] == "/x/b.mp4"
+    assert all(results[c][1:] == ("ok", None) for c in "adefg")
+    workers = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(workers) >= 3  # the hung and the crashed worker were replaced
+    deadline = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "a worker outlived run_jobs"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # --------------------------------------------------------------------------- limits, index, integrity

@@ -12,8 +12,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -683,3 +685,64 @@ def test_train_one_epoch_from_cache(tiny_encoders, cremad_cache, tmp_path, capsy
     assert "train/val samples: 4/" in out  # --limit_samples: the first 4 of each split
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------- reports of broken clips, hangs, crashes
+
+
+def make_small_cremad(root: Path, actors: range) -> None:
+    """One ANG clip per actor, each a good WAV and FLV."""
+    (root / "AudioWAV").mkdir(parents=True)
+    (root / "VideoFlash").mkdir()
+    for k, a in enumerate(actors):
+        write_wav(root / "AudioWAV" / f"{a}_IEO_ANG_HI.wav", 1.5, 16000, 200 + 40 * k)
+        write_cv2_video(root / "VideoFlash" / f"{a}_IEO_ANG_HI.flv", "FLV1", 1.0, seed=k)
+
+
+def test_a_video_without_audio_and_both_files_of_a_corrupt_pair_are_reported(tmp_path):
+    root = tmp_path / "CREMA-D"
+    make_small_cremad(root, range(1001, 1006))
+    write_garbage(root / "AudioWAV" / "1004_IEO_ANG_HI.wav")  # a corrupt pair
+    write_garbage(root / "VideoFlash" / "1004_IEO_ANG_HI.flv")
+    os.remove(root / "AudioWAV" / "1005_IEO_ANG_HI.wav")  # a video without its audio
+    out = tmp_path / "out"
+    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    skips = skipped(out)
+    assert summary["clips"] == 3 and set(skips) == {"1004_IEO_ANG_HI", "1005_IEO_ANG_HI"}
+    assert skips["1005_IEO_ANG_HI"] == "missing audio AudioWAV/1005_IEO_ANG_HI.wav"
+    pair = skips["1004_IEO_ANG_HI"]
+    assert pair.startswith("unreadable audio file (NoBackendError: no installed decoder")  # not an empty reason
+    assert "unreadable video" in pair and "1004_IEO_ANG_HI.flv" in pair  # the corrupt video is named too
+
+
+def _hang_or_crash_then_process(job, *args):
+    from onthefly.data.raw.work import process_clip
+
+    if job.clip_id.startswith("1001_"):
+        time.sleep(3600)  # a decoder that never returns
+    if job.clip_id.startswith("1002_"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return process_clip(job, *args)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_named_pipes_a_hung_and_a_crashing_decoder_are_reported_and_every_other_clip_kept(tmp_path, monkeypatch):
+    from onthefly.data.raw import pipeline
+
+    root = tmp_path / "CREMA-D"
+    make_small_cremad(root, range(1001, 1008))
+    for path in (root / "AudioWAV" / "1003_IEO_ANG_HI.wav", root / "VideoFlash" / "1004_IEO_ANG_HI.flv"):
+        path.unlink()
+        os.mkfifo(path)  # opening it for reading blocks until a writer comes: never
+    monkeypatch.setattr(pipeline, "process_clip", _hang_or_crash_then_process)
+    out = tmp_path / "out"
+    t0 = time.time()
+    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--clip_timeout", "8", workers=2)
+    assert time.time() - t0 < 120
+    skips = skipped(out)
+    assert "--clip_timeout 8 s" in skips["1001_IEO_ANG_HI"]
+    assert "crashed" in skips["1002_IEO_ANG_HI"] and "SIGSEGV" in skips["1002_IEO_ANG_HI"]
+    assert skips["1003_IEO_ANG_HI"] == "audio file is not a regular file (a named pipe, device or folder)"
+    assert skips["1004_IEO_ANG_HI"] == "video file is not a regular file (a named pipe, device or folder)"
+    assert summary["clips"] == 3 and len(skips) == 4
+    assert sorted(index(out)["clip_ids"]) == [f"{a}_IEO_ANG_HI" for a in (1005, 1006, 1007)]

@@ -318,7 +318,9 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
                    dynamic_ncols=True)
         try:
             args = (run.p, tuple(run.layout.MODALITIES), run.work)
-            for clip_id, status, detail in run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1)):
+            timeout = getattr(run.opts, "clip_timeout", None)
+            results = run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1), timeout=timeout)
+            for clip_id, status, detail in results:
                 if status == "ok":
                     infos[clip_id] = {"clip_id": clip_id, "shapes": detail}
                 else:
