@@ -355,3 +355,27 @@ def test_verify_stands_alone(tmp_path, capsys):
     assert e.value.code == 2 and "--verify DIR checks a finished cache on its own" in capsys.readouterr().err
     write_synthetic(tmp_path, dataset="cremad")
     assert cli_main(["--verify", str(tmp_path)]) == 0
+
+
+def test_verify_errors_name_verify_and_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    from onthefly.data.cache import reader
+
+    assert cli_main(["--verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --verify {tmp_path / 'nope'}: no such directory") and "--data" not in err
+    write_synthetic(tmp_path, dataset="cremad")
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reader, "file_sha1", interrupted)
+    assert cli_main(["--verify", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: {tmp_path} was not fully checked; run --verify again\n"
+
+
+def test_preprocess_help_describes_whole_frames():
+    from onthefly.data.raw.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "round(short_side * frame_aspect)" in text and "--clip_timeout" in text

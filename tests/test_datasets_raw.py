@@ -746,3 +746,19 @@ def test_named_pipes_a_hung_and_a_crashing_decoder_are_reported_and_every_other_
     assert skips["1004_IEO_ANG_HI"] == "video file is not a regular file (a named pipe, device or folder)"
     assert summary["clips"] == 3 and len(skips) == 4
     assert sorted(index(out)["clip_ids"]) == [f"{a}_IEO_ANG_HI" for a in (1005, 1006, 1007)]
+
+
+def test_a_second_preprocess_on_one_out_is_refused_in_one_line(cremad_root, tmp_path, capsys):
+    from onthefly.rundir import acquire_run_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = acquire_run_lock(out)  # another preprocess.py working in --out
+    try:
+        code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), "--workers", "0",
+                         "--random_split", "--quiet", *SMALL_AUDIO, *SMALL_FRAMES])
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: {out} is in use by process {os.getpid()}")
+    assert err[-1].endswith("choose another --out") and not (out / ".work").exists()
