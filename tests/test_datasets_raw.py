@@ -400,8 +400,10 @@ def test_kinetics_sounds_csv(tmp_path):
         for k, (vid, cls) in enumerate(made):
             w.writerow([vid, cls, "val" if k % 4 == 3 else "train"])
         w.writerow(["notdownloaded", "dog barking", "train"])
+    write_mp4(root / "clips" / "stray.mp4")  # a video no row names: ignored and counted
     out = tmp_path / "out"
-    run("kinetics_sounds", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    summary = run("kinetics_sounds", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    assert summary["unlisted"] == 1 and json.loads((out / "meta.json").read_text())["split"]["unlisted"] == 1
     idx = index(out)
     check_splits(idx)  # val from the list, test carved from train
     listed_val = {vid for k, (vid, _) in enumerate(made) if k % 4 == 3}

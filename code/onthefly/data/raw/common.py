@@ -116,6 +116,20 @@ def normalize_split(value: str) -> str | None:
     return _SPLIT_NAMES.get(value.strip().lower())
 
 
+def unlisted_videos(videos: dict[str, str], jobs: Iterable[ClipJob]) -> list[str]:
+    """Stems of the videos found that no listed clip uses (ignored, and counted)."""
+    used = {j.video for j in jobs}
+    return sorted(stem for stem, path in videos.items() if path not in used)
+
+
+def unlisted_note(unlisted: list[str], lists: str) -> list[str]:
+    """The note on videos that no list names (none when there are none)."""
+    if not unlisted:
+        return []
+    shown = ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    return [f"{len(unlisted)} video(s) are named in no row of {lists} and are not used ({shown})"]
+
+
 def find_video(videos: dict[str, str], stems: Iterable[str]) -> str | None:
     for stem in stems:
         if stem in videos:
