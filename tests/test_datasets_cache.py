@@ -228,10 +228,10 @@ def test_a_hung_and_a_segfaulting_clip_are_reported_and_no_worker_outlives_the_r
 
     jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcdefg"]
     t0 = time.time()
-    results = {r[0]: r for r in run_jobs(_hang_on_b_segfault_on_c, jobs, (str(tmp_path),), workers=2, timeout=3)}
+    results = {r[0]: r for r in run_jobs(_hang_on_b_segfault_on_c, jobs, (str(tmp_path),), workers=2, timeout=2)}
     assert time.time() - t0 < 60
     assert set(results) == set("abcdefg")
-    assert results["b"][1] == "skip" and "--clip_timeout 3 s" in results["b"][2][0]
+    assert results["b"][1] == "skip" and "--clip_timeout 2 s" in results["b"][2][0]
     assert results["c"][1] == "skip" and "crashed" in results["c"][2][0] and "SIGSEGV" in results["c"][2][0]
     assert results["b"][2][1] == "/x/b.mp4"
     assert all(results[c][1:] == ("ok", None) for c in "adefg")

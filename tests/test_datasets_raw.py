@@ -739,10 +739,10 @@ def test_named_pipes_a_hung_and_a_crashing_decoder_are_reported_and_every_other_
     monkeypatch.setattr(pipeline, "process_clip", _hang_or_crash_then_process)
     out = tmp_path / "out"
     t0 = time.time()
-    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--clip_timeout", "8", workers=2)
+    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--clip_timeout", "5", workers=2)
     assert time.time() - t0 < 120
     skips = skipped(out)
-    assert "--clip_timeout 8 s" in skips["1001_IEO_ANG_HI"]
+    assert "--clip_timeout 5 s" in skips["1001_IEO_ANG_HI"]
     assert "crashed" in skips["1002_IEO_ANG_HI"] and "SIGSEGV" in skips["1002_IEO_ANG_HI"]
     assert skips["1003_IEO_ANG_HI"] == "audio file is not a regular file (a named pipe, device or folder)"
     assert skips["1004_IEO_ANG_HI"] == "video file is not a regular file (a named pipe, device or folder)"

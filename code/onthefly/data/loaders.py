@@ -83,7 +83,8 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     per_process = len(sampler)
     if per_process < batch_size:
-        raise ValueError(f"the training split has {per_process} samples per process, fewer than one batch of {batch_size}")
+        raise ValueError(f"the training split has {per_process} samples per process, fewer than one batch of "
+                         f"{batch_size}")
     rest = per_process % batch_size
     if not drop_last and rest == 1:
         raise ValueError(f"the last training batch would hold 1 of {per_process} samples, which BatchNorm cannot "
