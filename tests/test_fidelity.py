@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from onthefly.config import resolve_config
-from onthefly.data.raw.cremad import CLASSES, official_splits, read_official_lists
+from onthefly.data.raw.cremad import CLASSES, read_official_lists
 from onthefly.data.raw.splits import assign_splits
 from onthefly.data.registry import get_dataset_entry
 from onthefly.data.spec import DatasetInfo, ModalitySpec
@@ -350,8 +350,7 @@ def test_official_lists_give_744_test_clips_and_a_carved_val():
     assert len(lists) == 7442 and Counter(lists.values()) == {"train": 6698, "test": 744}
     ids = sorted(lists)
     labels = [CLASSES.index(c.split("_")[2]) for c in ids]
-    given, missing = official_splits(ids, lists)
-    assert not missing
+    given = [lists[c] for c in ids]
     splits = assign_splits(labels, given, None, val_fraction=0.1, test_fraction=0.1, seed=0)
     test = {c for c, s in zip(ids, splits) if s == "test"}
     assert test == {c for c, s in lists.items() if s == "test"}  # untouched
@@ -363,7 +362,6 @@ def test_official_lists_give_744_test_clips_and_a_carved_val():
         assert val_per_class[c] == round(0.1 * n)
     assert splits == assign_splits(labels, given, None, 0.1, 0.1, seed=0)
     assert splits != assign_splits(labels, given, None, 0.1, 0.1, seed=1)
-    assert official_splits(ids + ["9999_XXX_ANG_HI"], lists)[0] is None  # a clip not listed: no official split
 
 
 @pytest.fixture(scope="module")

@@ -56,12 +56,6 @@ def read_official_lists(folder: Path = OFFICIAL_LISTS) -> dict[str, str]:
     return out
 
 
-def official_splits(clip_ids: Sequence[str], lists: dict[str, str]) -> tuple[list[str] | None, list[str]]:
-    """Each clip's official split, or None when the lists miss some clip; and the missed ids."""
-    missing = [c for c in clip_ids if c not in lists]
-    return (None if missing or not lists else [lists[c] for c in clip_ids]), missing
-
-
 def _examples(ids: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(sorted(ids)[:n])
     return shown + (", ..." if len(ids) > n else "")
