@@ -121,6 +121,28 @@ def test_shared_crop_flip_and_frame_order(tmp_path):
     assert list(t[2, :, 0, 0]) == [0, 2, 4]  # 5 frames: evenly spread
 
 
+def test_official_rule_shares_its_draw_between_frames_and_flow(tmp_path):
+    write_synthetic(tmp_path, flow=True, dataset="kinetics_sounds")
+    ds = get_dataset_entry("kinetics_sounds").build(ns(tmp_path, num_frames=3, frame_crop="official",
+                                                       frame_pick="official"), "train")
+    flips = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        item = ds[0]
+        v, f = item["visual"].numpy().astype(int), item["flow"].numpy()
+        assert v.shape == (3, 3, CROP, CROP) and f.shape == (2, 3, CROP, CROP)
+        assert list(v[2, :, 0, 0]) == [0, 2, 4]  # first, middle and last of the clip's 5 frames
+        assert (v[0] == v[0][0:1]).all()  # one region for the 3 frames
+        flipped = v[0, 0, 0, 0] > v[0, 0, 0, -1]
+        flips.add(bool(flipped))
+        assert (f[0] == (C.FLOW_HALF - 10 if flipped else C.FLOW_HALF + 10)).all()  # the frames' flip, u negated
+    assert flips == {True, False}
+    ucf = tmp_path / "ucf"
+    write_synthetic(ucf, flow=True)
+    with pytest.raises(UserError, match="--frame_pick official: no official frame rule is known for ucf101"):
+        get_dataset_entry("ucf101").build(ns(ucf, frame_pick="official"), "train")
+
+
 def test_info_and_audio_items(tmp_path):
     write_synthetic(tmp_path, dataset="cremad")
     entry = get_dataset_entry("cremad")

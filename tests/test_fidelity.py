@@ -495,7 +495,7 @@ def test_the_stray_clip_is_in_the_summary_and_meta_and_quiet_keeps_the_note(list
 def test_official_frame_choice_and_kinetics_sounds_crops(listed_cremad):
     from argparse import Namespace
 
-    from onthefly.data.cache.dataset import first_middle_last, kinetics_sounds_official_crop
+    from onthefly.data.cache.dataset import OFFICIAL_FRAMES, first_middle_last
 
     assert first_middle_last(10, 3) == [0, 4, 9] and first_middle_last(1, 3) == [0, 0, 0]  # KS.py line 134
     _, _, out, _ = listed_cremad
@@ -512,13 +512,20 @@ def test_official_frame_choice_and_kinetics_sounds_crops(listed_cremad):
         assert "pick official (the first stored frame" in ds.describe_frames()
     # Kinetics-Sounds: evaluation Resize(112) of the short side then CenterCrop; training one
     # RandomResizedCrop (area 0.25-1) shared by every frame
+    rule = OFFICIAL_FRAMES["kinetics_sounds"]
     clip = torch.arange(3 * 3 * 20 * 30, dtype=torch.float32).reshape(3, 3, 20, 30).remainder(251).to(torch.uint8)
-    ev = kinetics_sounds_official_crop(clip, 10, train=False)
+    ev = rule.apply(clip, 10, None)
     resized = F.interpolate(clip.float(), size=(10, 15), mode="bilinear", antialias=True, align_corners=False)
     assert tuple(ev.shape) == (3, 3, 10, 10) and (ev.float() - resized[..., 2:12].round()).abs().max() <= 1
     torch.manual_seed(0)
+    areas = []
+    for _ in range(200):
+        top, left, h, w, _ = rule.draw(clip)
+        areas.append(h * w / (20 * 30))
+        assert 0 <= top <= 20 - h and 0 <= left <= 30 - w
+    assert 0.2 < min(areas) < 0.4 and max(areas) <= 1  # area 0.25-1 (rounded to whole pixels), not 0.08-1
     same = clip[:, :1].expand(3, 3, 20, 30).contiguous()  # three identical frames
-    tr = kinetics_sounds_official_crop(same, 10, train=True)
+    tr = rule.apply(same, 10, rule.draw(same))
     assert tuple(tr.shape) == (3, 3, 10, 10) and torch.equal(tr[:, 0], tr[:, 1]) and torch.equal(tr[:, 1], tr[:, 2])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -12,41 +13,6 @@ from torch.utils.data import Dataset
 from ...errors import UserError
 from .format import FLOW_HALF, FRAME_CROPS, FRAME_PICKS, SPLITS, stored_frame_size
 from .reader import CacheReader
-
-
-def cremad_official_crop(clip: torch.Tensor, size: int, train: bool) -> torch.Tensor:
-    """The official CREMA-D frame transform on a (C, T, H, W) uint8 clip, one draw per clip.
-
-    Training: RandomResizedCrop(size) of the whole frame (area scale 0.08-1, aspect 3/4-4/3,
-    torchvision's sampling) and a horizontal flip with probability 1/2; evaluation: the whole
-    frame resized to size x size. Bilinear with antialiasing, uint8 out. Random draws use
-    torch's generator, which the loader seeds per sample.
-    """
-    from torchvision.transforms import functional as TF
-
-    if not train:
-        return TF.resize(clip, [size, size], antialias=True)
-    return _random_resized_crop_and_flip(clip, size, scale=(0.08, 1.0))
-
-
-def kinetics_sounds_official_crop(clip: torch.Tensor, size: int, train: bool) -> torch.Tensor:
-    """The journal code's Kinetics-Sounds transform on a (C, T, H, W) uint8 clip: training
-    RandomResizedCrop(size, area 0.25-1, aspect 3/4-4/3) and a flip, one draw shared by the
-    frames; evaluation Resize(size) of the short side then CenterCrop(size)."""
-    from torchvision.transforms import functional as TF
-
-    if not train:
-        return TF.center_crop(TF.resize(clip, size, antialias=True), [size, size])
-    return _random_resized_crop_and_flip(clip, size, scale=(0.25, 1.0))
-
-
-def _random_resized_crop_and_flip(clip: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
-    from torchvision.transforms import RandomResizedCrop
-    from torchvision.transforms import functional as TF
-
-    top, left, h, w = RandomResizedCrop.get_params(clip, scale=scale, ratio=(3 / 4, 4 / 3))
-    out = TF.resized_crop(clip, top, left, h, w, [size, size], antialias=True)
-    return out.flip(-1) if bool(torch.rand(()) < 0.5) else out
 
 
 def first_frames(count: int, t: int) -> list[int]:
@@ -64,13 +30,51 @@ def first_middle_last(count: int, t: int) -> list[int]:
     return [int(k * (count - 1) / (t - 1)) for k in range(t)]
 
 
-# dataset -> (its official frame choice, its official crop, what they are in words)
-OFFICIAL_FRAMES: dict[str, tuple[Callable[[int, int], list[int]], Callable[..., torch.Tensor], str, str]] = {
-    "cremad": (first_frames, cremad_official_crop, "the first stored frame, training and evaluation",
-               "RandomResizedCrop(area 0.08-1) of the whole frame + flip; evaluation: whole frame resized"),
-    "kinetics_sounds": (first_middle_last, kinetics_sounds_official_crop,
-                        "first, middle and last stored frames, training and evaluation",
-                        "RandomResizedCrop(area 0.25-1) + flip shared by the frames; evaluation: Resize + CenterCrop"),
+Crop = tuple[int, int, int, int, bool]  # top, left, height, width of the region; horizontal flip
+
+
+@dataclass(frozen=True)
+class OfficialFrames:
+    """A dataset's official frame choice and crop. Training: torchvision's RandomResizedCrop
+    (area `scale`, aspect 3/4-4/3) and a flip with probability 1/2, one draw per clip shared by
+    every frame and every frames modality; evaluation: the whole frame squeezed to size x size
+    (`eval_squeeze`), or Resize(size) of the short side then CenterCrop(size). Bilinear with
+    antialiasing, uint8 out; random draws use torch's generator, which the loader seeds per sample."""
+
+    pick: Callable[[int, int], list[int]]
+    scale: tuple[float, float]
+    eval_squeeze: bool
+    pick_words: str
+    crop_words: str
+
+    def draw(self, frames: torch.Tensor) -> Crop:
+        from torchvision.transforms import RandomResizedCrop
+
+        top, left, h, w = RandomResizedCrop.get_params(frames, scale=self.scale, ratio=(3 / 4, 4 / 3))
+        return top, left, h, w, bool(torch.rand(()) < 0.5)
+
+    def apply(self, clip: torch.Tensor, size: int, crop: Crop | None) -> torch.Tensor:
+        """(C, T, H, W) uint8 -> (C, T, size, size): the drawn region (its flip is the caller's, as
+        flow needs more than a mirror), or with `crop` None the evaluation transform."""
+        from torchvision.transforms import functional as TF
+
+        if crop is None:
+            if self.eval_squeeze:
+                return TF.resize(clip, [size, size], antialias=True)
+            return TF.center_crop(TF.resize(clip, size, antialias=True), [size, size])
+        top, left, h, w, _ = crop
+        return TF.resized_crop(clip, top, left, h, w, [size, size], antialias=True)
+
+
+OFFICIAL_FRAMES: dict[str, OfficialFrames] = {
+    # OGM-GE_CVPR2022 dataset/CramedDataset.py: RandomResizedCrop(224) + flip, Resize((224, 224))
+    "cremad": OfficialFrames(first_frames, (0.08, 1.0), True, "the first stored frame, training and evaluation",
+                             "RandomResizedCrop(area 0.08-1) of the whole frame + flip; evaluation: whole frame resized"),
+    # BML_TPAMI2024 code/dataset/KS.py and spatial_transforms.py
+    "kinetics_sounds": OfficialFrames(first_middle_last, (0.25, 1.0), False,
+                                      "first, middle and last stored frames, training and evaluation",
+                                      "RandomResizedCrop(area 0.25-1) + flip shared by the frames; "
+                                      "evaluation: Resize + CenterCrop"),
 }
 
 
@@ -97,7 +101,8 @@ class CachedClips(Dataset):
     spectrogram modality -> float32 (1, F, T); frames modality -> uint8 (C, T, crop, crop).
     Training: random frames, one random crop and one flip shared by every frame and every
     frames modality of the clip (the flow u channel changes sign under the flip).
-    Evaluation: evenly spread frames, centre crop, no flip.
+    Evaluation: evenly spread frames, centre crop, no flip. `frame_pick` / `frame_crop`
+    "official": the dataset's official rule instead (OFFICIAL_FRAMES), shared the same way.
     """
 
     def __init__(self, path: str, split: str, num_frames: int, crop_size: int, train: bool, verify: bool = True,
@@ -170,6 +175,7 @@ class CachedClips(Dataset):
         crop = self.crop_size
         y0 = x0 = 0
         flip = False
+        drawn: Crop | None = None  # the official crop's one draw, shared by every frames modality
         for name in self.modalities:
             arr = arrays[name]
             if self.records[name]["kind"] == "spectrogram":
@@ -194,10 +200,13 @@ class CachedClips(Dataset):
                     y0, x0 = (height - crop) // 2, (width - crop) // 2
             if self.frame_crop == "official":
                 whole = torch.from_numpy(np.array(self._frames(arr, start, picks).transpose(1, 0, 2, 3)))  # a copy
-                item[name] = self.official[1](whole, crop, self.train)
-                continue
-            clip = self._frames(arr, start, picks)[:, :, y0 : y0 + crop, x0 : x0 + crop]
-            out = torch.from_numpy(np.ascontiguousarray(clip.transpose(1, 0, 2, 3)))  # (C, T, H, W)
+                if self.train and drawn is None:
+                    drawn = self.official.draw(whole)
+                out = self.official.apply(whole, crop, drawn)
+                flip = drawn is not None and drawn[4]
+            else:
+                clip = self._frames(arr, start, picks)[:, :, y0 : y0 + crop, x0 : x0 + crop]
+                out = torch.from_numpy(np.ascontiguousarray(clip.transpose(1, 0, 2, 3)))  # (C, T, H, W)
             if flip:
                 out = out.flip(-1)
                 if name == "flow":  # u changes sign under a horizontal flip
@@ -207,14 +216,14 @@ class CachedClips(Dataset):
 
     def _pick(self, count: int) -> list[int]:
         if self.frame_pick == "official":
-            return self.official[0](count, self.num_frames)
+            return self.official.pick(count, self.num_frames)
         return pick_frames(count, self.num_frames, self.train)
 
     def describe_frames(self) -> str:
         """The frame rule in words (logged when training starts)."""
-        pick = (f"official ({self.official[2]})" if self.frame_pick == "official" else
+        pick = (f"official ({self.official.pick_words})" if self.frame_pick == "official" else
                 "spread (random in training, evenly spread in evaluation)")
-        crop = (f"official ({self.official[3]})" if self.frame_crop == "official" else
+        crop = (f"official ({self.official.crop_words})" if self.frame_crop == "official" else
                 "fixed (a random crop and flip in training, the centre crop in evaluation)")
         return f"frame rule: {self.num_frames} frame(s) of {self.crop_size} px; pick {pick}; crop {crop}"
 
