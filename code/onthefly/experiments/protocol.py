@@ -253,7 +253,7 @@ def run_protocol(
     """All four phases, holding the output folder's lock; returns the selection and the report's summary."""
     check_run_options(grid)
     out.mkdir(parents=True, exist_ok=True)
-    lock = acquire_run_lock(out, what="wait for that sweep.py to end, or choose another --out")
+    lock = acquire_run_lock(out, hint="choose another --out")
     try:
         return _phases(grid, out, launcher, programs, report)
     finally:
