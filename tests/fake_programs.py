@@ -9,6 +9,7 @@ real programs write, with numbers that follow from the options, in a fraction of
          the first epoch, as train.py on a non-finite loss.
   probe: `--skip_existing [--limit_samples N] --checkpoint RUN... --device X`: probe.json.
 """
+
 import hashlib
 import json
 import os
@@ -26,14 +27,15 @@ def options_of(argv: list[str]) -> dict:
         if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             out[key], i = argv[i + 1], i + 2
         else:
-            out[key[3:] if key.startswith("no-") else key], i = not key.startswith("no-"), i + 1
+            out[key.removeprefix("no-")], i = not key.startswith("no-"), i + 1
     return out
 
 
 def val_acc(options: dict) -> float:
     """A value in [0.5, 0.9) that depends only on the defining options (never on the folder)."""
-    key = json.dumps({k: v for k, v in sorted(options.items()) if k not in ("output_dir", "run_name", "device",
-                                                                            "overwrite")})
+    key = json.dumps(
+        {k: v for k, v in sorted(options.items()) if k not in ("output_dir", "run_name", "device", "overwrite")}
+    )
     return 0.5 + int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8 * 0.4
 
 
@@ -71,13 +73,14 @@ def train(argv: list[str]) -> int:
             return 1
     if options.get("eval_test", True) is not False:
         acc = val_acc(options) - 0.05
-        (run_dir / "test_metrics.json").write_text(json.dumps(
-            {"best_epoch": 1, "acc": acc, "macro_f1": acc - 0.01, "acc_audio": 0.8, "acc_visual": 0.3}))
+        (run_dir / "test_metrics.json").write_text(
+            json.dumps({"best_epoch": 1, "acc": acc, "macro_f1": acc - 0.01, "acc_audio": 0.8, "acc_visual": 0.3})
+        )
     return 0
 
 
 def probe(argv: list[str]) -> int:
-    runs = argv[argv.index("--checkpoint") + 1:argv.index("--device")]
+    runs = argv[argv.index("--checkpoint") + 1 : argv.index("--device")]
     for run in runs:
         (Path(run) / "probe.json").write_text(json.dumps({"acc_audio": 0.9, "acc_visual": 0.4}))
     return 0

@@ -5,9 +5,9 @@ best.pt, test_metrics.json, probe.json) with known numbers, and counts its launc
 launches the real train.py once, to check that the options the sweep writes are train.py's
 and that the run it leaves behind counts as finished.
 """
+
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,12 @@ GRID = {
 VAL = {("none", 0): 0.70, ("none", 1): 0.60, ("OPM", 0): 0.72, ("OPM", 1): 0.80}
 TEST_IF_LEAKED = {("none", 0): 0.60, ("none", 1): 0.70, ("OPM", 0): 0.90, ("OPM", 1): 0.50}
 # Test accuracies of the test-phase runs, per method and seed.
-TEST = {"none": [0.70, 0.72, 0.74], "OPM": [0.75, 0.73, 0.80], "audio alone": [0.81, 0.80, 0.79],
-        "visual alone": [0.55, 0.50, 0.60]}
+TEST = {
+    "none": [0.70, 0.72, 0.74],
+    "OPM": [0.75, 0.73, 0.80],
+    "audio alone": [0.81, 0.80, 0.79],
+    "visual alone": [0.55, 0.50, 0.60],
+}
 ALONE_VAL = {"audio": 0.82, "visual": 0.58}
 PROGRAMS = Programs(python="python")
 GOLDEN = Path(__file__).parent / "golden" / "protocol_fake"
@@ -45,8 +49,15 @@ GOLDEN = Path(__file__).parent / "golden" / "protocol_fake"
 
 def write_grid(tmp_path: Path, grid: dict = GRID) -> gridfile.Grid:
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({**grid, "methods": {k: {kk: vv for kk, vv in v.items() if vv is not None}
-                                                         for k, v in grid["methods"].items()}}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **grid,
+                "methods": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in grid["methods"].items()},
+            },
+            sort_keys=False,
+        )
+    )
     return gridfile.load_grid(path)
 
 
@@ -65,7 +76,9 @@ class FakeRuns:
         if job.kind == "probe":
             for spec in job.targets:
                 assert str(spec.run_dir) in argv
-                (spec.run_dir / "probe.json").write_text(json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100}))
+                (spec.run_dir / "probe.json").write_text(
+                    json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100})
+                )
             return 0
         spec = job.spec
         spec.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,14 +90,17 @@ class FakeRuns:
             val, test = ALONE_VAL[spec.options["modality"]], TEST[spec.method][spec.seed]
         else:
             val, test = 0.7, TEST[spec.method][spec.seed]
-        epochs = [{"epoch": 0, "val_acc": val - 0.1, "val_acc_audio": 0.7, "val_acc_visual": 0.3},
-                  {"epoch": 1, "val_acc": val, "val_acc_audio": 0.8, "val_acc_visual": 0.35}]
+        epochs = [
+            {"epoch": 0, "val_acc": val - 0.1, "val_acc_audio": 0.7, "val_acc_visual": 0.3},
+            {"epoch": 1, "val_acc": val, "val_acc_audio": 0.8, "val_acc_visual": 0.35},
+        ]
         (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
         (spec.run_dir / "last.pt").write_text("fake")
         (spec.run_dir / "best.pt").write_text("fake")
         # A leak: the fake writes test numbers even for tuning runs, which the selection must ignore.
-        (spec.run_dir / "test_metrics.json").write_text(json.dumps(
-            {"acc": test, "macro_f1": test - 0.01, "acc_audio": 0.8, "acc_visual": 0.3 + spec.seed / 100}))
+        (spec.run_dir / "test_metrics.json").write_text(
+            json.dumps({"acc": test, "macro_f1": test - 0.01, "acc_audio": 0.8, "acc_visual": 0.3 + spec.seed / 100})
+        )
         return 0
 
     def launches(self, kind: str = "train.py") -> list[list[str]]:
@@ -105,7 +121,7 @@ def test_selection_uses_validation_never_test(tmp_path):
     assert sel["OPM"]["val_acc"] == pytest.approx(0.80)
     assert sel["OPM"]["points"][1]["per_seed"] == {10: pytest.approx(0.81), 11: pytest.approx(0.79)}
     out = tmp_path / "out"
-    phase = lambda c: Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]  # noqa: E731
+    phase = lambda c: Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]
     tuning = [c for c in runs.launches() if phase(c) == "tune"]
     testing = [c for c in runs.launches() if phase(c) == "test"]
     assert len(tuning) == 2 * 2 * 2 and all("--no-eval_test" in c for c in tuning)
@@ -221,12 +237,15 @@ def test_bootstrap_interval_against_hand_computed_cases():
     assert compare_paired({0: 0.9}, {0: 0.8}) is None  # one pair: no interval
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"test_seeds": [10, 3, 4]}, "test seeds must be fresh: 10"),
-    ({"methods": {"none": {"grid": {"lr": [0.01]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}}, "same budget"),
-    ({"common": {"seed": 1}}, "set by the sweep itself"),
-    ({"methods": {"none": {"grid": {"epochs": [1, 2]}}}}, "also in common"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"test_seeds": [10, 3, 4]}, "test seeds must be fresh: 10"),
+        ({"methods": {"none": {"grid": {"lr": [0.01]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}}, "same budget"),
+        ({"common": {"seed": 1}}, "set by the sweep itself"),
+        ({"methods": {"none": {"grid": {"epochs": [1, 2]}}}}, "also in common"),
+    ],
+)
 def test_bad_grid_files_are_refused(tmp_path, change, message):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({**GRID, **change}, sort_keys=False))
@@ -235,8 +254,19 @@ def test_bad_grid_files_are_refused(tmp_path, change, message):
 
 
 def test_a_real_train_run_counts_as_finished(tmp_path):
-    grid = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 1, "limit_samples": 64,
-                                                    "batch_size": 32, "weight_decay": 0.0001}})
+    grid = write_grid(
+        tmp_path,
+        {
+            **GRID,
+            "common": {
+                "dataset": "avdigits",
+                "epochs": 1,
+                "limit_samples": 64,
+                "batch_size": 32,
+                "weight_decay": 0.0001,
+            },
+        },
+    )
     spec = runspec.tuning_runs(grid, tmp_path / "out")[0]
     assert runspec.run_state(spec) == "start"
     jobs = protocol_module.training_jobs([spec], Programs(), tmp_path / "out")
@@ -251,8 +281,10 @@ def test_progress_line_counts_and_eta():
     progress = launchers.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
     progress.running = 2
     # 10 - 4 done - 2 running counted as half done = 5 runs of 90 s on 2 slots = 225 s; with 6 more: 495 s.
-    assert progress.line() == ("[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
-                               "with the 6 runs of the test phase: 8.2 min")
+    assert progress.line() == (
+        "[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
+        "with the 6 runs of the test phase: 8.2 min"
+    )
     assert launchers.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"
 
 
@@ -274,7 +306,7 @@ def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
         now = list(csv.DictReader(f))
     assert [{k: r[k] for k in golden[0]} for r in now] == golden
     report = (out / "report.md").read_text()
-    assert report[:report.index("## Time")] == (GOLDEN / "report.md").read_text()
+    assert report[: report.index("## Time")] == (GOLDEN / "report.md").read_text()
 
 
 class Interrupting(FakeRuns):
@@ -384,8 +416,10 @@ def test_a_diverged_run_is_recorded_and_reported_not_retried(tmp_path):
     with open(out / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert rows["none"]["n_seeds"] == "2" and rows["none"]["n_diverged"] == "1"
-    assert "Diverged (train.py stopped on non-finite values; not in the rows above): none seed 1." in (
-        out / "report.md").read_text()
+    assert (
+        "Diverged (train.py stopped on non-finite values; not in the rows above): none seed 1."
+        in (out / "report.md").read_text()
+    )
     again = FakeRuns()
     protocol(tmp_path, grid, again)
     assert again.commands == []
@@ -395,11 +429,15 @@ def test_a_diverged_run_is_recorded_and_reported_not_retried(tmp_path):
 
 
 BAD_GRIDS = {
-    "unknown method": ({"methods": {"none": {"grid": {"lr": [0.01]}}, "FOO": {"grid": {"lr": [0.01]}}}},
-                       "invalid choice: 'FOO'"),
+    "unknown method": (
+        {"methods": {"none": {"grid": {"lr": [0.01]}}, "FOO": {"grid": {"lr": [0.01]}}}},
+        "invalid choice: 'FOO'",
+    ),
     "unknown option": ({"common": {"dataset": "avdigits", "epoch": 2}}, "not train.py options: epoch"),
-    "negative lr": ({"methods": {"none": {"grid": {"lr": [0.01, -1]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}},
-                    "--lr must be > 0"),
+    "negative lr": (
+        {"methods": {"none": {"grid": {"lr": [0.01, -1]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}},
+        "--lr must be > 0",
+    ),
     "unknown reference": ({"references": ["audio", "smell"]}, "smell is not a modality of avdigits"),
     "reference twice": ({"references": ["audio", "audio"]}, "lists audio twice"),
     "print_config": ({"common": {"dataset": "avdigits", "print_config": True}}, "set by the sweep itself"),
@@ -442,10 +480,29 @@ def test_a_flag_set_false_becomes_what_train_py_accepts(tmp_path):
 
 
 def test_long_run_folder_names_are_shortened_with_a_hash(tmp_path):
-    grid = {name: [0.000123456] for name in ("audio_frames", "audio_noise", "image_noise", "image_occlusion", "image_corrupt",
-                                   "audio_corrupt", "image_downsample", "data_seed", "weight_decay", "momentum",
-                                   "lr_step", "lr_gamma", "batch_size", "num_workers", "log_every", "epochs", "lr",
-                                   "num_frames")}
+    grid = {
+        name: [0.000123456]
+        for name in (
+            "audio_frames",
+            "audio_noise",
+            "image_noise",
+            "image_occlusion",
+            "image_corrupt",
+            "audio_corrupt",
+            "image_downsample",
+            "data_seed",
+            "weight_decay",
+            "momentum",
+            "lr_step",
+            "lr_gamma",
+            "batch_size",
+            "num_workers",
+            "log_every",
+            "epochs",
+            "lr",
+            "num_frames",
+        )
+    }
     g = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits"}, "methods": {"none": {"grid": grid}}})
     names = [s.run_dir.name for s in runspec.tuning_runs(g, tmp_path)]
     assert all(len(n) <= runspec.MAX_NAME for n in names) and len(set(names)) == len(names)
@@ -453,13 +510,16 @@ def test_long_run_folder_names_are_shortened_with_a_hash(tmp_path):
     assert len(full) > 255 and names[0].startswith(full[:50])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--set", "epochs=: x"], "--set epochs=: x: the value is not valid YAML"),
-    (["--set", "Epochs=1"], "not option names"),
-    (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
-    (["--launcher", "slurm"], "--launcher slurm needs --partition"),
-    (["--out", "FILE/sub"], "Not a directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "epochs=: x"], "--set epochs=: x: the value is not valid YAML"),
+        (["--set", "Epochs=1"], "not option names"),
+        (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
+        (["--launcher", "slurm"], "--launcher slurm needs --partition"),
+        (["--out", "FILE/sub"], "Not a directory"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "FILE").write_text("")
     grid = tmp_path / "grid.yaml"
@@ -483,8 +543,14 @@ def test_reproduce_script_starts_again_a_run_interrupted_in_its_first_epoch(tmp_
     out = tmp_path / "repro"
     (out / "none_seed0").mkdir(parents=True)
     (out / "none_seed0" / "config.json").write_text("{}")
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(out), "SEEDS": "0 1", "METHODS": "none",
-           "MODALITIES": "audio"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": str(fake),
+        "OUT": str(out),
+        "SEEDS": "0 1",
+        "METHODS": "none",
+        "MODALITIES": "audio",
+    }
     script = Path(__file__).parents[1] / "scripts" / "reproduce_avdigits.sh"
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
     calls = [line for line in log.read_text().splitlines() if line.startswith("code/train.py") and "none_seed" in line]

@@ -3,6 +3,7 @@
 PyYAML keeps the last of two equal keys without a word, so a grid file or a --config file
 that sets `lr` twice would silently train with the second value.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -5,6 +5,7 @@ the tuning and test seeds, and the modalities trained alone as references.
 and `--methods`. Whether every run's options are valid train.py options is checked by
 `spec.check_run_options`, before the first run starts.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,18 @@ from ..yamlio import load_yaml
 GRID_KEYS = ("common", "tuning_seeds", "test_seeds", "references", "methods")
 # Options the sweep sets itself for every run: a grid file may not set them. print_config would
 # make every run print its options and exit 0 without training.
-RESERVED_OPTIONS = ("seed", "modulation", "modality", "output_dir", "run_name", "resume", "overwrite", "device",
-                    "eval_test", "print_config")
+RESERVED_OPTIONS = (
+    "seed",
+    "modulation",
+    "modality",
+    "output_dir",
+    "run_name",
+    "resume",
+    "overwrite",
+    "device",
+    "eval_test",
+    "print_config",
+)
 OPTION_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -56,9 +67,13 @@ def _check(ok: bool, path: Path, message: str) -> None:
 
 def _seed_list(raw: dict, key: str, path: Path) -> list[int]:
     seeds = raw.get(key)
-    _check(isinstance(seeds, list) and len(seeds) > 0
-           and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-           path, f"'{key}' must be a non-empty list of integers")
+    _check(
+        isinstance(seeds, list)
+        and len(seeds) > 0
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+        path,
+        f"'{key}' must be a non-empty list of integers",
+    )
     _check(len(set(seeds)) == len(seeds), path, f"'{key}' lists a seed twice")
     return list(seeds)
 
@@ -74,22 +89,30 @@ def check_option_names(options: dict, where: str) -> None:
 
 
 def _method(name: str, spec: Any, common: dict, path: Path) -> MethodGrid:
-    _check(isinstance(spec, dict) and isinstance(spec.get("grid"), dict) and spec["grid"], path,
-           f"methods.{name}: needs a non-empty 'grid' mapping of option: [values]")
+    _check(
+        isinstance(spec, dict) and isinstance(spec.get("grid"), dict) and spec["grid"],
+        path,
+        f"methods.{name}: needs a non-empty 'grid' mapping of option: [values]",
+    )
     extra = sorted(set(spec) - {"grid", "sensitivity"})
     _check(not extra, path, f"methods.{name}: unknown key(s): {', '.join(extra)}")
     grid = spec["grid"]
     check_option_names(grid, f"{path}: methods.{name}.grid")
     for key, values in grid.items():
-        _check(isinstance(values, list) and values and len(values) == len({json.dumps(v) for v in values}), path,
-               f"methods.{name}.grid.{key}: must be a non-empty list of distinct values")
+        _check(
+            isinstance(values, list) and values and len(values) == len({json.dumps(v) for v in values}),
+            path,
+            f"methods.{name}.grid.{key}: must be a non-empty list of distinct values",
+        )
     clash = sorted(set(grid) & set(common))
     _check(not clash, path, f"methods.{name}.grid: {', '.join(clash)} also in common; set each option in one place")
     sens = spec.get("sensitivity")
     if sens is not None:
-        _check(isinstance(sens, dict) and "x" in sens and set(sens) <= {"x", "lines"} and set(sens.values()) <= set(grid),
-               path, f"methods.{name}.sensitivity: must be {{x: <grid option>}} or "
-                     "{x: <grid option>, lines: <grid option>}")
+        _check(
+            isinstance(sens, dict) and "x" in sens and set(sens) <= {"x", "lines"} and set(sens.values()) <= set(grid),
+            path,
+            f"methods.{name}.sensitivity: must be {{x: <grid option>}} or {{x: <grid option>, lines: <grid option>}}",
+        )
     return MethodGrid(str(name), {k: list(v) for k, v in grid.items()}, sens)
 
 
@@ -112,17 +135,25 @@ def load_grid(path: str | Path) -> Grid:
     shared = sorted(set(tuning) & set(test))
     _check(not shared, path, f"test seeds must be fresh: {', '.join(map(str, shared))} also tune")
     references = raw.get("references") or []
-    _check(isinstance(references, list) and all(isinstance(m, str) for m in references), path,
-           "'references' must be a list of modality names")
+    _check(
+        isinstance(references, list) and all(isinstance(m, str) for m in references),
+        path,
+        "'references' must be a list of modality names",
+    )
     twice = sorted({m for m in references if references.count(m) > 1})
     _check(not twice, path, f"'references' lists {', '.join(twice)} twice")
     methods_raw = raw.get("methods")
-    _check(isinstance(methods_raw, dict) and len(methods_raw) > 0, path,
-           "'methods' must map --modulation values to grids")
+    _check(
+        isinstance(methods_raw, dict) and len(methods_raw) > 0, path, "'methods' must map --modulation values to grids"
+    )
     methods = {str(name): _method(name, spec, common, path) for name, spec in methods_raw.items()}
     sizes = {m.name: len(m.points()) for m in methods.values()}
-    _check(len(set(sizes.values())) == 1, path, "every method needs the same budget (number of grid points); got "
-           + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    _check(
+        len(set(sizes.values())) == 1,
+        path,
+        "every method needs the same budget (number of grid points); got "
+        + ", ".join(f"{k} {v}" for k, v in sizes.items()),
+    )
     return Grid(path, dict(common), tuning, test, list(references), methods)
 
 

@@ -10,19 +10,22 @@ outcome is final (a success or a recorded divergence) or a failure to report.
                     preempted or timed-out training job is requeued and continues from its
                     last.pt (`TrainCommand.checkpoint`).
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 
@@ -56,8 +59,12 @@ def thread_env() -> dict[str, str]:
     cores; on GPU the work is on the device) and this repository's package importable."""
     code = str(REPO_ROOT / "code")
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": code + (os.pathsep + path if path else ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE"}
+    return {
+        "PYTHONPATH": code + (os.pathsep + path if path else ""),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
 
 
 def child_env() -> dict[str, str]:
@@ -103,8 +110,9 @@ class Progress:
     `later`: runs of later phases still to train, included in a second ETA for the protocol.
     """
 
-    def __init__(self, phase: str, total: int, done: int, durations: list[float], slots: int, later: int = 0,
-                 stream=None) -> None:
+    def __init__(
+        self, phase: str, total: int, done: int, durations: list[float], slots: int, later: int = 0, stream=None
+    ) -> None:
         self.phase, self.total, self.done, self.failed, self.running = phase, total, done, 0, 0
         self.durations, self.slots, self.later, self.stream = list(durations), slots, later, stream or sys.stdout
         self.lock = threading.Lock()
@@ -120,10 +128,14 @@ class Progress:
         if self.durations:
             left = self.total - self.done - self.failed - self.running / 2  # a running run is half done, on average
             mean = sum(self.durations) / len(self.durations)
-            text += (f", ETA {minutes(self._seconds_for(left))} ({minutes(mean)} per run over "
-                     f"{len(self.durations)} finished)")
+            text += (
+                f", ETA {minutes(self._seconds_for(left))} ({minutes(mean)} per run over "
+                f"{len(self.durations)} finished)"
+            )
             if self.later:
-                text += f"; with the {self.later} runs of the test phase: {minutes(self._seconds_for(left + self.later))}"
+                text += (
+                    f"; with the {self.later} runs of the test phase: {minutes(self._seconds_for(left + self.later))}"
+                )
         return text
 
     def show(self) -> None:
@@ -187,8 +199,12 @@ class LocalLauncher:
 
     `spawn(job, argv, env) -> exit status` runs one command (tests pass a fake)."""
 
-    def __init__(self, slots: list[str], spawn: Callable[[Job, list[str], dict[str, str]], int] | None = None,
-                 report_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        slots: list[str],
+        spawn: Callable[[Job, list[str], dict[str, str]], int] | None = None,
+        report_every: float = 60.0,
+    ) -> None:
         self.slots, self.spawn, self.report_every = list(slots), spawn or SubprocessSpawn(), report_every
 
     @property
@@ -238,6 +254,31 @@ class LocalLauncher:
         return failed
 
 
+def under_torchrun(argv: list[str], gpus: int) -> list[str]:
+    """[python, script, ...] on more than one GPU: the script under torchrun, one process per GPU."""
+    if gpus <= 1:
+        return argv
+    return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *argv[1:]]
+
+
+def _stop(pid: int, grace: float = 120.0) -> None:
+    """SIGTERM `pid` (train.py then ends cleanly, its last.pt intact), SIGKILL after `grace` seconds.
+
+    Called from submitit's signal handler, which interrupts Popen.wait(): that call holds the
+    Popen's wait lock, so the child is reaped here with os.waitpid directly."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.1)
+    except (ProcessLookupError, ChildProcessError):  # already ended and reaped
+        return
+
+
 class TrainCommand(submitit.helpers.Checkpointable):
     """The body of one submitit job: run a command, return its exit status.
 
@@ -246,8 +287,9 @@ class TrainCommand(submitit.helpers.Checkpointable):
     epoch in last.pt) and the job is requeued with the command that resumes from last.pt,
     or the original command when no epoch was completed."""
 
-    def __init__(self, argv: list[str], log: Path, resume_argv: list[str] | None = None,
-                 last: Path | None = None) -> None:
+    def __init__(
+        self, argv: list[str], log: Path, resume_argv: list[str] | None = None, last: Path | None = None
+    ) -> None:
         self.argv, self.log, self.resume_argv, self.last = argv, log, resume_argv, last
         self._proc: subprocess.Popen | None = None
 
@@ -260,15 +302,12 @@ class TrainCommand(submitit.helpers.Checkpointable):
         return self._proc.wait()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            _stop(self._proc.pid)
         resumable = self.resume_argv is not None and self.last is not None and self.last.is_file()
         argv = self.resume_argv if resumable else self.argv
+        if self.resume_argv is not None and not resumable and "--overwrite" not in argv:
+            argv = [*argv, "--overwrite"]  # stopped in its first epoch: the folder holds only this run's files
         with open(self.log, "a") as f:
             f.write(f"\n# preempted or timed out: requeued{', resuming from ' + str(self.last) if resumable else ''}\n")
         return submitit.helpers.DelayedSubmission(TrainCommand(argv, self.log, self.resume_argv, self.last))
@@ -279,17 +318,27 @@ class SubmititLauncher:
     or this machine (`cluster='local'`, for tests). `parameters` go to
     AutoExecutor.update_parameters (e.g. slurm_partition, gpus_per_node, timeout_min)."""
 
-    def __init__(self, folder: Path, cluster: str, device: str, parameters: dict[str, Any], width: int,
-                 gpus_per_run: int = 1, poll_every: float = 5.0, report_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        cluster: str,
+        device: str,
+        parameters: dict[str, Any],
+        width: int,
+        gpus_per_run: int = 1,
+        poll_every: float = 5.0,
+        report_every: float = 60.0,
+    ) -> None:
         self.folder, self.cluster, self.device, self.parameters = Path(folder), cluster, device, parameters
-        self.width, self.gpus_per_run, self.poll_every, self.report_every = width, gpus_per_run, poll_every, report_every
+        self.width, self.gpus_per_run, self.poll_every, self.report_every = (
+            width,
+            gpus_per_run,
+            poll_every,
+            report_every,
+        )
 
     def _command(self, argv: list[str]) -> list[str]:
-        """More than one GPU per run: train.py under torchrun, one process per GPU."""
-        if self.gpus_per_run <= 1:
-            return argv
-        return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus_per_run}",
-                *argv[1:]]
+        return under_torchrun(argv, self.gpus_per_run)
 
     def _body(self, job: Job) -> TrainCommand:
         argv = self._command([*job.argv, "--device", self.device])
@@ -302,7 +351,7 @@ class SubmititLauncher:
         progress.show()
         if not jobs:
             return []
-        executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.cluster)
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         executor.update_parameters(**self.parameters)
         with executor.batch():
             submitted = [executor.submit(self._body(job)) for job in jobs]

@@ -20,6 +20,7 @@ Every run is an independent process of code/train.py, started by a launcher (lau
 What counts as finished is spec.run_state's: an interrupted protocol, run again, redoes
 nothing that was finished. One protocol at a time writes in an output folder (its .lock).
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,18 @@ from ..fileio import atomic_write_text, read_json_object
 from ..rundir import acquire_run_lock
 from .grid import Grid
 from .launchers import REPO_ROOT, Job, Progress, Settle, minutes
-from .spec import (DIVERGED_EXIT, DONE_FILE, RunSpec, best_val_acc, check_run_options, point_name, run_seconds,
-                   run_state, test_runs, tuning_runs)
+from .spec import (
+    DIVERGED_EXIT,
+    DONE_FILE,
+    RunSpec,
+    best_val_acc,
+    check_run_options,
+    point_name,
+    run_seconds,
+    run_state,
+    test_runs,
+    tuning_runs,
+)
 
 TIE_DECIMALS = 9  # scores equal to 9 decimals are ties (means of accuracies differ by rounding only)
 SELECTION_RULE = "best mean over tuning seeds of each run's best validation accuracy; ties: the earlier grid point"
@@ -83,18 +94,33 @@ def select_points(grid: Grid, specs: list[RunSpec]) -> dict[str, dict]:
             per_seed = {s.seed: best_val_acc(s.run_dir) for s in runs if s.seed not in diverged}
             missing = sorted(seed for seed, v in per_seed.items() if v is None)
             if missing:
-                raise UserError(f"{method.name} point {index} ({point_name(point)}): no validation metrics for "
-                                f"tuning seed(s) {', '.join(map(str, missing))}; run the protocol again to finish them")
+                raise UserError(
+                    f"{method.name} point {index} ({point_name(point)}): no validation metrics for "
+                    f"tuning seed(s) {', '.join(map(str, missing))}; run the protocol again to finish them"
+                )
             score = None if diverged else sum(per_seed.values()) / len(per_seed)
-            points.append({"index": index, "point": point, "val_acc": score, "per_seed": per_seed,
-                           **({"diverged_seeds": diverged} if diverged else {})})
+            points.append(
+                {
+                    "index": index,
+                    "point": point,
+                    "val_acc": score,
+                    "per_seed": per_seed,
+                    **({"diverged_seeds": diverged} if diverged else {}),
+                }
+            )
         scored = [p for p in points if p["val_acc"] is not None]
         if not scored:
-            raise RunsFailed(f"{method.name}: every grid point diverged (train.py stopped on non-finite values); "
-                             "change its grid in the grid file")
+            raise RunsFailed(
+                f"{method.name}: every grid point diverged (train.py stopped on non-finite values); "
+                "change its grid in the grid file"
+            )
         best = max(scored, key=lambda p: (round(p["val_acc"], TIE_DECIMALS), -p["index"]))
-        selection[method.name] = {"index": best["index"], "point": best["point"], "val_acc": best["val_acc"],
-                                  "points": points}
+        selection[method.name] = {
+            "index": best["index"],
+            "point": best["point"],
+            "val_acc": best["val_acc"],
+            "points": points,
+        }
     return selection
 
 
@@ -106,8 +132,19 @@ def write_runs_csv(path: Path, specs: list[RunSpec], programs: Programs) -> None
     for s in specs:
         seconds = run_seconds(s)
         command = shlex.join([programs.python, str(programs.train.relative_to(REPO_ROOT)), *s.train_argv()])
-        writer.writerow([s.phase, s.method, "" if s.point_index is None else s.point_index, point_name(s.point), s.seed,
-                         str(s.run_dir), run_state(s), "" if seconds is None else seconds, command])
+        writer.writerow(
+            [
+                s.phase,
+                s.method,
+                "" if s.point_index is None else s.point_index,
+                point_name(s.point),
+                s.seed,
+                str(s.run_dir),
+                run_state(s),
+                "" if seconds is None else seconds,
+                command,
+            ]
+        )
     atomic_write_text(path, buf.getvalue())
 
 
@@ -157,9 +194,20 @@ def probe_jobs(specs: list[RunSpec], grid: Grid, programs: Programs, out: Path, 
         (s.run_dir / "probe.json").unlink(missing_ok=True)  # unreadable: probe.py would skip it
     chunks = [todo[i::processes] for i in range(min(processes, len(todo)))]
     return [
-        Job(f"probes{i}", [programs.python, str(programs.probe), "--skip_existing", *extra, "--checkpoint",
-                           *(str(s.run_dir) for s in chunk)],
-            out / "logs" / "probe" / f"probes{i}.log", kind="probe", targets=chunk)
+        Job(
+            f"probes{i}",
+            [
+                programs.python,
+                str(programs.probe),
+                "--skip_existing",
+                *extra,
+                "--checkpoint",
+                *(str(s.run_dir) for s in chunk),
+            ],
+            out / "logs" / "probe" / f"probes{i}.log",
+            kind="probe",
+            targets=chunk,
+        )
         for i, chunk in enumerate(chunks)
     ]
 
@@ -170,12 +218,20 @@ def _durations(specs: list[RunSpec]) -> list[float]:
 
 def _failure(name: str, failed: list[Job]) -> RunsFailed:
     logs = ", ".join(str(j.log) for j in failed[:5]) + (" ..." if len(failed) > 5 else "")
-    return RunsFailed(f"{name}: {len(failed)} run(s) failed; their logs: {logs}. "
-                      "Run the same command again to retry them.")
+    return RunsFailed(
+        f"{name}: {len(failed)} run(s) failed; their logs: {logs}. Run the same command again to retry them."
+    )
 
 
-def _run_phase(name: str, specs: list[RunSpec], known: list[RunSpec], programs: Programs, out: Path,
-               launcher: Launcher, later: int = 0) -> None:
+def _run_phase(
+    name: str,
+    specs: list[RunSpec],
+    known: list[RunSpec],
+    programs: Programs,
+    out: Path,
+    launcher: Launcher,
+    later: int = 0,
+) -> None:
     """Run a phase's unfinished runs; `known` (every run so far) goes into runs.csv."""
     jobs = training_jobs(specs, programs, out)
     progress = Progress(name, len(specs), len(specs) - len(jobs), _durations(specs), launcher.width, later)
@@ -185,16 +241,19 @@ def _run_phase(name: str, specs: list[RunSpec], known: list[RunSpec], programs: 
         raise _failure(name, failed)
     unfinished = [s.name for s in specs if run_state(s) not in ("done", "diverged")]
     if unfinished:  # exit 0, yet not what a finished run leaves: never report it as one
-        raise RunsFailed(f"{name}: {len(unfinished)} run(s) exited without their results ({', '.join(unfinished[:5])}); "
-                         f"their logs are in {out / 'logs'}")
+        raise RunsFailed(
+            f"{name}: {len(unfinished)} run(s) exited without their results ({', '.join(unfinished[:5])}); "
+            f"their logs are in {out / 'logs'}"
+        )
 
 
-def run_protocol(grid: Grid, out: Path, launcher: Launcher, programs: Programs = Programs(),
-                 report: bool = True) -> dict:
+def run_protocol(
+    grid: Grid, out: Path, launcher: Launcher, programs: Programs = Programs(), report: bool = True
+) -> dict:
     """All four phases, holding the output folder's lock; returns the selection and the report's summary."""
     check_run_options(grid)
     out.mkdir(parents=True, exist_ok=True)
-    lock = acquire_run_lock(out, what="wait for that sweep.py to end, or choose another --out")
+    lock = acquire_run_lock(out, hint="choose another --out")
     try:
         return _phases(grid, out, launcher, programs, report)
     finally:
@@ -204,18 +263,24 @@ def run_protocol(grid: Grid, out: Path, launcher: Launcher, programs: Programs =
 def _phases(grid: Grid, out: Path, launcher: Launcher, programs: Programs, report: bool) -> dict:
     started = time.time()
     tune = tuning_runs(grid, out)
-    print(f"phase 1: tuning, {len(grid.methods)} methods x {len(tune) // len(grid.methods) // len(grid.tuning_seeds)} "
-          f"points x {len(grid.tuning_seeds)} seeds = {len(tune)} runs, {launcher.width} at a time", flush=True)
+    print(
+        f"phase 1: tuning, {len(grid.methods)} methods x {len(tune) // len(grid.methods) // len(grid.tuning_seeds)} "
+        f"points x {len(grid.tuning_seeds)} seeds = {len(tune)} runs, {launcher.width} at a time",
+        flush=True,
+    )
     # Test runs are named by method and seed, so the ones still to train are known before the selection.
     names = [*grid.methods, *(f"{m}-alone" for m in grid.references)]
     later = sum(not (out / "test" / f"{n}_seed{s}" / DONE_FILE).is_file() for n in names for s in grid.test_seeds)
     _run_phase("tuning", tune, tune, programs, out, launcher, later)
     selection = select_points(grid, tune)
-    atomic_write_text(out / "selection.json", json.dumps(
-        {"rule": SELECTION_RULE, "tuning_seeds": grid.tuning_seeds, "methods": selection}, indent=2))
+    atomic_write_text(
+        out / "selection.json",
+        json.dumps({"rule": SELECTION_RULE, "tuning_seeds": grid.tuning_seeds, "methods": selection}, indent=2),
+    )
     for name, chosen in selection.items():
-        print(f"  selected {name}: {point_name(chosen['point'])} (validation {100 * chosen['val_acc']:.2f}%)",
-              flush=True)
+        print(
+            f"  selected {name}: {point_name(chosen['point'])} (validation {100 * chosen['val_acc']:.2f}%)", flush=True
+        )
 
     test = test_runs(grid, selection, out)
     print(f"phase 2: test, {len(test)} runs on seeds {', '.join(map(str, grid.test_seeds))}", flush=True)
@@ -231,10 +296,13 @@ def _phases(grid: Grid, out: Path, launcher: Launcher, programs: Programs, repor
     result = {"selection": selection, "seconds": time.time() - started}
     if report:
         print("phase 4: report", flush=True)
-        result["report"] = write_benchmark_report(grid, selection, tune, test, out, time.time() - started,
-                                                  launcher.width)
+        result["report"] = write_benchmark_report(
+            grid, selection, tune, test, out, time.time() - started, launcher.width
+        )
     total = time.time() - started
-    print(f"protocol finished in {minutes(total)} (this invocation; runs done earlier were skipped): "
-          f"{out / 'report.md'}", flush=True)
+    print(
+        f"protocol finished in {minutes(total)} (this invocation; runs done earlier were skipped): {out / 'report.md'}",
+        flush=True,
+    )
     result["seconds"] = total
     return result

@@ -13,6 +13,7 @@ and those options. A run is
   resume    not finished, but its config.json agrees and it has a last.pt;
   start     anything else: started afresh (--overwrite).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.runs import read_jsonl
 from ..errors import UserError
 from ..fileio import read_json_object
-from ..analysis.runs import read_jsonl
 from .grid import Grid
 
 DONE_FILE = "sweep_run.json"  # written by the sweep once train.py has exited
@@ -99,7 +100,7 @@ def folder_name(name: str) -> str:
     """`name`, or its first characters and a hash of the whole when it is too long for a file name."""
     if len(name) <= MAX_NAME:
         return name
-    return f"{name[:MAX_NAME - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return f"{name[: MAX_NAME - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
 def tuning_runs(grid: Grid, out: Path) -> list[RunSpec]:
@@ -120,13 +121,23 @@ def test_runs(grid: Grid, selection: dict[str, dict], out: Path) -> list[RunSpec
         chosen = selection[method.name]
         for seed in grid.test_seeds:
             options = {**grid.common, "modulation": method.name, **chosen["point"], "seed": seed, "eval_test": True}
-            specs.append(RunSpec("test", method.name, seed, out / "test" / f"{method.name}_seed{seed}", options,
-                                 chosen["point"], chosen["index"]))
+            specs.append(
+                RunSpec(
+                    "test",
+                    method.name,
+                    seed,
+                    out / "test" / f"{method.name}_seed{seed}",
+                    options,
+                    chosen["point"],
+                    chosen["index"],
+                )
+            )
     for modality in grid.references:
         for seed in grid.test_seeds:
             options = {**grid.common, "modality": modality, "seed": seed, "eval_test": True}
-            specs.append(RunSpec("test", f"{modality} alone", seed, out / "test" / f"{modality}-alone_seed{seed}",
-                                 options))
+            specs.append(
+                RunSpec("test", f"{modality} alone", seed, out / "test" / f"{modality}-alone_seed{seed}", options)
+            )
     return specs
 
 
@@ -142,8 +153,9 @@ def check_run_options(grid: Grid) -> None:
     if unknown:
         raise UserError(f"{grid.path}: not train.py options: {', '.join(unknown)}")
     first = grid.tuning_seeds[0]
-    candidates = [{**grid.common, "modulation": m.name, **p, "seed": first} for m in grid.methods.values()
-                  for p in m.points()]
+    candidates = [
+        {**grid.common, "modulation": m.name, **p, "seed": first} for m in grid.methods.values() for p in m.points()
+    ]
     candidates += [{**grid.common, "modality": m, "seed": first} for m in grid.references]
     for options in candidates:
         try:
@@ -156,8 +168,9 @@ def check_run_options(grid: Grid) -> None:
 
             names = get_dataset_entry(cfg.dataset).info(cfg).modality_names
             if cfg.modality not in names:
-                raise UserError(f"{grid.path}: references: {cfg.modality} is not a modality of {cfg.dataset} "
-                                f"({', '.join(names)})")
+                raise UserError(
+                    f"{grid.path}: references: {cfg.modality} is not a modality of {cfg.dataset} ({', '.join(names)})"
+                )
 
 
 def same_value(a: Any, b: Any) -> bool:
