@@ -13,6 +13,7 @@ model's weights, BatchNorm statistics and momentum, so each step is compared fro
 states. Printed: per step, our joint-loss weight of each encoder (0.5 = no conflict) and the
 largest gradient and weight differences after the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,10 @@ class SeparateHeads(FusionHead):
 
     def shares(self, features, detach_head):
         heads = (self.head_audio, self.head_video)
-        return tuple(nn.functional.linear(h, *((l.weight.detach(), l.bias.detach()) if detach_head else (l.weight, l.bias)))
-                     for h, l in zip(features, heads))
+        return tuple(
+            nn.functional.linear(h, *((l.weight.detach(), l.bias.detach()) if detach_head else (l.weight, l.bias)))
+            for h, l in zip(features, heads)
+        )
 
 
 class Ours(nn.Module):
@@ -81,7 +84,9 @@ class Ours(nn.Module):
         a, v = self.audio_net(audio), self.visual_net(visual)
         _, c, h, w = v.size()
         v = v.view(a.size(0), -1, c, h, w).permute(0, 2, 1, 3, 4)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1), torch.flatten(nn.functional.adaptive_avg_pool3d(v, 1), 1)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1), torch.flatten(
+            nn.functional.adaptive_avg_pool3d(v, 1), 1
+        )
 
     def forward(self, inputs, feature_hook=None):
         features = self.encode(inputs["audio"], inputs["visual"])
@@ -128,8 +133,9 @@ def main() -> None:
             audio = torch.randn(args.batch, 1, 64, 48, generator=g)
             visual = torch.randn(args.batch, 1, 3, 48, 48, generator=g)  # (B, T, C, H, W), as the official loader
             labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
-            official_script.train_epoch(None, 0, official, torch.device("cpu"), [(audio, visual, labels)],
-                                        opt_official, None)
+            official_script.train_epoch(
+                None, 0, official, torch.device("cpu"), [(audio, visual, labels)], opt_official, None
+            )
             out = ours({"audio": audio, "visual": visual})
             loss = compute_loss(out, labels, ours.head)
             loss = loss + modulator.auxiliary_loss(out, labels, 0, loss)
@@ -142,8 +148,11 @@ def main() -> None:
             weight_diff = max((po - names[n]).abs().max().item() for n, po in official.named_parameters())
             w = modulator.stats["pareto_w_joint"].tolist()
             worst = max(worst, grad_diff / grad_scale)
-            print(f"step {step}: joint-loss weight audio {w[0]:.4f} visual {w[1]:.4f} (0.5000 = no conflict); "
-                  f"max |grad diff| {grad_diff:.3e} (largest |grad| {grad_scale:.3e}); max |weight diff| {weight_diff:.3e}")
+            print(
+                f"step {step}: joint-loss weight audio {w[0]:.4f} visual {w[1]:.4f} (0.5000 = no conflict); "
+                f"max |grad diff| {grad_diff:.3e} (largest |grad| {grad_scale:.3e}); "
+                f"max |weight diff| {weight_diff:.3e}"
+            )
         print(f"largest gradient difference relative to the largest gradient, over {args.steps} steps: {worst:.3e}")
 
 

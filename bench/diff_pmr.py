@@ -16,6 +16,7 @@ compression layers after its second stage that fix the input sizes, so the batch
 Printed: the prototype difference, which modality got the prototypical loss on our side, and
 the gradient and weight differences after the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ DATASET_MODULES = ("CGMNIST", "CramedDataset", "AVEDataset", "dataset", "VGGSoun
 def import_official(checkout: Path, scratch: Path) -> types.ModuleType:
     """The official main_Prototype_grad.py, imported from a copy of the checkout in `scratch`."""
     if not (checkout / "main_Prototype_grad.py").is_file():
-        raise SystemExit(f"{checkout}: no main_Prototype_grad.py (expected a checkout of fanyunfeng-bit/Modal-Imbalance-PMR)")
+        raise SystemExit(
+            f"{checkout}: no main_Prototype_grad.py (expected a checkout of fanyunfeng-bit/Modal-Imbalance-PMR)"
+        )
     shutil.copytree(checkout, scratch / "pmr", ignore=shutil.ignore_patterns(".git", "data"))
     sys.path.insert(0, str(scratch / "pmr"))
     for name in DATASET_MODULES:  # classes the script imports by name; a training step uses none
@@ -73,7 +76,9 @@ class Ours(nn.Module):
         a, v = self.audio_net(audio.unsqueeze(1)), self.visual_net(visual)
         _, c, h, w = v.size()
         v = v.view(a.size(0), -1, c, h, w).permute(0, 2, 1, 3, 4)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1), torch.flatten(nn.functional.adaptive_avg_pool3d(v, 1), 1)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1), torch.flatten(
+            nn.functional.adaptive_avg_pool3d(v, 1), 1
+        )
 
     def forward(self, inputs, feature_hook=None):
         features = self.encode(inputs["audio"], inputs["visual"])
@@ -109,9 +114,17 @@ def main() -> None:
         from models.basic_model import AVClassifier  # the official model (from the scratch copy)
         from utils.utils import weight_init
 
-        official_args = types.SimpleNamespace(dataset="CREMAD", fusion_method="concat", modulation="Proto",
-                                              modulation_starts=0, modulation_ends=100, alpha=args.alpha,
-                                              embed_dim=512, momentum_coef=args.momentum, optimizer="SGD")
+        official_args = types.SimpleNamespace(
+            dataset="CREMAD",
+            fusion_method="concat",
+            modulation="Proto",
+            modulation_starts=0,
+            modulation_ends=100,
+            alpha=args.alpha,
+            embed_dim=512,
+            momentum_coef=args.momentum,
+            optimizer="SGD",
+        )
         torch.manual_seed(0)
         official = AVClassifier(official_args)
         official.apply(weight_init)  # as the script's main()
@@ -119,8 +132,9 @@ def main() -> None:
         opt_official = torch.optim.SGD(official.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.StepLR(opt_official, 70, 0.1)  # the script's; stepped after each epoch
         opt_ours = torch.optim.SGD(ours.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-        modulator = Modulator.for_model(ours, ModulationConfig(modulation="PMR", pmr_alpha=args.alpha,
-                                                               pmr_momentum=args.momentum))
+        modulator = Modulator.for_model(
+            ours, ModulationConfig(modulation="PMR", pmr_alpha=args.alpha, pmr_momentum=args.momentum)
+        )
         names = dict(zip([n for n, _ in official.named_parameters()], ours.parameters()))
         assert all(names[n].shape == p.shape for n, p in official.named_parameters())
         g = torch.Generator().manual_seed(1)
@@ -129,8 +143,11 @@ def main() -> None:
             # CREMA-D's input sizes: the released backbone's compression layers need them. Every class
             # in every batch: the script divides by each class's count (0 gives a NaN prototype).
             labels = (torch.arange(args.batch) % NUM_CLASSES)[torch.randperm(args.batch, generator=g)]
-            return (torch.randn(args.batch, 257, 299, generator=g), torch.randn(args.batch, 3, 1, 224, 224, generator=g),
-                    labels)
+            return (
+                torch.randn(args.batch, 257, 299, generator=g),
+                torch.randn(args.batch, 3, 1, 224, 224, generator=g),
+                labels,
+            )
 
         loader = [batch() for _ in range(20)]
         device = torch.device("cpu")
@@ -146,8 +163,9 @@ def main() -> None:
             proto_diff = max((a - b).abs().max().item() for a, b in zip(protos, modulator.prototypes))
 
             spec, image, labels = batch()
-            script.train_epoch(official_args, epoch, official, device, [(spec, image, labels)], opt_official, scheduler,
-                               *protos)
+            script.train_epoch(
+                official_args, epoch, official, device, [(spec, image, labels)], opt_official, scheduler, *protos
+            )
             out = ours({"audio": spec, "visual": image})
             loss = compute_loss(out, labels, ours.head)
             loss = loss + modulator.auxiliary_loss(out, labels, epoch, loss)
@@ -159,9 +177,11 @@ def main() -> None:
             grad_scale = max(po.grad.abs().max().item() for po in official.parameters())
             weight_diff = max((po - names[n]).abs().max().item() for n, po in official.named_parameters())
             weights = modulator.stats["pmr_weight"].tolist()
-            print(f"epoch {epoch}: max |prototype diff| {proto_diff:.3e}; prototypical-loss weight audio {weights[0]:g} "
-                  f"visual {weights[1]:g}; max |grad diff| {grad_diff:.3e} (largest |grad| {grad_scale:.3e}); "
-                  f"max |weight diff| {weight_diff:.3e}")
+            print(
+                f"epoch {epoch}: max |prototype diff| {proto_diff:.3e}; prototypical-loss weight audio {weights[0]:g} "
+                f"visual {weights[1]:g}; max |grad diff| {grad_diff:.3e} (largest |grad| {grad_scale:.3e}); "
+                f"max |weight diff| {weight_diff:.3e}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The rules of the ablations (OGM_CONST, DROPOUT_UNIFORM, UNIMODAL_AUX) and of the two published
 alternatives (MMPareto, PMR), each checked in float64 on a tiny batch against values worked out
 here by hand (or by a brute-force search where the rule is an optimum)."""
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def test_mmpareto_with_conflict_takes_the_min_norm_direction_and_the_sums_magnit
     # The same c by brute force: the norm of c a + (1 - c) b over a fine grid of c.
     a, b = np.array([1.0, 0.0, 0.5]), np.array([-1.0, 1.0, -2.0])
     grid = np.linspace(0, 1, 1_000_001)
-    assert grid[np.argmin(np.linalg.norm(np.outer(grid, a) + np.outer(1 - grid, b), axis=1))] == pytest.approx(c, abs=1e-6)
+    assert grid[np.argmin(np.linalg.norm(np.outer(grid, a) + np.outer(1 - grid, b), axis=1))] == pytest.approx(
+        c, abs=1e-6
+    )
     out, _ = integrate_gradients(g_mm, g_uni, gamma=1.5)
     for mm, uni, got in zip(g_mm, g_uni, out):
         new = 2 * (c * mm + (1 - c) * uni)
@@ -249,11 +252,14 @@ def test_unimodal_aux_gradient_of_a_head_share_by_hand():
     residual = p_a - np.eye(3)[labels.numpy()]
     expected_w_a = plain["head.fc.weight"].numpy()[:, :2] + 0.5 * residual.T @ h_a / 5
     assert np.allclose(model.head.fc.weight.grad.numpy()[:, :2], expected_w_a, rtol=1e-5, atol=1e-7)
+
     # The encoders get the aux loss too: compare with autograd on the written-out loss.
     def aux(m, fs):
         w, b = m.head.fc.weight, m.head.fc.bias
-        return 0.5 * sum(torch.nn.functional.cross_entropy(h @ w[:, 2 * i:2 * i + 2].T + b / 2, labels)
-                         for i, h in enumerate(fs))
+        return 0.5 * sum(
+            torch.nn.functional.cross_entropy(h @ w[:, 2 * i : 2 * i + 2].T + b / 2, labels) for i, h in enumerate(fs)
+        )
+
     with_aux, _, _ = _plain_grads(inputs, labels, aux)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, with_aux[name], rtol=1e-5, atol=1e-7), name
@@ -261,12 +267,15 @@ def test_unimodal_aux_gradient_of_a_head_share_by_hand():
 
 def test_mmpareto_through_the_modulator_integrates_separately_taken_gradients():
     model, _, inputs, labels = _tiny_step("MMPARETO")
+
     # As the released code takes them: one backward per loss, each encoder's gradients read off.
     def share_ce(i):
         def loss(m, fs):
             w, b = m.head.fc.weight, m.head.fc.bias
-            return torch.nn.functional.cross_entropy(fs[i] @ w[:, 2 * i:2 * i + 2].T + b / 2, labels)
+            return torch.nn.functional.cross_entropy(fs[i] @ w[:, 2 * i : 2 * i + 2].T + b / 2, labels)
+
         return loss
+
     joint, _, _ = _plain_grads(inputs, labels)
     total, _, _ = _plain_grads(inputs, labels, lambda m, fs: share_ce(0)(m, fs) + share_ce(1)(m, fs))
     for i, name in enumerate(("a", "b")):
@@ -286,8 +295,13 @@ def test_pmr_prototypes_come_from_the_first_tenth_of_the_batches_and_blend():
     torch.manual_seed(0)
     model = TinyDoubleModel()
     g = torch.Generator().manual_seed(2)
-    batches = [({"a": torch.randn(4, 3, generator=g, dtype=D), "b": torch.randn(4, 4, generator=g, dtype=D)},
-                torch.tensor([0, 1, 2, i % 3])) for i in range(25)]
+    batches = [
+        (
+            {"a": torch.randn(4, 3, generator=g, dtype=D), "b": torch.randn(4, 4, generator=g, dtype=D)},
+            torch.tensor([0, 1, 2, i % 3]),
+        )
+        for i in range(25)
+    ]
     modulator = Modulator.for_model(model, ModulationConfig(modulation="PMR", pmr_momentum=0.25))
     modulator.begin_epoch(model, batches, lambda batch: batch, epoch=0)
     with torch.no_grad():  # 25 // 10 = 2 batches

@@ -1,5 +1,6 @@
 """analysis/stats.py against values computed here another way: the t-interval from its formula,
 the permutation p by enumerating sign patterns with itertools, Holm on a worked example."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,7 +27,9 @@ def test_t_interval_is_the_textbook_formula():
     assert got["mean"] == pytest.approx(mean, abs=1e-12)
     assert got["low"] == pytest.approx(mean - half, abs=1e-12) and got["high"] == pytest.approx(mean + half, abs=1e-12)
     assert got["p"] == pytest.approx(p, abs=1e-12)
-    assert got["low"] == pytest.approx(-2.867, abs=1e-3) and got["p"] == pytest.approx(0.826, abs=1e-3)  # issue's figures
+    assert got["low"] == pytest.approx(-2.867, abs=1e-3) and got["p"] == pytest.approx(
+        0.826, abs=1e-3
+    )  # issue's figures
     assert t_interval([0.5, 0.5, 0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5, "p": 0.0}
     with pytest.raises(ValueError, match="at least 2"):
         t_interval([1.0])

@@ -3,6 +3,7 @@
 `provenance()` returns a JSON-safe dict; every field that cannot be found reads "unknown"
 (outside a git checkout, a library not installed, no GPU), never an error.
 """
+
 from __future__ import annotations
 
 import importlib.metadata

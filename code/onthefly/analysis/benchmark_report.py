@@ -150,7 +150,8 @@ def write_results_csv(path: Path, summary: dict) -> None:
 def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     """One row per test-phase run: method, seed and every number of its test_metrics.json, so
     each interval of the report can be recomputed from the committed file."""
-    rows = [(s.method, s.seed, data) for s in test if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
+    rows = [(s.method, s.seed, data) for s in test
+            if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
     keys = sorted({k for _, _, data in rows for k, v in data.items() if isinstance(v, (int, float))})
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -12,6 +12,7 @@ For the differences d_s = method(s) - baseline(s) over the n seeds both have:
   - Holm's step-down correction of the permutation p-values across the methods compared with
     the same baseline (family-wise error rate at `alpha`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -52,17 +53,25 @@ def sign_flip_p(d: Sequence[float]) -> float:
         raise ValueError(f"the exact sign-flip test takes 1 to {MAX_EXACT_SEEDS} differences (got {len(d)})")
     # The sign-flip null distribution is symmetric, so scipy's two-sided p (twice the smaller
     # tail, ties counted with a relative tolerance) is P(|mean| >= |observed mean|).
-    result = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf,
-                                    alternative="two-sided")
+    result = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+    )
     return float(result.pvalue)
 
 
-def bootstrap_interval(d: Sequence[float], confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+def bootstrap_interval(
+    d: Sequence[float], confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, float]:
     """Percentile bootstrap interval of the mean of d (secondary: see the module docstring)."""
     d = np.asarray(d, dtype=np.float64)
-    ci = stats.bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
-                         rng=np.random.default_rng(seed)).confidence_interval
+    ci = stats.bootstrap(
+        (d,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
     return {"low": float(ci.low), "high": float(ci.high)}
 
 
@@ -83,17 +92,27 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def compare_paired(method: Mapping[int, float], baseline: Mapping[int, float], confidence: float = CONFIDENCE
-                   ) -> dict[str, Any] | None:
+def compare_paired(
+    method: Mapping[int, float], baseline: Mapping[int, float], confidence: float = CONFIDENCE
+) -> dict[str, Any] | None:
     """Every statistic of one method against the baseline, paired by seed (None under 2 shared seeds)."""
     seeds, d = paired_differences(method, baseline)
     if len(seeds) < 2:
         return None
     t = t_interval(d, confidence)
     boot = bootstrap_interval(d, confidence)
-    return {"mean": t["mean"], "low": t["low"], "high": t["high"], "t_p": t["p"], "perm_p": sign_flip_p(d),
-            "boot_low": boot["low"], "boot_high": boot["high"], "n": len(seeds), "seeds": seeds,
-            "differences": d.tolist()}
+    return {
+        "mean": t["mean"],
+        "low": t["low"],
+        "high": t["high"],
+        "t_p": t["p"],
+        "perm_p": sign_flip_p(d),
+        "boot_low": boot["low"],
+        "boot_high": boot["high"],
+        "n": len(seeds),
+        "seeds": seeds,
+        "differences": d.tolist(),
+    }
 
 
 def holm_verdicts(comparisons: Mapping[str, dict[str, Any] | None], alpha: float = ALPHA) -> dict[str, dict[str, Any]]:

@@ -13,6 +13,7 @@
   gradient to the encoders *and* to the head's share, so each share is trained as a classifier
   of its modality alone (no extra parameters; the same z_m that OGM and OPM measure).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 
-def constant_coefficients(num_modalities: int, dominant: int, k: float, device: torch.device | None = None
-                          ) -> torch.Tensor:
+def constant_coefficients(
+    num_modalities: int, dominant: int, k: float, device: torch.device | None = None
+) -> torch.Tensor:
     """(M,) gradient coefficients: k for modality `dominant`, 1 for every other."""
     if not 0 <= dominant < num_modalities:
         raise ValueError(f"dominant modality index {dominant} outside 0..{num_modalities - 1}")
@@ -31,8 +33,9 @@ def constant_coefficients(num_modalities: int, dominant: int, k: float, device: 
     return coefficients
 
 
-def uniform_drop_probabilities(num_modalities: int, drop_prob: float, device: torch.device | None = None
-                               ) -> torch.Tensor:
+def uniform_drop_probabilities(
+    num_modalities: int, drop_prob: float, device: torch.device | None = None
+) -> torch.Tensor:
     """(M,) OPM drop probabilities, all equal to `drop_prob` (no discrepancy involved)."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob must be in [0, 1) (got {drop_prob})")

@@ -13,6 +13,7 @@ The cosine and the min-norm weights are over all of encoder m's parameters at on
 rescaling is per tensor, as in the released code. Every parameter outside the encoders (the
 fusion head) keeps the gradient of the summed loss. Everything stays on the device.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,15 +34,19 @@ def pareto_weights(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor]) 
     # min_c |c a + (1 - c) b|^2 = (b.b - a.b) / (a.a + b.b - 2 a.b), with the solver's boundary cases
     # (a.b >= a.a: c at its upper clip; a.b >= b.b: c at its lower clip).
     interior = (uni_uni - mm_uni) / (mm_mm + uni_uni - 2 * mm_uni).clamp_min(1e-30)
-    c = torch.where(mm_uni >= mm_mm, torch.full_like(interior, MIN_NORM_CLIP[1]),
-                    torch.where(mm_uni >= uni_uni, torch.full_like(interior, MIN_NORM_CLIP[0]), interior))
+    c = torch.where(
+        mm_uni >= mm_mm,
+        torch.full_like(interior, MIN_NORM_CLIP[1]),
+        torch.where(mm_uni >= uni_uni, torch.full_like(interior, MIN_NORM_CLIP[0]), interior),
+    )
     c = torch.where(cosine > 0, torch.full_like(c, 0.5), c)
     return torch.stack([c, 1 - c])
 
 
 @torch.no_grad()
-def integrate_gradients(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor], gamma: float
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def integrate_gradients(
+    g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor], gamma: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The MMPareto gradient of each of one encoder's parameter tensors (see the module docstring),
     and the weights (w_mm, w_uni) used."""
     w = pareto_weights(g_mm, g_uni)

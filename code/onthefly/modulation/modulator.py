@@ -110,9 +110,10 @@ class ModulationConfig:
                               "all equal s_a / s_b at M = 2 (docs/modalities.md)", choices=RATIO_REFS)
     const_dominant: str = _setting("", "OGM_CONST: the modality whose gradients are always scaled (e.g. the one that "
                                    "is best trained alone)")
-    const_k: float = _setting(0.5, "OGM_CONST: the constant coefficient k on that modality's gradients", low=0.0, high=1.0)
-    drop_prob: float = _setting(0.3, "DROPOUT_UNIFORM: every modality's drop probability (p_exe still gates each batch, "
-                                "as in OPM); must be < 1", low=0.0, high=1.0)
+    const_k: float = _setting(0.5, "OGM_CONST: the constant coefficient k on that modality's gradients",
+                              low=0.0, high=1.0)
+    drop_prob: float = _setting(0.3, "DROPOUT_UNIFORM: every modality's drop probability (p_exe still gates each "
+                                "batch, as in OPM); must be < 1", low=0.0, high=1.0)
     aux_weight: float = _setting(1.0, "UNIMODAL_AUX: weight of the unimodal cross-entropies added to the joint loss",
                                  low=0.0)
     pareto_gamma: float = _setting(1.5, "MMPARETO: magnitude factor gamma of the integrated gradient (1.5 as released)",
@@ -255,7 +256,8 @@ class Modulator:
         """A Modulator for `model` (DDP-wrapped or not) after checking its contract (contract.py)."""
         config = config or ModulationConfig()
         inner = unwrap_model(model)
-        check_model(inner, needs_feature_logits=METHODS[config.modulation].dropout == "opm" and config.opm_grad == "official")
+        official_opm = METHODS[config.modulation].dropout == "opm" and config.opm_grad == "official"
+        check_model(inner, needs_feature_logits=official_opm)
         return cls(config, tuple(inner.encoder_parameters()), reduce_fn, tuple(inner.modality_names),
                    getattr(inner, "head", None), noise_seed)
 
@@ -462,9 +464,10 @@ class Modulator:
         # (the script's update after epoch e blends only for e >= 1).
         blend = epoch >= 2 and self.config.pmr_momentum > 0
         if blend and self.prototypes is None:
-            raise RuntimeError(f"PMR with pmr_momentum {self.config.pmr_momentum} at epoch {epoch} blends the previous "
-                               "epoch's prototypes, which this Modulator does not have (a resumed run: restore them with "
-                               "load_state_dict from the checkpoint's modulator state, or use pmr_momentum 0)")
+            raise RuntimeError(f"PMR with pmr_momentum {self.config.pmr_momentum} at epoch {epoch} blends the "
+                               "previous epoch's prototypes, which this Modulator does not have (a resumed run: "
+                               "restore them with load_state_dict from the checkpoint's modulator state, or use "
+                               "pmr_momentum 0)")
         previous = self.prototypes if blend else [None] * self.num_modalities
         self.prototypes = [prototypes_from_sums(s, counts, p, self.config.pmr_momentum) for s, p in zip(sums, previous)]
 

@@ -15,6 +15,7 @@ The weight is a step function of the ratio in the released script; the paper's p
 entropy regularisation of the modality ahead does not appear in that script and is not
 implemented here.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -43,8 +44,9 @@ def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return sums, counts
 
 
-def prototypes_from_sums(sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None,
-                         momentum: float) -> torch.Tensor:
+def prototypes_from_sums(
+    sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None, momentum: float
+) -> torch.Tensor:
     """Class means, blended with the previous prototypes: (1 - momentum) new + momentum previous.
 
     A class with no sample has no mean; it keeps its previous prototype (zero at the start),
@@ -59,8 +61,9 @@ def prototypes_from_sums(sums: torch.Tensor, counts: torch.Tensor, previous: tor
 
 def pmr_weights(prototype_ratios: torch.Tensor, alpha: float) -> torch.Tensor:
     """(M,) weights of the prototypical losses: alpha for a modality behind (rho' < 1), else 0."""
-    return torch.where(prototype_ratios < 1, torch.full_like(prototype_ratios, alpha),
-                       torch.zeros_like(prototype_ratios))
+    return torch.where(
+        prototype_ratios < 1, torch.full_like(prototype_ratios, alpha), torch.zeros_like(prototype_ratios)
+    )
 
 
 def pmr_loss(proto_logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
