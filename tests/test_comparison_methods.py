@@ -368,3 +368,15 @@ def test_the_protocol_accepts_the_new_methods_and_checks_their_settings(tmp_path
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(UserError, match="OGM_CONST needs --const_dominant"):
         check_run_options(load_grid(path))
+
+
+def test_command_line_misuse_of_the_new_settings_is_one_line():
+    from onthefly.config import resolve_config
+    from onthefly.errors import UserError
+
+    with pytest.raises(UserError, match="^--modulation OGM_CONST needs --const_dominant"):
+        resolve_config(["--modulation", "OGM_CONST"])
+    with pytest.raises(UserError, match="^--drop_prob must be < 1"):
+        resolve_config(["--modulation", "DROPOUT_UNIFORM", "--drop_prob", "1"])
+    cfg = resolve_config(["--modulation", "PMR", "--pmr_alpha", "2", "--pmr_momentum", "0.2"])
+    assert (cfg.pmr_alpha, cfg.pmr_momentum) == (2.0, 0.2)

@@ -33,7 +33,7 @@ from torch import nn
 from ..distributed import all_reduce_sum, is_distributed, shared_randomness
 from ..utils import unwrap_model
 from .ablations import constant_coefficients, uniform_drop_probabilities, unimodal_cross_entropy
-from .contract import ContractError, check_labels, check_model, check_output
+from .contract import check_labels, check_model, check_output
 from .mmpareto import integrate_gradients
 from .ogm import OGM_FORMS, OGM_PARAMS, modulate_gradients_, ogm_coefficients, ogm_parameters
 from .opm import OPM_GRADS, drop_probabilities, opm_feature_dropout
@@ -235,8 +235,8 @@ class Modulator:
                                  f"({', '.join(self.modality_names)})")
             self.const_index = self.modality_names.index(config.const_dominant)
         if method.loss == "unimodal" and (self.head is None or getattr(self.head, "has_auxiliary_classifiers", True)):
-            raise ContractError(f"{config.modulation} trains each modality's share z_m of the fusion head; it needs a "
-                                "head whose z_m are shares of the fused output (concat or sum fusion), passed as head=")
+            raise ValueError(f"{config.modulation} trains each modality's share z_m of the fusion head; it needs a "
+                             "head whose z_m are shares of the fused output (concat or sum fusion), passed as head=")
         if method.gradients == "mmpareto":
             if self.reduce_fn is not None:
                 raise ValueError("MMPARETO takes each loss's gradient with torch.autograd.grad, which DDP does not "
