@@ -380,3 +380,27 @@ def test_command_line_misuse_of_the_new_settings_is_one_line():
         resolve_config(["--modulation", "DROPOUT_UNIFORM", "--drop_prob", "1"])
     cfg = resolve_config(["--modulation", "PMR", "--pmr_alpha", "2", "--pmr_momentum", "0.2"])
     assert (cfg.pmr_alpha, cfg.pmr_momentum) == (2.0, 0.2)
+
+
+def test_pmr_under_ddp_sums_the_prototype_sums_and_counts_over_ranks():
+    from onthefly.modulation import ModulationConfig, Modulator
+
+    torch.manual_seed(0)
+    model = TinyDoubleModel()
+    g = torch.Generator().manual_seed(3)
+    batches = [({"a": torch.randn(6, 3, generator=g, dtype=D), "b": torch.randn(6, 4, generator=g, dtype=D)},
+                torch.tensor([0, 1, 2, 0, 1, 2]))]
+    single = Modulator.for_model(model, ModulationConfig(modulation="PMR"))
+    # Two ranks that saw the same shard: every sum and count doubles, the class means do not.
+    reduced = []
+
+    def two_ranks(t):
+        reduced.append(t.shape)
+        return t + t
+
+    ddp = Modulator(ModulationConfig(modulation="PMR"), model.encoder_parameters(), reduce_fn=two_ranks,
+                    modality_names=model.modality_names, head=model.head)
+    for modulator in (single, ddp):
+        modulator.begin_epoch(model, batches, lambda batch: batch, 0)
+    assert reduced == [(3, 2), (3, 2), (3,)]  # each modality's sums, then the counts
+    assert all(torch.allclose(a, b) for a, b in zip(single.prototypes, ddp.prototypes))
