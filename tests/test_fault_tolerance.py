@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from onthefly import checkpoint as ckpt_io
-from onthefly import engine, infer, runner
+from onthefly import engine, infer, rundir, runner
 from onthefly.data import avdigits
 from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
 
@@ -211,7 +211,7 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_pa
     err = capsys.readouterr().err
     last = tmp_path / "run" / "last.pt"
     assert rc == 3
-    assert "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 4)" in err
+    assert "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 3; epochs and steps count from 0)" in err
     assert f"--resume {last}" in err
     ckpt = ckpt_io.load_checkpoint(last)
     assert ckpt["epoch"] == 1 and all(v.isfinite().all() for v in ckpt["model"].values())  # nothing bad saved
@@ -297,8 +297,8 @@ def test_a_full_disk_is_reported_before_training(tmp_path, capsys, monkeypatch):
 
 
 def test_too_little_space_for_the_checkpoints_is_reported_before_training(tmp_path, capsys, monkeypatch):
-    real = runner.shutil.disk_usage
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20))
+    real = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20))
     monkeypatch.setattr(runner, "train_one_epoch", _no_building)
     rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
     one_line_error(capsys, rc, "50 MiB free", "the checkpoints need about")
