@@ -26,18 +26,13 @@ import numpy as np
 from ..checkpoint import atomic_write_text
 from .runs import _read_json, load_run
 from .sweep import Grid, RunSpec, best_val_acc, point_name
+from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
-
-
-def mean_std(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
 def paired_difference(method: dict[int, float], baseline: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -56,12 +51,6 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float], resa
                    rng=np.random.default_rng(seed)).confidence_interval
     return {"mean": float(d.mean()), "low": float(ci.low), "high": float(ci.high), "n": len(seeds), "seeds": seeds,
             "differences": d.tolist()}
-
-
-def _pct(s: dict | None, digits: int = 2) -> str:
-    if s is None:
-        return "–"
-    return f"{100 * s['mean']:.{digits}f}" + (f" ± {100 * s['std']:.{digits}f}" if s.get("std") is not None else "")
 
 
 def _diff_text(d: dict | None) -> str:
@@ -145,11 +134,6 @@ def write_results_csv(path: Path, summary: dict) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
-        "| " + " | ".join(row) + " |" for row in rows]
-
-
 def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
     weak = summary["weak_modality"]
     alone = ", ".join(f"{m} {100 * v:.2f}%" for m, v in summary["alone_val_acc"].items())
@@ -179,15 +163,15 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     rows = []
     for r in summary["rows"]:
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
-        rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(r["diff_to_none"]),
-                     _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
-    lines += _table(header, rows) + [""]
+        rows.append([r["method"], str(len(r["seeds"])), format_stat(r["acc"]), format_stat(r["macro_f1"]),
+                     _diff_text(r["diff_to_none"]), format_stat(r["weak_head"]), format_stat(r["weak_probe"]), selected])
+    lines += markdown_table(header, rows) + [""]
 
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
     keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
-    lines += _table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
-                                        for r in summary["rows"] if r["resolved"]]) + [""]
+    lines += markdown_table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
+                                                for r in summary["rows"] if r["resolved"]]) + [""]
 
     lines += ["## Tuning (validation accuracy, %)", "",
               "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
@@ -199,7 +183,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
             rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}",
                          f"{mark}{100 * p['val_acc']:.2f}{mark}", per_seed])
-        lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
+        lines += [f"### {method}", ""] + markdown_table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
         lines += ["## Figures", ""]
