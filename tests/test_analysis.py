@@ -290,7 +290,8 @@ def test_training_logs_epoch_and_step_values_under_distinct_tags_and_the_epoch_m
 
 def test_inference_names_the_epoch_as_training_logged_it_and_each_clip(tiny_encoders, tiny_run, tmp_path):
     out = tmp_path / "eval"
-    assert infer.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "20"]) == 0
+    argv = ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "20"]
+    assert infer.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     test = json.loads((tiny_run / "test_metrics.json").read_text())
     assert metrics["epoch"] == test["best_epoch"] == 0 and metrics["samples"] == 20 and metrics["limit_samples"] == 20
@@ -423,7 +424,10 @@ def test_a_report_that_cannot_be_written_is_one_line(fake_runs, tmp_path, capsys
     if where == "a file":
         out.write_text("keep")
     else:
-        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
     rc = report_main([str(root), "--out", str(out), "--no_plots"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(out) in err, err

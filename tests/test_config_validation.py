@@ -208,7 +208,8 @@ def test_good_settings_pass():
 
 
 @pytest.mark.parametrize("args,warning", [
-    (["--epochs", "4", "--scheduler", "step", "--lr_step", "20"], "--lr_step 20 is past the last epoch (3, 0-based) of --epochs 4"),
+    (["--epochs", "4", "--scheduler", "step", "--lr_step", "20"],
+     "--lr_step 20 is past the last epoch (3, 0-based) of --epochs 4"),
     (["--epochs", "4", "--scheduler", "none", "--modulation", "OGM", "--modulation_ends", "80"],
      "--modulation_ends 80 is past the last epoch (3) of --epochs 4"),
     (["--epochs", "1", "--scheduler", "none", "--modulation", "OGM", "--modulation_starts", "5"],

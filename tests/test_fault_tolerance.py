@@ -56,7 +56,8 @@ def one_thread():
 # resumption are under test, and ResNet18's ~170 MiB checkpoints would make every write slow.
 # The process can SIGKILL itself at an exact moment (a tiny model's step or write is too short
 # to hit from outside): "at_step_N" as training step N (0-based) begins, "in_write" halfway
-# through writing its first checkpoint; "SIGTERM_at_step_N" sends SIGTERM instead (SIGHUP too). (Kills at random moments: bench/soak_kill_resume.py.)
+# through writing its first checkpoint; "SIGTERM_at_step_N" sends SIGTERM instead (SIGHUP too).
+# (Kills at random moments: bench/soak_kill_resume.py.)
 CHILD = """
 import io, itertools, os, runpy, signal, sys
 import torch
@@ -216,7 +217,8 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_pa
     err = capsys.readouterr().err
     last = tmp_path / "run" / "last.pt"
     assert rc == 3
-    assert "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 3; epochs and steps count from 0)" in err
+    where = "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 3; epochs and steps count from 0)"
+    assert where in err
     assert f"--resume {last}" in err
     ckpt = ckpt_io.load_checkpoint(last)
     assert ckpt["epoch"] == 1 and all(v.isfinite().all() for v in ckpt["model"].values())  # nothing bad saved
@@ -631,7 +633,8 @@ def test_sigterm_and_sighup_stop_with_one_line_and_the_run_resumes_exactly(refer
     stopped = train(*KILL_ARGS, "--output_dir", str(tmp_path), die=f"{name}_at_step_3")  # epoch 1, its second step
     lines = stopped.stdout.strip().splitlines()
     assert stopped.returncode == 128 + getattr(signal, name), stopped.stdout
-    assert lines[-1] == f"train.py: stopped by {name} during epoch 1; resume with: python code/train.py --resume {run / 'last.pt'}"
+    resume = f"resume with: python code/train.py --resume {run / 'last.pt'}"
+    assert lines[-1] == f"train.py: stopped by {name} during epoch 1; {resume}"
     assert "Traceback" not in stopped.stdout
     resumed = train("--resume", str(run / "last.pt"))
     assert resumed.returncode == 0, resumed.stdout

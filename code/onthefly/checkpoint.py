@@ -118,7 +118,8 @@ class CheckpointSaver:
 
     def save_test(self, best_epoch: int | None, metrics: dict[str, float]) -> None:
         with self._writing("test_metrics.json"):
-            atomic_write_text(self.run_dir / "test_metrics.json", json.dumps({"best_epoch": best_epoch, **metrics}, indent=2))
+            text = json.dumps({"best_epoch": best_epoch, **metrics}, indent=2)
+            atomic_write_text(self.run_dir / "test_metrics.json", text)
 
     @contextlib.contextmanager
     def _writing(self, name: str) -> Iterator[None]:

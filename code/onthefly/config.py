@@ -302,7 +302,8 @@ def schedule_warnings(cfg: argparse.Namespace) -> list[str]:
         first = max(cfg.modulation_starts, cfg.warmup_epochs)
         if first > last:
             notes.append(f"--modulation {cfg.modulation}: its window starts at epoch {first}, past the last epoch "
-                         f"({last}) of --epochs {cfg.epochs}: this run is the baseline (none) under {cfg.modulation}'s name")
+                         f"({last}) of --epochs {cfg.epochs}: this run is the baseline (none) under "
+                         f"{cfg.modulation}'s name")
         elif last < cfg.modulation_ends < ModulationConfig.modulation_ends:  # the default: never ends
             notes.append(f"--modulation_ends {cfg.modulation_ends} is past the last epoch ({last}) of --epochs "
                          f"{cfg.epochs}: modulation runs to the end of this run")

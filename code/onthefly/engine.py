@@ -26,8 +26,8 @@ class NonFiniteError(RuntimeError):
     def __init__(self, kind: str, epoch: int, step: int | None = None, global_step: int | None = None):
         self.kind, self.epoch, self.step, self.global_step = kind, epoch, step, global_step
         where = {
-            "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch (global step {global_step}; "
-                    "epochs and steps count from 0)",
+            "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch "
+                    f"(global step {global_step}; epochs and steps count from 0)",
             "weights": f"the weights became non-finite during epoch {epoch} (an update overflowed)",
             "all skipped": f"every batch of epoch {epoch} had a non-finite loss or gradient and was skipped",
             "outputs": f"the model's outputs became non-finite after epoch {epoch} (its weights grew too large)",

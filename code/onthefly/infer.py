@@ -84,7 +84,8 @@ def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides
     path = Path(checkpoint)
     ckpt = ckpt_io.load_checkpoint(path / "best.pt" if path.is_dir() else path)
     if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
-        raise UserError(f"checkpoint {ckpt['path']} holds non-finite weights (NaN or Inf): nothing it predicts means anything")
+        raise UserError(f"checkpoint {ckpt['path']} holds non-finite weights (NaN or Inf): "
+                        "nothing it predicts means anything")
     cfg = argparse.Namespace(**ckpt["config"])
     cfg.limit_samples = None
     for key, value in overrides.items():
@@ -117,7 +118,8 @@ def build_checked_split(entry, cfg: argparse.Namespace, ckpt: dict, split: str):
     dataset = entry.build(cfg, split)
     recorded = (ckpt.get("splits") or {}).get(split)
     if recorded is not None and len(dataset) < recorded["count"] and cfg.limit_samples is not None:
-        check_split(ckpt, split, entry.build(argparse.Namespace(**{**vars(cfg), "limit_samples": recorded["count"]}), split))
+        recorded_cfg = argparse.Namespace(**{**vars(cfg), "limit_samples": recorded["count"]})
+        check_split(ckpt, split, entry.build(recorded_cfg, split))
     else:
         check_split(ckpt, split, dataset)
     return dataset
@@ -138,8 +140,9 @@ def run_inference(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
     limit = getattr(args, "limit_samples", None)
-    model, cfg, info, entry, ckpt = load_trained_model(args.checkpoint, device, data=args.data, batch_size=args.batch_size,
-                                                       num_workers=args.num_workers, limit_samples=limit)
+    model, cfg, info, entry, ckpt = load_trained_model(args.checkpoint, device, data=args.data,
+                                                       batch_size=args.batch_size, num_workers=args.num_workers,
+                                                       limit_samples=limit)
     dataset = build_checked_split(entry, cfg, ckpt, args.split)
     loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
     preset = DevicePreset(info, device)
@@ -165,7 +168,8 @@ def run_inference(args: argparse.Namespace) -> dict:
     clip_ids = getattr(dataset, "clip_ids", None)
     try:
         ckpt_io.atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
-        ckpt_io.atomic_write_text(out_dir / "predictions.csv", _predictions_csv(pred, names, info.class_names, clip_ids))
+        csv_text = _predictions_csv(pred, names, info.class_names, clip_ids)
+        ckpt_io.atomic_write_text(out_dir / "predictions.csv", csv_text)
     except OSError as e:
         raise UserError(f"--out: cannot write into {out_dir}: {e.strerror or e}") from None
     print_table(f"{info.name} {args.split} ({len(pred['labels'])} samples{f', {zero} zeroed' if zero else ''}), {ckpt['path']}:", metrics)

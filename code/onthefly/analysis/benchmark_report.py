@@ -163,8 +163,9 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     rows = []
     for r in summary["rows"]:
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
-        rows.append([r["method"], str(len(r["seeds"])), format_stat(r["acc"]), format_stat(r["macro_f1"]),
-                     _diff_text(r["diff_to_none"]), format_stat(r["weak_head"]), format_stat(r["weak_probe"]), selected])
+        stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(r["diff_to_none"])]
+        stats += [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
+        rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
     lines += markdown_table(header, rows) + [""]
 
     lines += ["## Settings of the selected points", "",

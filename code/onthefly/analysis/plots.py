@@ -96,7 +96,7 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
             x, mean, std = _mean_std_over_runs(series)
             last_epoch = max(last_epoch, int(x.max()))
             ax.plot(x, 100 * mean, marker="o", markersize=3, label=f"{label} (n={len(series)})", **style)
-            band = np.clip(100 * (mean - std), 0, 100), np.clip(100 * (mean + std), 0, 100)  # an accuracy stays in [0, 100]
+            band = np.clip(100 * (mean - std), 0, 100), np.clip(100 * (mean + std), 0, 100)  # accuracy: [0, 100]
             ax.fill_between(x, *band, color=style["color"], alpha=0.15, linewidth=0)
         ax.set_title(f"Validation accuracy: {name}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

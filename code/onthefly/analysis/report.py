@@ -113,7 +113,8 @@ def summarize(runs: list[Run]) -> list[dict]:
         for key, label, apart, gruns in group_by_settings(druns):
             finished = [r for r in gruns if r.test]
             per_run = [run_values(r, names) for r in finished]
-            columns = {c: mean_std([v[c] for v in per_run]) for c in (per_run[0] if per_run else run_values(gruns[0], names))}
+            keys = per_run[0] if per_run else run_values(gruns[0], names)
+            columns = {c: mean_std([v[c] for v in per_run]) for c in keys}
             for m in names:
                 columns[f"alone_{m}"] = alone[m] if (not gruns[0].is_unimodal or gruns[0].modality == m) else None
             entries.append({
@@ -325,8 +326,9 @@ def _write(summary: list[dict], out_dir: Path, total_runs: int, plots: bool) -> 
         limited = sorted({r.config["limit_samples"] for g in ds["groups"] for r in g["_runs"]
                           if r.config.get("limit_samples")})
         if limited:
-            notes.append(f"{ds['dataset']}: some runs used only the first {' / '.join(map(str, limited))} samples of "
-                         "each split (--limit_samples); their numbers are on those samples only, not the whole test split.")
+            notes.append(f"{ds['dataset']}: some runs used only the first {' / '.join(map(str, limited))} samples "
+                         "of each split (--limit_samples); their numbers are on those samples only, not the whole "
+                         "test split.")
         if plots:
             prefix = f"{ds['dataset']}_" if len(summary) > 1 else ""
             figs, fig_notes = _make_figures(ds, out_dir, prefix)
