@@ -167,7 +167,7 @@ def plot_modulation(
             text = e["label"] if stat == "ratio" else f"{e['label']}: {e['modality']}"
             window = max(1, len(e["steps"]) // 40)
             ax.plot(e["steps"], _smooth(e["mean"], window), color=colors[e["label"]], linestyle=dashes[e["m"]],
-                    linewidth=1.4, marker="o" if len(e["steps"]) == 1 else None, label=f"{text} (n={e['n']})")
+                    linewidth=1.4, label=f"{text} (n={e['n']})")
         drawn = bool(data[stat])
         if stat == "ratio":
             ax.axhline(1.0, color="grey", linewidth=0.8)
