@@ -30,13 +30,13 @@ def _colors(n: int):
 
 
 def _mean_std_over_runs(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std (0 for one series) of (x, y) series at the x values every series has; when
-    they share fewer than 2 (runs that logged at different steps), each series is linearly
-    interpolated at every x of any series inside the range all of them cover."""
+    """Mean and std (0 for one series) of (x, y) series. Series logged at different x (runs that
+    logged at different steps) are linearly interpolated at every x of any series inside the
+    range all of them cover; series with the same x are taken as they are."""
     common = series[0][0]
     for x, _ in series[1:]:
         common = np.intersect1d(common, x)
-    if len(common) < 2 and len(series) > 1:
+    if any(len(x) != len(common) for x, _ in series):
         low, high = max(x.min() for x, _ in series), min(x.max() for x, _ in series)
         union = np.unique(np.concatenate([x for x, _ in series]))
         common = union[(union >= low) & (union <= high)]
