@@ -465,3 +465,17 @@ def test_the_accuracy_band_stays_within_0_and_100(monkeypatch, tmp_path):
     plots.plot_validation_curves({"OGM": runs}, ["audio"], tmp_path / "curves.png")
     assert bands and all(low.min() >= 0 and high.max() <= 100 for low, high in bands)
     assert any(high.max() == 100 for _, high in bands)  # clipped, not dropped
+
+
+def test_outputs_of_another_epoch_than_best_pt_are_left_out(tmp_path):
+    """A run extended after its probe and evaluations: they scored the former best.pt."""
+    root = tmp_path / "runs"
+    test = {"best_epoch": 4, "acc": 0.5, "macro_f1": 0.5, "mAP": 0.5, "acc_audio": 0.5, "acc_visual": 0.5}
+    run = write_run(root, "OGM_seed0", {"modulation": "OGM"}, test,
+                    probe={"epoch": 1, "acc_audio": 0.9, "acc_visual": 0.9}, zero={"audio": 0.3})
+    metrics = json.loads((run / "eval_test_zero_audio" / "metrics.json").read_text())
+    (run / "eval_test_zero_audio" / "metrics.json").write_text(json.dumps({**metrics, "epoch": 1}))
+    result = write_report([root], tmp_path / "report", plots=False)
+    (group,) = result["summary"][0]["groups"]
+    assert group["columns"]["probe_audio"] is None and group["columns"]["zero_audio"] is None
+    assert any("probe.json, eval_test_zero_audio/ scored another epoch" in note for note in result["notes"])

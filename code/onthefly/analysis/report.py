@@ -35,8 +35,15 @@ RUN_ONLY_KEYS = {
 LABEL_SETTINGS = 4  # at most this many differing settings in a group's label (summary.json has all)
 
 
+def _of_best(run: Run, output: dict) -> bool:
+    """`output` (probe.json, an eval's metrics.json) scored the best.pt its test_metrics.json
+    scored: its recorded epoch, when both record one, is the best epoch (both count from 0)."""
+    epoch, best = output.get("epoch"), (run.test or {}).get("best_epoch")
+    return epoch is None or best is None or epoch == best
+
+
 def _probe_acc(run: Run, m: str) -> float | None:
-    if not run.probe:
+    if not run.probe or not _of_best(run, run.probe):
         return None
     if f"acc_{m}" in run.probe:
         return run.probe[f"acc_{m}"]
@@ -266,9 +273,16 @@ def _make_figures(ds: dict, out_dir: Path, prefix: str) -> tuple[list[tuple[str,
 
 
 def _evaluated(run: Run, folder: str) -> bool:
-    """An inference output of this run, on the samples its test_metrics.json scored."""
+    """An inference output of this run, of the checkpoint and on the samples its test_metrics.json scored."""
     metrics = run.evals.get(folder)
-    return metrics is not None and metrics.get("limit_samples") == run.config.get("limit_samples")
+    return (metrics is not None and metrics.get("limit_samples") == run.config.get("limit_samples")
+            and _of_best(run, metrics))
+
+
+def _stale_outputs(run: Run) -> list[str]:
+    """probe.json and eval_* outputs of another checkpoint than the best.pt test_metrics.json scored."""
+    outputs = {"probe.json": run.probe, **{f"{name}/": m for name, m in run.evals.items()}}
+    return [name for name, output in outputs.items() if output and not _of_best(run, output)]
 
 
 def evaluate_missing(runs: list[Run], device: str = "auto", zero_modalities: bool = True) -> int:
@@ -323,6 +337,12 @@ def _write(summary: list[dict], out_dir: Path, total_runs: int, plots: bool) -> 
                 unfinished = [Path(p).name for p, r in zip(g["runs"], g["_runs"]) if not r.test]
                 notes.append(f"{g['label']}: {len(unfinished)} run(s) without test_metrics.json left out: "
                              f"{', '.join(unfinished)}")
+        for r in (r for g in ds["groups"] for r in g["_runs"]):
+            stale = _stale_outputs(r)
+            if stale:
+                notes.append(f"{r.path.name}: {', '.join(stale)} scored another epoch than its best.pt "
+                             f"(epoch {r.test['best_epoch']}) and are left out; run code/probe.py or this report's "
+                             "--evaluate again")
         limited = sorted({r.config["limit_samples"] for g in ds["groups"] for r in g["_runs"]
                           if r.config.get("limit_samples")})
         if limited:
