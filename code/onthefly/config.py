@@ -21,16 +21,18 @@ from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
 from .models import FUSIONS, INITS
-from .data.cache.format import FRAME_CROPS
+from .data.cache.format import FRAME_CROPS, FRAME_PICKS
 from .modulation import ModulationConfig
 
 # Settings a resumed run may not change: they define the model or the data it was trained on
-# (limit_samples and batch_size: which samples, and in which batches; best.pt is chosen on the
-# validation split they define), or (optimizer) the kind of optimiser state the checkpoint holds.
+# (limit_samples, batch_size, drop_last: which samples, and in which batches; best.pt is chosen
+# on the validation split they define; frame_crop, frame_pick: which pixels), or (optimizer)
+# the kind of optimiser state the checkpoint holds.
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
     "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt",
-    "avdigits_preset", "data_seed", "seed", "optimizer", "limit_samples", "batch_size",
+    "avdigits_preset", "data_seed", "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
+    "frame_crop", "frame_pick",
 )
 
 
@@ -77,7 +79,13 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
     g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
-                   help="fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
+                   help="fixed: crop_size crops of the stored frame; official: the dataset's official crop "
+                   "(CREMA-D, Kinetics-Sounds: see docs/fidelity.md)")
+    g.add_argument("--frame_pick", default="spread", choices=FRAME_PICKS,
+                   help="spread: random frames in training, evenly spread in evaluation; official: the dataset's "
+                   "official frames (CREMA-D the first, Kinetics-Sounds first/middle/last) in both")
+    g.add_argument("--drop_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop the last incomplete training batch of each epoch (the official loaders keep it)")
     g.add_argument("--preprocess", default=None,
                    help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
                         "refuse a cache made otherwise")
@@ -231,7 +239,7 @@ def check_ranges(cfg: argparse.Namespace) -> str | None:
 _DATASET_SPECIFIC = {
     "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
                  "image_noise", "image_occlusion", "data_seed"),
-    "preprocessed datasets": ("crop_size", "preprocess"),
+    "preprocessed datasets": ("crop_size", "preprocess", "frame_pick"),
 }
 
 

@@ -269,7 +269,7 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
 def _loaders(datasets: dict, cfg, where: Placement) -> dict:
     try:
         train = train_loader(datasets["train"], cfg.batch_size, cfg.num_workers, cfg.seed, where.rank,
-                             where.world_size, where.pin_memory)
+                             where.world_size, where.pin_memory, drop_last=getattr(cfg, "drop_last", True))
     except ValueError as e:
         raise UserError(f"--batch_size {cfg.batch_size}: {e}") from None
     val = eval_loader(datasets["val"], cfg.batch_size, cfg.num_workers, where.rank, where.world_size, where.pin_memory)
