@@ -20,6 +20,7 @@ import yaml
 from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
+from .yamlio import load_yaml
 from .models import FUSIONS, INITS
 from .data.cache.format import FRAME_CROPS, FRAME_PICKS
 from .modulation import ModulationConfig
@@ -160,7 +161,7 @@ def _load_yaml(file: Path, actions: dict[str, argparse.Action]) -> dict[str, Any
     if not file.is_file():
         raise UserError(f"--config: no such file: {file}")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = load_yaml(file.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
