@@ -27,21 +27,10 @@ from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, r
 from ..fileio import atomic_write_text, read_json_object
 from .runs import load_run
 from .stats import ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, compare_paired, holm_verdicts
+from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
 CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
-
-
-def mean_std(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
-def _pct(s: dict | None, digits: int = 2) -> str:
-    if s is None:
-        return "–"
-    return f"{100 * s['mean']:.{digits}f}" + (f" ± {100 * s['std']:.{digits}f}" if s.get("std") is not None else "")
 
 
 def _diff_text(d: dict | None, low: str = "low", high: str = "high") -> str:
@@ -161,11 +150,6 @@ def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
-        "| " + " | ".join(row) + " |" for row in rows]
-
-
 def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
     weak = summary["weak_modality"]
     alone = ", ".join(f"{m} {100 * v:.2f}%" for m, v in summary["alone_val_acc"].items())
@@ -206,10 +190,11 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     for r in summary["rows"]:
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
         d = r["diff_to_none"]
-        rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(d),
-                     base_std if d else "–", _p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d),
-                     _diff_text(d, "boot_low", "boot_high"), _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
-    lines += _table(header, rows) + [""]
+        stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
+        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d)]
+        stats += [_diff_text(d, "boot_low", "boot_high")] + [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
+        rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
+    lines += markdown_table(header, rows) + [""]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
         lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
@@ -217,8 +202,8 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
     keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
-    lines += _table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
-                                        for r in summary["rows"] if r["resolved"]]) + [""]
+    lines += markdown_table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
+                                                for r in summary["rows"] if r["resolved"]]) + [""]
 
     lines += ["## Tuning (validation accuracy, %)", "",
               "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
@@ -230,7 +215,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
             score = "diverged" if p["val_acc"] is None else f"{mark}{100 * p['val_acc']:.2f}{mark}"
             rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}", score, per_seed])
-        lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
+        lines += [f"### {method}", ""] + markdown_table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
         lines += ["## Figures", ""]
