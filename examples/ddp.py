@@ -40,12 +40,8 @@ class TwoMLPs(nn.Module):
         return out
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--global_batch", type=int, default=32)
-    args = p.parse_args()
-    dist.init_process_group("gloo")
+def train(steps: int, global_batch: int) -> bool:
+    """Trains the DDP model on this rank's shards; whether every rank ended with the same weights."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)  # the same data and batches on every rank
     n, classes = 512, 4
@@ -56,9 +52,9 @@ def main():
     torch.manual_seed(rank)  # each rank's own random stream, as with per-rank augmentation
     modulator = Modulator.for_ddp(model, ModulationConfig(modulation="OGM_GE", alpha=0.5), seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    share = args.global_batch // world
-    for step in range(args.steps):
-        idx = torch.randint(0, n, (args.global_batch,), generator=g)[rank * share:(rank + 1) * share]  # rank's shard
+    share = global_batch // world
+    for step in range(steps):
+        idx = torch.randint(0, n, (global_batch,), generator=g)[rank * share:(rank + 1) * share]  # rank's shard
         inputs, y = {k: v[idx] for k, v in data.items()}, labels[idx]
         out = model(inputs, feature_hook=modulator.feature_hook(y, epoch=0))
         loss = F.cross_entropy(out["logits"], y)
@@ -72,6 +68,19 @@ def main():
     same = all(torch.equal(r, replicas[0]) for r in replicas)
     if rank == 0:
         print(f"ranks {world}, coeff {modulator.stats['coeff'].tolist()}, replicas identical: {same}", flush=True)
+    return same
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global_batch", type=int, default=32)
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    # The DDP model lives and dies inside train(): were its reducer the last owner of the process
+    # group, gloo's destructor would wait, holding the GIL, for a worker thread that is waiting for
+    # the GIL to free the all_gather's tensors (pytorch/pytorch#56297), and the rank would hang.
+    same = train(args.steps, args.global_batch)
     dist.barrier()  # every rank is done with the group before any leaves it
     dist.destroy_process_group()
     if not same:

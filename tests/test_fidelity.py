@@ -30,6 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+from onthefly import runner
 from onthefly.config import resolve_config
 from onthefly.data.raw.cremad import CLASSES, read_official_lists
 from onthefly.data.raw.splits import assign_splits
@@ -115,24 +116,33 @@ def test_avdigits_defaults_stay_fast():
     assert (cfg.warmup_epochs, cfg.modulation_ends, cfg.opm_grad) == (0, 10**9, "clean")
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(REPO / "scripts" / name), *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _script_then_train(tmp_path: Path, capsys, name: str, *args: str) -> str:
+    """scripts/<name> ARGS with a stand-in PYTHON that records the command the script builds, then
+    that command's train.py run in this process (no interpreter to start): what train.py prints."""
+    record, python = tmp_path / f"{name}.argv", tmp_path / "python"
+    python.write_text(f"#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > {record}\n")
+    python.chmod(0o755)
+    subprocess.run(["bash", str(REPO / "scripts" / name), *args], env={**os.environ, "PYTHON": str(python)},
+                   check=True, timeout=60)
+    script, *argv = record.read_text().split("\0")[:-1]
+    assert script == "code/train.py"
+    capsys.readouterr()
+    assert runner.main(argv) == 0
+    return capsys.readouterr().out
 
 
-def test_scripts_run_the_recipe_and_print_config(tmp_path):
+def test_scripts_run_the_recipe_and_print_config(tmp_path, capsys):
     """A recipe's method is not overridden by the script; --print_config prints YAML and exits 0."""
     recipe = str(REPO / "configs" / "cremad_tpami2024_opm.yaml")
-    done = _script("train_ogm.sh", "--config", recipe, "--data", str(tmp_path), "--print_config")
-    assert done.returncode == 0, done.stderr
-    printed = yaml.safe_load(done.stdout)
+    shown = _script_then_train(tmp_path, capsys, "train_ogm.sh", "--config", recipe, "--data", str(tmp_path),
+                               "--print_config")
+    printed = yaml.safe_load(shown)
     assert printed["modulation"] == "OPM" and printed["lr_step"] == 20 and printed["batch_size"] == 32
-    plain = yaml.safe_load(_script("train_ogm.sh", "--print_config").stdout)
+    plain = yaml.safe_load(_script_then_train(tmp_path, capsys, "train_ogm.sh", "--print_config"))
     assert plain["modulation"] == "OGM_GE" and plain["dataset"] == "avdigits"
     # the printed configuration is itself a valid recipe file
     again = tmp_path / "again.yaml"
-    again.write_text(done.stdout)
+    again.write_text(shown)
     cfg = resolve_config(["--config", str(again)])
     assert {k: getattr(cfg, k) for k in printed} == printed
 
