@@ -65,14 +65,21 @@ def _parent_of_process_with(*words: str) -> int:
     raise AssertionError(f"no process with {words} in its command line")
 
 
-def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path):
+def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path, monkeypatch):
     """code/submitit_train.py on submitit's local executor: the job is signalled as SLURM
-    signals a preempted job (after its first epoch), requeued, and train.py continues from last.pt."""
+    signals a preempted job (in its second epoch), requeued, and train.py continues from last.pt.
+    train.py runs on tiny encoders (tests/tiny_train.py), paused in its second epoch until the
+    signal: the job, its requeue and the resume are under test, not the model."""
     import time
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "code"))
     import submitit_train
 
+    root, started = tmp_path / "repo", tmp_path / "epoch1.started"
+    (root / "code").mkdir(parents=True)
+    (root / "code" / "train.py").symlink_to(Path(__file__).with_name("tiny_train.py"))
+    monkeypatch.setattr(submitit_train, "REPO_ROOT", root)
+    monkeypatch.setenv("TINY_TRAIN_PAUSE", str(started))
     job = submitit_train.submit(
         [
             "--cluster",
@@ -82,9 +89,9 @@ def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path):
             "--epochs",
             "2",
             "--limit_samples",
-            "64",
-            "--batch_size",
             "16",
+            "--batch_size",
+            "8",
             "--num_workers",
             "0",
             "--device",
@@ -98,8 +105,9 @@ def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path):
     )
     run = tmp_path / "long"
     deadline = time.time() + 120
-    while not (run / "last.pt").is_file() and time.time() < deadline:
-        time.sleep(0.2)
+    while not started.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (run / "last.pt").is_file()  # the first epoch's
     os.kill(
         _parent_of_process_with("--run_name", "long", str(tmp_path)), signal.SIGUSR2
     )  # SLURM's preemption signal, to the job's task

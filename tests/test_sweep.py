@@ -2,8 +2,8 @@
 
 The fake spawn writes what train.py and probe.py would write (config.json, metrics.jsonl,
 best.pt, test_metrics.json, probe.json) with known numbers, and counts its launches. One test
-launches the real train.py once, to check that the options the sweep writes are train.py's
-and that the run it leaves behind counts as finished.
+launches train.py's main once (on tiny encoders: tests/tiny_train.py), to check that the options
+the sweep writes are train.py's and that the run it leaves behind counts as finished.
 """
 
 import csv
@@ -45,6 +45,7 @@ TEST = {
 ALONE_VAL = {"audio": 0.82, "visual": 0.58}
 PROGRAMS = Programs(python="python")
 GOLDEN = Path(__file__).parent / "golden" / "protocol_fake"
+TINY_TRAIN = Path(__file__).with_name("tiny_train.py")
 
 
 def write_grid(tmp_path: Path, grid: dict = GRID) -> gridfile.Grid:
@@ -269,7 +270,7 @@ def test_a_real_train_run_counts_as_finished(tmp_path):
     )
     spec = runspec.tuning_runs(grid, tmp_path / "out")[0]
     assert runspec.run_state(spec) == "start"
-    jobs = protocol_module.training_jobs([spec], Programs(), tmp_path / "out")
+    jobs = protocol_module.training_jobs([spec], Programs(train=TINY_TRAIN), tmp_path / "out")
     progress = launchers.Progress("tuning", 1, 0, [], 1)
     assert launchers.LocalLauncher(["cpu"]).run(jobs, progress, protocol_module.settle_training) == []
     assert runspec.run_state(spec) == "done", jobs[0].log.read_text()
