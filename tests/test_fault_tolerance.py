@@ -37,6 +37,8 @@ from onthefly.data import avdigits
 from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
 
 CONFTEST = Path(__file__).with_name("conftest.py")
+# Runs in this process take the tiny_encoders fixture, unless ResNet18 itself is what matters: the
+# size of its checkpoints (the free-space check) or its non-negative features (the head overflow).
 TINY = ["--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--deterministic", "--run_name", "run"]
 # 3 epochs of 2 steps; OGM-GE draws noise every step, so exact resumption needs the RNG state.
 KILL_ARGS = [*TINY, "--epochs", "3", "--modulation", "OGM_GE", "--modulation_starts", "1", "--log_every", "1"]
@@ -335,7 +337,7 @@ def test_a_torn_metrics_log_is_trimmed_to_the_checkpointed_epochs(tmp_path):
     assert ckpt_io.trim_metrics_log(tmp_path / "none.jsonl", epochs_done=1) == 0
 
 
-def test_a_truncated_avdigits_cache_is_rebuilt(tmp_path, capsys):
+def test_a_truncated_avdigits_cache_is_rebuilt(tiny_encoders, tmp_path, capsys):
     cfg = argparse.Namespace(data=str(tmp_path))
     path = avdigits.cache_path(cfg)
     good = avdigits.load_arrays(cfg)  # builds the cache in tmp_path
@@ -367,7 +369,7 @@ def _earlier_run(folder: Path) -> None:
         (folder / name).write_text(f"earlier {name}")
 
 
-def test_a_new_run_never_deletes_an_earlier_runs_files(tmp_path, capsys):
+def test_a_new_run_never_deletes_an_earlier_runs_files(tiny_encoders, tmp_path, capsys):
     run = tmp_path / "run"
     _earlier_run(run)
     before = _snapshot(run)
@@ -376,7 +378,7 @@ def test_a_new_run_never_deletes_an_earlier_runs_files(tmp_path, capsys):
     assert _snapshot(run) == before
 
 
-def test_overwrite_replaces_only_what_a_run_writes(tmp_path, capsys, monkeypatch):
+def test_overwrite_replaces_only_what_a_run_writes(tiny_encoders, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _earlier_run(run)
     monkeypatch.setattr(runner, "train_one_epoch", _no_building)  # stop right after the folder is prepared
@@ -388,7 +390,7 @@ def test_overwrite_replaces_only_what_a_run_writes(tmp_path, capsys, monkeypatch
     assert not (run / ".lock").exists()  # released when the run ended, even by an exception
 
 
-def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+def test_a_run_folder_in_use_is_refused(tiny_encoders, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     with open(run / ".lock", "w") as held:  # another run holds the folder
@@ -400,7 +402,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
         assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
-def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys, monkeypatch):
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tiny_encoders, tmp_path, capsys, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     run = tmp_path / "run"
@@ -440,7 +442,7 @@ def test_resume_only_from_a_runs_own_last_pt(reference, tmp_path, capsys):
     assert _snapshot(reference) == before
 
 
-def test_options_given_with_resume_are_applied(tmp_path, monkeypatch):
+def test_options_given_with_resume_are_applied(tiny_encoders, tmp_path, monkeypatch):
     """A finished 1-epoch cosine run (its lr is 0 at the end) continued to 3 epochs with other
     optimiser values: each new epoch trains with the rebuilt schedule's rate, never 0."""
     assert runner.main([*TINY, "--epochs", "1", "--scheduler", "cosine", "--lr", "0.01", "--no-eval_test",
@@ -496,7 +498,7 @@ def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, cap
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tmp_path, capsys, monkeypatch):
+def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tiny_encoders, tmp_path, capsys, monkeypatch):
     modulate = Modulator.modulate_gradients
 
     def always_inf(modulator, out, labels, epoch):
@@ -511,7 +513,7 @@ def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tmp_path, capsys, 
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tiny_encoders, tmp_path, capsys, monkeypatch):
     real, epochs = runner.train_one_epoch, []
 
     def interrupted_in_epoch_1(*args, **kwargs):
@@ -554,7 +556,7 @@ def test_inference_refuses_a_dataset_split_differently(tiny_encoders, reference,
 # --------------------------------------------------------------------------- resume with a config file, extending a run
 
 
-def test_resume_applies_the_values_of_a_config_file(tmp_path, capsys):
+def test_resume_applies_the_values_of_a_config_file(tiny_encoders, tmp_path, capsys):
     assert runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)]) == 0
     last = tmp_path / "run" / "last.pt"
     longer = tmp_path / "longer.yaml"
@@ -582,7 +584,7 @@ def test_print_config_with_resume_prints_the_settings_the_run_would_resume_with(
     assert printed["epochs"] == 5 and printed["modulation_starts"] == 1
 
 
-def test_extending_a_finished_run_drops_its_test_metrics_until_it_is_tested_again(tmp_path, monkeypatch):
+def test_extending_a_finished_run_drops_its_test_metrics_until_it_is_tested_again(tiny_encoders, tmp_path, monkeypatch):
     assert runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)]) == 0
     run = tmp_path / "run"
     assert json.loads((run / "test_metrics.json").read_text())["best_epoch"] == 0
@@ -606,7 +608,8 @@ def test_extending_a_finished_run_drops_its_test_metrics_until_it_is_tested_agai
 # --------------------------------------------------------------------------- a full disk, signals, a read-only --data
 
 
-def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_the_run_resumes(tiny_encoders, tmp_path, capsys,
+                                                                           monkeypatch):
     real, writes = ckpt_io.atomic_torch_save, []
 
     def full_on_the_third_write(obj, path):  # epoch 0: best.pt, last.pt; epoch 1: best.pt or last.pt fails
@@ -642,7 +645,7 @@ def test_sigterm_and_sighup_stop_with_one_line_and_the_run_resumes_exactly(refer
         assert metrics(run) == metrics(reference)
 
 
-def test_an_avdigits_cache_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+def test_an_avdigits_cache_that_cannot_be_written_is_one_line(tiny_encoders, tmp_path, capsys, monkeypatch):
     def read_only(path, write, binary=True):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
