@@ -120,6 +120,19 @@ def tiny_batch() -> Callable[..., tuple[dict, torch.Tensor]]:
     return make
 
 
+# --------------------------------------------------------------------------- the benchmark report
+
+
+@pytest.fixture
+def no_report_figures(monkeypatch) -> None:
+    """The benchmark report without its figures: drawing them is ~90% of a protocol run on
+    stand-in programs. For tests of the protocol's runs, selections and numbers; the tests of the
+    figures and of the report's whole text draw them."""
+    from onthefly.analysis import benchmark_report
+
+    monkeypatch.setattr(benchmark_report, "_figures", lambda *args: [])
+
+
 # --------------------------------------------------------------------------- entry points
 
 

@@ -33,7 +33,8 @@ def _protocol(tmp_path: Path, name: str, launcher) -> Path:
     return tmp_path / name
 
 
-def test_submitit_protocol_requeues_a_preempted_run_and_reports_as_the_local_one(tmp_path, monkeypatch):
+def test_submitit_protocol_requeues_a_preempted_run_and_reports_as_the_local_one(tmp_path, monkeypatch,
+                                                                                  no_report_figures):
     local = _protocol(tmp_path, "local", launchers.LocalLauncher(["cpu", "cpu"]))
 
     monkeypatch.setenv("FAKE_PREEMPT", PREEMPTED)

@@ -108,6 +108,13 @@ class FakeRuns:
         return [c for c in self.commands if c[1].endswith(kind)]
 
 
+@pytest.fixture(autouse=True)
+def figures_only_where_checked(request):
+    """The report's figures are drawn in the tests marked draws_figures only (no_report_figures)."""
+    if "draws_figures" not in request.keywords:
+        request.getfixturevalue("no_report_figures")
+
+
 def protocol(tmp_path: Path, grid: gridfile.Grid, runs: FakeRuns) -> dict:
     launcher = launchers.LocalLauncher(["cpu", "cpu"], spawn=runs, report_every=0.01)
     return protocol_module.run_protocol(grid, tmp_path / "out", launcher, PROGRAMS)
@@ -189,6 +196,7 @@ def test_failed_runs_stop_the_phase_and_are_retried(tmp_path):
     assert all(r["command"].startswith("python code/train.py --output_dir") for r in rows)
 
 
+@pytest.mark.draws_figures
 def test_report_statistics(tmp_path):
     protocol(tmp_path, write_grid(tmp_path), FakeRuns())
     out = tmp_path / "out"
@@ -292,6 +300,7 @@ def test_progress_line_counts_and_eta():
 # --------------------------------------------------------------------------- same results as before the split
 
 
+@pytest.mark.draws_figures
 def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
     """tests/golden/protocol_fake: the same fake runs through analysis/sweep.py as it stood before
     the protocol moved to onthefly/experiments (selection.json, results.csv, report.md up to its
