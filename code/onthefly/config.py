@@ -71,12 +71,12 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
     g.add_argument("--data", default=None, help="dataset directory (a preprocessed cache; avdigits: its cache dir)")
-    g.add_argument("--num_frames", type=int, default=3, help="frames per clip (dataset default)")
+    g.add_argument("--num_frames", type=int, default=3, help="preprocessed datasets: frames per clip (dataset default)")
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
     g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
-                   help="fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
+                   help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
     g.add_argument("--preprocess", default=None,
                    help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
                         "refuse a cache made otherwise")
@@ -196,7 +196,7 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 _DATASET_SPECIFIC = {
     "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
                  "image_noise", "image_occlusion", "data_seed"),
-    "preprocessed datasets": ("crop_size", "preprocess"),
+    "preprocessed datasets": ("crop_size", "preprocess", "num_frames", "frame_crop"),
 }
 
 
