@@ -241,8 +241,9 @@ def test_sum_unimodal_logits_are_each_branch(tiny_info, tiny_batch):
     inputs, _ = tiny_batch()
     out = model(inputs)
     h_a, h_v = out["features"]
-    assert torch.allclose(out["unimodal_logits"][0], model.head.fc_a(h_a))
-    assert torch.allclose(out["logits"], model.head.fc_a(h_a) + model.head.fc_b(h_v), atol=1e-6)
+    fc_a, fc_v = model.head.branches
+    assert torch.allclose(out["unimodal_logits"][0], fc_a(h_a))
+    assert torch.allclose(out["logits"], fc_a(h_a) + fc_v(h_v), atol=1e-6)
 
 
 def test_evaluation_drops_nothing_even_with_opm_configured(tiny_info, tiny_batch):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench_step as bs  # bench/ is on pytest's pythonpath (pyproject.toml)
 import official_style as off
@@ -205,3 +206,66 @@ def test_our_step_does_not_sync_with_the_host(method):
         bs.ours_step(model, modulator, optimizer, preset, pairs[0][0], variant.amp_dtype(device))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that copy a tensor's value to the host (.item(), bool(), int(), float(),
+    .tolist()): on a GPU each is a sync, and on a CPU the same call shows where one would be."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_read_detector_sees_item_and_bool():
+    x = torch.ones(2)
+    with HostReads() as reads:
+        x.sum().item()
+        bool(x.sum() > 1)
+    assert len(reads.seen) >= 2
+
+
+def modality_info(m: int) -> DatasetInfo:
+    extra = (ModalitySpec("flow", "frames", 2, (2, 1, 16, 16), (0.5, 0.5), (0.25, 0.25)),)
+    return DatasetInfo(name=f"tiny{m}", num_classes=4, class_names=tuple("abcd"),
+                       modalities=(*tiny_info().modalities, *extra[: m - 2]))
+
+
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("method", ["none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM"])
+def test_our_step_reads_nothing_on_the_host_for_any_number_of_modalities(tiny_encoders, method, m):
+    """The engine's step (forward with the OPM hook, loss, backward, modulation, finiteness flag,
+    SGD step) on a CPU: no host read after the first step (whose labels are checked once)."""
+    from onthefly.engine import _all_finite, compute_loss
+    from onthefly.modulation import ModulationConfig, Modulator
+
+    info = modality_info(m)
+    torch.manual_seed(0)
+    model = build_model(info, "concat")
+    modulator = Modulator.for_model(model, ModulationConfig(modulation=method, alpha=ALPHA, p_exe=1.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    inputs = {s.name: torch.randn(4, *s.shape) for s in info.modalities}
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def step():
+        out = model(inputs, feature_hook=modulator.feature_hook(labels, 0))
+        loss = compute_loss(out, labels, model.head)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        modulator.modulate_gradients(out, labels, 0)
+        finite = loss.detach().isfinite() & _all_finite([p.grad for p in model.parameters() if p.grad is not None])
+        optimizer.step()
+        return finite
+
+    step()  # the first step checks the labels' range once
+    with HostReads() as reads:
+        step()
+    assert reads.seen == []
+    assert len(modulator.stats["ratio"]) == m

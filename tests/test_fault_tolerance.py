@@ -253,7 +253,7 @@ def test_zero_scores_give_finite_coefficients():
     for enc in encoders:
         enc.weight.grad = torch.ones_like(enc.weight)
     model = argparse.Namespace(encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders),
-                               modality_names=("audio", "visual"))
+                               modality_names=("audio", "visual"), forward=lambda inputs, feature_hook=None: None)
     cfg = argparse.Namespace(modulation="OGM_OPM", alpha=0.5)
     modulator = Modulator.from_config(cfg, model)
     labels = torch.tensor([0, 1])

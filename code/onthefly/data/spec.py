@@ -32,12 +32,19 @@ class DatasetInfo:
     name: str
     num_classes: int
     class_names: tuple[str, ...]
-    modalities: tuple[ModalitySpec, ModalitySpec]
+    modalities: tuple[ModalitySpec, ...]  # M >= 1 streams (a joint model needs M >= 2)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.modalities]
+        if not names:
+            raise ValueError(f"dataset {self.name!r}: no modality")
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset {self.name!r}: modality names repeat: {names}")
+
     @property
-    def modality_names(self) -> tuple[str, str]:
-        return tuple(m.name for m in self.modalities)  # type: ignore[return-value]
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +59,6 @@ class DatasetInfo:
             name=d["name"],
             num_classes=int(d["num_classes"]),
             class_names=tuple(d["class_names"]),
-            modalities=mods,  # type: ignore[arg-type]
+            modalities=mods,
             extra=dict(d.get("extra", {})),
         )

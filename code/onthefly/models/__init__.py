@@ -7,7 +7,8 @@ from .init import INITS, init_weights
 
 
 def build_model(info: DatasetInfo, fusion: str = "concat", modality: str = "both", init: str = "official"):
-    """The joint model, or with `modality` naming one stream, that stream's unimodal reference.
+    """The joint model over all of `info`'s modalities ("both" is its historical name; M >= 2),
+    or with `modality` naming one stream, that stream's unimodal reference.
 
     `init`: "official" re-initialises every layer as the official code does (see models/init.py);
     "torch" keeps PyTorch's and torchvision's defaults.

@@ -1,28 +1,31 @@
-"""Two-encoder classifier whose forward returns everything modulation and metrics need."""
+"""M-encoder classifier whose forward returns everything modulation and metrics need.
+
+Both classes satisfy `onthefly.modulation.ModulatedModel`, the contract the Modulator checks.
+"""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..data.spec import DatasetInfo
+from ..modulation.contract import FeatureHook
 from .encoders import ENCODERS, FEATURE_DIM
 from .fusion import FUSIONS
 
-# A feature hook receives the model output so far (features and unimodal logits, before
-# fusion) and returns the features to fuse plus a per-sample loss weight (B,), or None
-# for "all samples count". OPM is such a hook.
-FeatureHook = Callable[[dict], tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]]
+# A feature hook (modulation/contract.py) receives the model output so far (features and
+# unimodal logits, before fusion) and returns the features to fuse plus a per-sample loss
+# weight (B,), or None for "all samples count". OPM is such a hook.
 
 
 class MultimodalClassifier(nn.Module):
-    """Encoders for two modalities plus a fusion head.
+    """One encoder per modality (M >= 2) plus a fusion head.
 
     forward(batch) returns a dict:
       "logits":          (B, K) fused logits
-      "features":        tuple of two (B, 512) encoder outputs (before any OPM drop)
-      "unimodal_logits": tuple of two (B, K) z_m (see fusion.py for how each head defines them)
+      "features":        tuple of M (B, 512) encoder outputs, in modality order (before any OPM drop)
+      "unimodal_logits": tuple of M (B, K) z_m (see fusion.py for how each head defines them)
       "sample_weight":   (B,) loss weight per sample, or None (OPM drops samples with no modality)
     """
 
@@ -30,27 +33,27 @@ class MultimodalClassifier(nn.Module):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
+        if len(info.modalities) < 2:
+            raise ValueError(f"a joint model needs two or more modalities; {info.name} has {list(info.modality_names)}")
         self.modality_names = info.modality_names
         self.encoders = nn.ModuleDict(
             {m.name: ENCODERS[m.kind](in_channels=m.channels) for m in info.modalities}
         )
-        self.head = FUSIONS[fusion](FEATURE_DIM, info.num_classes)
+        self.head = FUSIONS[fusion](FEATURE_DIM, info.num_classes, num_modalities=len(info.modalities))
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:
-        name_a, name_b = self.modality_names
-        h_a = self.encoders[name_a](inputs[name_a])  # (B, 512)
-        h_b = self.encoders[name_b](inputs[name_b])  # (B, 512)
+        features = tuple(self.encoders[name](inputs[name]) for name in self.modality_names)  # M x (B, 512)
         out = {
-            "features": (h_a, h_b),
-            "unimodal_logits": self.head.unimodal_logits(h_a, h_b),
+            "features": features,
+            "unimodal_logits": self.head.unimodal_logits(*features),
             "sample_weight": None,
         }
         if feature_hook is not None:
-            (h_a, h_b), out["sample_weight"] = feature_hook(out)
-        out["logits"] = self.head(h_a, h_b)
+            features, out["sample_weight"] = feature_hook(out)
+        out["logits"] = self.head(*features)
         return out
 
-    def encoder_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def encoder_parameters(self) -> tuple[list[nn.Parameter], ...]:
         """Each modality's encoder parameters, in modality order."""
         return tuple(list(self.encoders[n].parameters()) for n in self.modality_names)  # type: ignore[return-value]
 
@@ -79,4 +82,5 @@ class UnimodalClassifier(nn.Module):
         return {"features": (h,), "unimodal_logits": (logits.detach(),), "sample_weight": None, "logits": logits}
 
     def encoder_parameters(self) -> tuple[list[nn.Parameter], ...]:
+        """The one encoder's parameters (a one-tuple: one modality)."""
         return (list(self.encoders[self.modality_names[0]].parameters()),)

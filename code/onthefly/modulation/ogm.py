@@ -7,12 +7,19 @@ import torch
 from torch import nn
 
 OGM_FORMS = ("official", "continuous")
-OGM_PARAMS = ("conv", "all")
+# matrices: every weight with ndim >= 2 (linear, conv of any dimension, attention projections);
+# conv: 4-D weights only, the released code's set; all: every trainable encoder parameter.
+OGM_PARAMS = ("matrices", "conv", "all")
+_SELECTS = {
+    "matrices": lambda p: p.ndim >= 2,
+    "conv": lambda p: p.ndim == 4,
+    "all": lambda p: True,
+}
 
 
 @torch.no_grad()
 def ogm_coefficients(ratios: torch.Tensor, alpha: float, form: str = "official") -> torch.Tensor:
-    """k_m = 1 - tanh(alpha * x_m) for the dominant modality (rho_m > 1), 1 for the other.
+    """k_m = 1 - tanh(alpha * x_m) for every dominant modality (rho_m > 1), 1 for the others.
 
     form="official": x_m = rho_m, as in the released OGM-GE code (published alphas were tuned
     for it; note k jumps from 1 to 1 - tanh(alpha) as rho crosses 1).
@@ -24,11 +31,13 @@ def ogm_coefficients(ratios: torch.Tensor, alpha: float, form: str = "official")
     return torch.where(ratios > 1, 1 - torch.tanh(alpha * x), torch.ones_like(ratios))
 
 
-def ogm_parameters(encoder: Sequence[nn.Parameter], which: str = "conv") -> list[nn.Parameter]:
-    """The parameters OGM touches: conv weights (4-D, as the official code) or all of them."""
+def ogm_parameters(encoder: Sequence[nn.Parameter], which: str = "matrices") -> list[nn.Parameter]:
+    """The trainable parameters OGM touches (see OGM_PARAMS). On ResNet encoders `matrices` and
+    `conv` are the same set (their only weights with ndim >= 2 are the 4-D conv kernels)."""
     if which not in OGM_PARAMS:
         raise ValueError(f"unknown OGM parameter set {which!r}; choose one of {OGM_PARAMS}")
-    return [p for p in encoder if p.requires_grad and (which == "all" or p.ndim == 4)]
+    selects = _SELECTS[which]
+    return [p for p in encoder if p.requires_grad and selects(p)]
 
 
 @torch.no_grad()
@@ -46,8 +55,8 @@ def modulate_gradients_(
     """
     per_group = [[p.grad for p in group if p.grad is not None] for group in groups]
     grads = [g for group_grads in per_group for g in group_grads]
-    if not grads:
-        return
+    if not grads:  # nothing to scale: called before backward(), or after zero_grad(set_to_none=True)
+        raise RuntimeError("OGM found no gradient to modulate: call it after loss.backward() and before optimizer.step()")
     if gaussian_noise:
         # A 1e-8 floor (as the official code) keeps the std positive for an all-zero gradient
         # (added once to the stacked stds: the same values, one kernel instead of one per gradient).

@@ -26,12 +26,32 @@ def unimodal_scores(unimodal_logits: Sequence[torch.Tensor], labels: torch.Tenso
     return scores_with_grad(unimodal_logits, labels)
 
 
-def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:
-    """rho = (s_a / s_b, s_b / s_a) for two modalities (the paper's discrepancy ratio).
+RATIO_REFS = ("mean_others", "min_others", "sum_others")
 
-    A zero denominator is clamped to EPS, so the ratios stay finite: with both scores zero
-    both ratios are zero (no modality counts as dominant).
+
+def discrepancy_ratios(scores: torch.Tensor, ref: str = "mean_others") -> torch.Tensor:
+    """rho_m = s_m / r_m, with r_m a reference built from the *other* modalities' scores:
+
+      mean_others: r_m = mean_{j != m} s_j   (the OGM-GE authors' suggestion for M > 2)
+      min_others:  r_m = min_{j != m} s_j    (divide by the weakest other modality)
+      sum_others:  r_m = sum_{j != m} s_j    (divide by the others together)
+
+    With two modalities all three are the paper's rho_a = s_a / s_v, rho_v = s_v / s_a
+    (docs/modalities.md). `scores`: (M,) with M >= 2. Vectorised over an (M, M) matrix of the
+    others' scores, so it stays on the device. A zero reference is clamped to EPS: the ratios
+    stay finite, and with every score zero every ratio is zero (no modality dominant).
     """
-    if scores.numel() != 2:
-        raise ValueError(f"discrepancy ratios are defined for two modalities, got {scores.numel()} scores")
-    return scores / scores.flip(0).clamp_min(EPS)
+    if ref not in RATIO_REFS:
+        raise ValueError(f"unknown ratio reference {ref!r}; choose one of {RATIO_REFS}")
+    m = scores.numel()
+    if m < 2:
+        raise ValueError(f"a discrepancy ratio compares modalities: it needs two or more scores, got {m}")
+    self_mask = torch.eye(m, dtype=torch.bool, device=scores.device)
+    row = scores.view(1, m).expand(m, m)  # row m: every score; the diagonal (m itself) is masked out
+    if ref == "min_others":
+        reference = row.masked_fill(self_mask, float("inf")).amin(dim=1)
+    else:
+        reference = row.masked_fill(self_mask, 0.0).sum(dim=1)
+        if ref == "mean_others":
+            reference = reference / (m - 1)
+    return scores / reference.clamp_min(EPS)
