@@ -29,7 +29,7 @@ from .modulation import ModulationConfig
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
     "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset",
-    "data_seed", "seed", "optimizer",
+    "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed", "seed", "optimizer",
 )
 
 
@@ -82,6 +82,9 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
                         "refuse a cache made otherwise")
     g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
                    help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
+    g.add_argument("--avdigits_modalities", default=None,
+                   help="avdigits: comma-separated modalities out of audio,visual,scan (scan: sklearn's 8x8 digits) "
+                        "[audio,visual]")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
     g.add_argument("--audio_noise", type=finite_float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
     g.add_argument("--audio_corrupt", type=finite_float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
@@ -89,6 +92,8 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
     g.add_argument("--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
     g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
+    g.add_argument("--scan_noise", type=finite_float, default=None, help="avdigits scans: Gaussian noise std on [0, 1]")
+    g.add_argument("--scan_corrupt", type=finite_float, default=None, help="avdigits scans: fraction replaced by noise")
     g.add_argument("--data_seed", type=int, default=None, help="avdigits: seed of the split, pairing and degradation")
 
     g = p.add_argument_group("model")
@@ -194,7 +199,7 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
 _DATASET_SPECIFIC = {
-    "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
+    "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
                  "image_noise", "image_occlusion", "data_seed"),
     "preprocessed datasets": ("crop_size", "preprocess", "num_frames", "frame_crop"),
 }
@@ -230,6 +235,8 @@ def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
         (_unset_or(cfg, "image_corrupt", lambda v: 0 <= v <= 1), f"--image_corrupt must be in [0, 1] (got {getattr(cfg, 'image_corrupt', None)})"),
         (_unset_or(cfg, "audio_noise", lambda v: v >= 0), f"--audio_noise must be >= 0 (got {getattr(cfg, 'audio_noise', None)})"),
         (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
+        (_unset_or(cfg, "scan_corrupt", lambda v: 0 <= v <= 1), f"--scan_corrupt must be in [0, 1] (got {getattr(cfg, 'scan_corrupt', None)})"),
+        (_unset_or(cfg, "scan_noise", lambda v: v >= 0), f"--scan_noise must be >= 0 (got {getattr(cfg, 'scan_noise', None)})"),
         (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
          f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),
     ]

@@ -24,7 +24,7 @@ from ...errors import UserError
 from ..cache.format import INDEX_FILE, META_FILE, SKIPPED_FILE, SPLITS
 from ..cache.reader import CacheReader
 from ..cache.writer import CacheWriter, owned_arrays, read_own_meta, rewrite_index, write_skipped
-from .common import ClipJob, Scan, rel
+from .common import ClipJob, Scan, layout_modalities, rel
 from .media import expected_spectrogram_shape
 from .pool import run_jobs
 from .splits import assign_splits
@@ -49,12 +49,13 @@ SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")
 def processing_params(layout: Any, opts: Any) -> dict[str, Any]:
     """Every parameter that changes what is extracted from a clip (the resume key)."""
     keys: list[str] = []
-    if "audio" in layout.MODALITIES:
+    modalities = layout_modalities(layout, opts)
+    if "audio" in modalities:
         keys += AUDIO_KEYS
     keys += FRAME_KEYS
     if "frame_aspect" in layout.DEFAULTS:  # whole frames (CREMA-D): only there, so other caches stay valid
         keys.append("frame_aspect")
-    if "flow" in layout.MODALITIES:
+    if "flow" in modalities:
         keys += FLOW_KEYS
     p = {}
     for k in keys:
@@ -160,6 +161,7 @@ class Plan:
 
     layout: Any
     opts: Any
+    modalities: tuple[str, ...]  # what is extracted: the layout's streams and the optional ones asked for
     root: str
     out: str
     work: str
@@ -174,7 +176,7 @@ class Plan:
 
 
 def _our_names(layout: Any) -> set[str]:
-    arrays = {f"{m}.npy" for m in layout.MODALITIES}
+    arrays = {f"{m}.npy" for m in (*layout.MODALITIES, *getattr(layout, "OPTIONAL_MODALITIES", ()))}
     return {META_FILE, INDEX_FILE, SKIPPED_FILE, *arrays, *(f"{a}.tmp" for a in arrays)}
 
 
@@ -220,7 +222,7 @@ def plan(layout: Any, opts: Any) -> Plan:
     if len(by_id) != len(scan.jobs):
         raise UserError(f"--root {opts.root}: clip ids are not unique (two files share a name)")
     return Plan(
-        layout=layout, opts=opts, root=root, out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
+        layout=layout, opts=opts, modalities=layout_modalities(layout, opts), root=root, out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
         by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]),
         grouped=bool(getattr(layout, "uses_groups", lambda o: False)(opts)), quiet=quiet,
         fresh=bool(getattr(opts, "fresh", False)),
@@ -311,7 +313,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
         bar = tqdm(total=len(todo), desc=f"{run.layout.NAME}", unit="clip", disable=run.quiet, mininterval=0.5,
                    dynamic_ncols=True)
         try:
-            args = (run.p, tuple(run.layout.MODALITIES), run.work)
+            args = (run.p, run.modalities, run.work)
             for clip_id, status, detail in run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1)):
                 if status == "ok":
                     infos[clip_id] = {"clip_id": clip_id, "shapes": detail}
@@ -332,7 +334,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
 
 def _array_layout(run: Plan, infos: dict[str, dict[str, Any]], kept: list[str]):
     """Per-row shapes (every clip must agree) and per-clip frame counts of each array."""
-    modalities = run.layout.MODALITIES
+    modalities = run.modalities
     spec_shape = tuple(expected_spectrogram_shape(run.p)) if "audio" in modalities else None
     row_shape: dict[str, tuple[int, ...]] = {}
     counts_per_clip: dict[str, list[int]] = {m: [] for m in modalities if m != "audio"}
@@ -377,7 +379,7 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "root": run.root,
             "class_names": list(run.scan.class_names),
-            "modalities": list(run.layout.MODALITIES),
+            "modalities": list(run.modalities),
             "params": {**run.p, **run.ip},
             "processing": run.p,
             "num_clips": len(kept),
