@@ -383,3 +383,32 @@ def test_modulating_before_backward_is_refused():
 def test_modulation_config_names_the_bad_field(values, field):
     with pytest.raises(ValueError, match=field):
         ModulationConfig(**values)
+
+
+# --------------------------------------------------------------------------- misuse on the command line
+
+
+class FlatEncoder(nn.Module):
+    """An encoder without a conv kernel: a linear map of the 4 x 4-pooled spectrogram."""
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * in_channels, 512))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monkeypatch):
+    from onthefly.models.encoders import ENCODERS
+
+    monkeypatch.setitem(ENCODERS, "spectrogram", FlatEncoder)
+    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--epochs", "1",
+                             "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "ogm_params 'conv' selects no trainable parameter of the audio encoder" in err
+
+
+def test_cli_refuses_modulation_of_one_modality(run_script, tmp_path):
+    status, err = run_script("train.py", "--modality", "audio", "--modulation", "OGM", "--output_dir", str(tmp_path))
+    assert status == 2 and "takes --modulation none" in err and len(err.strip().splitlines()) == 1

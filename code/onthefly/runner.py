@@ -249,7 +249,10 @@ def _train_in(run_dir: Path, cfg, ckpt, entry, info, device, amp_dtype, rank, wo
         if changed and is_main_process():
             print(f"resuming with {', '.join(changed)}: the learning-rate schedule is recomputed for them", flush=True)
     scheduler = build_scheduler(cfg, optimizer, state.epoch)
-    modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
+    try:  # e.g. an --ogm_params set that selects nothing of an encoder
+        modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
+    except ValueError as e:
+        raise UserError(f"--modulation {cfg.modulation}: {e}") from None
     train_model = model
     if is_distributed():
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)

@@ -106,7 +106,13 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
     return _save(fig, out_path)
 
 
-MODULATION_STATS = (("ratio", (0,)), ("coeff", (0, 1)), ("drop_prob", (0, 1)))
+MODULATION_STATS = ("ratio", "coeff", "drop_prob")
+LINE_STYLES = ("-", "--", ":", "-.")  # one per modality, in modality order (cycled beyond four)
+
+
+def _drawn_modalities(stat: str, num_modalities: int) -> range:
+    """Every modality, except the two-modality ratio: rho_b = 1 / rho_a, so rho_a alone says it all."""
+    return range(1) if stat == "ratio" and num_modalities == 2 else range(num_modalities)
 
 
 def modulation_series(
@@ -117,13 +123,13 @@ def modulation_series(
 
     `scalars`: method label -> one {tag: (steps, values)} per seed, TensorBoard tags
     modulation/<ratio|coeff|drop_prob>_<modality name> (or _<modality index>, as older runs
-    logged them). The ratio is drawn for the first modality only (rho_b = 1 / rho_a).
+    logged them). With two modalities the ratio is drawn for the first only (rho_b = 1 / rho_a).
     """
     out: dict[str, list[dict]] = {}
-    for stat, mods in MODULATION_STATS:
+    for stat in MODULATION_STATS:
         out[stat] = []
         for label, per_seed in scalars.items():
-            for m in mods:
+            for m in _drawn_modalities(stat, max(2, len(modality_names))):
                 mname = modality_names[m] if m < len(modality_names) else f"m{m}"
                 tags = (f"modulation/{stat}_{mname}", f"modulation/{stat}_{m}")
                 series = [next(s[t] for t in tags if t in s) for s in per_seed if any(t in s for t in tags)]
@@ -140,25 +146,31 @@ def plot_modulation(
     out_path: str | Path,
     title: str = "",
 ) -> Path:
-    """Three panels over training steps: ratio rho = s_a / s_b, OGM's k_m, OPM's q_m
-    (see `modulation_series` for the input)."""
+    """Three panels over training steps: ratio rho (rho_a = s_a / s_b at M = 2; every rho_m beyond),
+    OGM's k_m, OPM's q_m (see `modulation_series` for the input)."""
     plt = _plt()
-    a, b = (list(modality_names) + ["m0", "m1"])[:2]
+    names = list(modality_names) + ["m0", "m1"][len(modality_names):]
+    a, b = names[:2]
+    ratio = (f"discrepancy ratio ρ = s_{a} / s_{b}", f"ρ (log scale; >1: {a} dominant)") if len(names) == 2 else \
+        ("discrepancy ratio ρ_m = s_m / (reference of the other modalities' scores, --ratio_ref)",
+         "ρ_m (log scale; >1: m dominant)")
+    styles = ", ".join(f"{LINE_STYLES[m % len(LINE_STYLES)]!r}: {n}" for m, n in enumerate(names))
     titles = {
-        "ratio": (f"discrepancy ratio ρ = s_{a} / s_{b}", f"ρ (log scale; >1: {a} dominant)"),
+        "ratio": ratio,
         "coeff": ("OGM gradient coefficient k_m (1 = unchanged)", "k_m"),
         "drop_prob": ("OPM feature-drop probability q_m", "q_m"),
     }
     data = modulation_series(scalars, modality_names)
     fig, axes = plt.subplots(len(MODULATION_STATS), 1, figsize=(10, 10), sharex=True)
     colors = dict(zip(scalars, _colors(len(scalars))))
-    dashes = ["-", "--"]
-    for ax, (stat, _) in zip(axes, MODULATION_STATS):
+    for ax, stat in zip(axes, MODULATION_STATS):
         name, ylabel = titles[stat]
+        single = stat == "ratio" and len(names) == 2
         for e in data[stat]:
-            text = e["label"] if stat == "ratio" else f"{e['label']}: {e['modality']}"
+            text = e["label"] if single else f"{e['label']}: {e['modality']}"
             window = max(1, len(e["steps"]) // 40)
-            ax.plot(e["steps"], _smooth(e["mean"], window), color=colors[e["label"]], linestyle=dashes[e["m"]],
+            ax.plot(e["steps"], _smooth(e["mean"], window), color=colors[e["label"]],
+                    linestyle=LINE_STYLES[e["m"] % len(LINE_STYLES)],
                     linewidth=1.4, label=f"{text} (n={e['n']})")
         drawn = bool(data[stat])
         if stat == "ratio":
@@ -172,7 +184,7 @@ def plot_modulation(
                 ax.yaxis.set_minor_formatter(ScalarFormatter())
         if not drawn:
             ax.text(0.5, 0.5, "no run logged this quantity", ha="center", va="center", transform=ax.transAxes, color="grey")
-        ax.set_title(name + (" (solid: " + a + ", dashed: " + b + ")" if stat != "ratio" else ""))
+        ax.set_title(name + ("" if single else f" (line styles {styles})"))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:

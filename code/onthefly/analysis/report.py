@@ -172,7 +172,7 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
                 "",
                 "Fused test accuracy when one modality's encoder input is replaced by zeros (the normalised "
                 "input, i.e. the dataset-mean input), from `inference.py --zero_modality m`, next to the same "
-                "checkpoint's accuracy with both present (`eval_test/`). A model that leans on one modality "
+                "checkpoint's accuracy with every modality present (`eval_test/`). A model that leans on one modality "
                 "collapses when that one is missing.",
                 "",
             ]
