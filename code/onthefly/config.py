@@ -20,8 +20,9 @@ import yaml
 from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
 from .errors import UserError
+from .yamlio import load_yaml
 from .models import FUSIONS, INITS
-from .data.cache.format import FRAME_CROPS
+from .data.cache.format import FRAME_CROPS, FRAME_PICKS
 from .modulation import ModulationConfig
 
 # Settings a resumed run may not change: they define the model or the data it was trained on,
@@ -76,7 +77,13 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
     g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
-                   help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: CREMA-D's RandomResizedCrop / resize of the whole frame (dataset default)")
+                   help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: the dataset's official crop "
+                   "(CREMA-D, Kinetics-Sounds: see docs/fidelity.md)")
+    g.add_argument("--frame_pick", default="spread", choices=FRAME_PICKS,
+                   help="spread: random frames in training, evenly spread in evaluation; official: the dataset's "
+                   "official frames (CREMA-D the first, Kinetics-Sounds first/middle/last) in both")
+    g.add_argument("--drop_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop the last incomplete training batch of each epoch (the official loaders keep it)")
     g.add_argument("--preprocess", default=None,
                    help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
                         "refuse a cache made otherwise")
@@ -154,7 +161,7 @@ def _load_yaml(file: Path, actions: dict[str, argparse.Action]) -> dict[str, Any
     if not file.is_file():
         raise UserError(f"--config: no such file: {file}")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = load_yaml(file.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
@@ -201,7 +208,7 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 _DATASET_SPECIFIC = {
     "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
                  "image_noise", "image_occlusion", "data_seed"),
-    "preprocessed datasets": ("crop_size", "preprocess", "num_frames", "frame_crop"),
+    "preprocessed datasets": ("crop_size", "preprocess", "frame_pick", "num_frames", "frame_crop"),
 }
 
 

@@ -66,8 +66,9 @@ class RunLock:
         self.fd = None
 
 
-def acquire_run_lock(run_dir: Path) -> RunLock:
-    """Lock `run_dir` for this process, taking over a lock whose holder has died."""
+def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> RunLock:
+    """Lock `run_dir` for this process, taking over a lock whose holder has died. `hint` ends the
+    refusal (what the user may do instead)."""
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
     while True:
@@ -78,7 +79,7 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
         except BlockingIOError:
             os.close(fd)
             raise UserError(f"{run_dir} is in use by process {pid} on {holder_host or 'this machine'} "
-                            f"(lock {path}); wait for it to end, or choose another --run_name") from None
+                            f"(lock {path}); wait for it to end, or {hint}") from None
         if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
             continue

@@ -224,7 +224,8 @@ def _train_in(run_dir: Path, cfg, ckpt, entry, info, device, amp_dtype, rank, wo
     datasets = {split: entry.build(cfg, split) for split in SPLITS}
     splits = {split: ckpt_io.split_fingerprint(ds) for split, ds in datasets.items()}
     try:
-        train_data = train_loader(datasets["train"], cfg.batch_size, cfg.num_workers, cfg.seed, rank, world_size, pin)
+        train_data = train_loader(datasets["train"], cfg.batch_size, cfg.num_workers, cfg.seed, rank, world_size, pin,
+                                  drop_last=getattr(cfg, "drop_last", True))
     except ValueError as e:
         raise UserError(f"--batch_size {cfg.batch_size}: {e}") from None
     val_data = eval_loader(datasets["val"], cfg.batch_size, cfg.num_workers, rank, world_size, pin)
