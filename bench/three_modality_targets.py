@@ -82,7 +82,8 @@ def methods_table(out: Path, seed: int, extra: list[str], methods: list[str]) ->
         best = best_epoch(train(out, name, ["--seed", str(seed), "--modulation", method, *extra]))
         rows.append({"method": method, "val_acc": best["val_acc"], **{m: best[f"val_acc_{m}"] for m in MODALITIES}})
     lines = ["| method | fused | " + " | ".join(f"head {m}" for m in MODALITIES) + " |", "|---" * 5 + "|"]
-    lines += [f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in MODALITIES) + " |" for r in rows]
+    lines += [f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in MODALITIES) + " |"
+              for r in rows]
     return "\n".join(lines) + "\n", rows
 
 

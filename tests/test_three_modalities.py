@@ -107,8 +107,9 @@ def test_every_method_trains_on_three_modalities(tiny_encoders, avdigits_dir, tm
     assert {"val_acc_audio", "val_acc_visual", "val_acc_scan"} <= set(record)
     # The modulator scored all three modalities, and each method's own statistic is there for each.
     logged = set(read_scalars(run_dir / "tb", "modulation/"))
-    own = {"none": (), "OGM": ("coeff",), "OGM_GE": ("coeff",), "OPM": ("drop_prob",), "OGM_GE_OPM": ("coeff", "drop_prob")}
-    expected = {f"modulation/{what}_{m}" for what in ("score", "ratio", *own[method]) for m in ("audio", "visual", "scan")}
+    own = {"none": (), "OGM": ("coeff",), "OGM_GE": ("coeff",), "OPM": ("drop_prob",),
+           "OGM_GE_OPM": ("coeff", "drop_prob")}[method]
+    expected = {f"modulation/{what}_{m}" for what in ("score", "ratio", *own) for m in ("audio", "visual", "scan")}
     assert expected <= logged, sorted(logged)
 
 

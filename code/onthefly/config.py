@@ -206,8 +206,8 @@ def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
 _DATASET_SPECIFIC = {
-    "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
-                 "image_noise", "image_occlusion", "data_seed"),
+    "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise",
+                 "audio_corrupt", "image_corrupt", "image_downsample", "image_noise", "image_occlusion", "data_seed"),
     "preprocessed datasets": ("crop_size", "preprocess", "frame_pick", "num_frames", "frame_crop"),
 }
 
@@ -242,7 +242,8 @@ def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
         (_unset_or(cfg, "image_corrupt", lambda v: 0 <= v <= 1), f"--image_corrupt must be in [0, 1] (got {getattr(cfg, 'image_corrupt', None)})"),
         (_unset_or(cfg, "audio_noise", lambda v: v >= 0), f"--audio_noise must be >= 0 (got {getattr(cfg, 'audio_noise', None)})"),
         (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
-        (_unset_or(cfg, "scan_corrupt", lambda v: 0 <= v <= 1), f"--scan_corrupt must be in [0, 1] (got {getattr(cfg, 'scan_corrupt', None)})"),
+        (_unset_or(cfg, "scan_corrupt", lambda v: 0 <= v <= 1),
+         f"--scan_corrupt must be in [0, 1] (got {getattr(cfg, 'scan_corrupt', None)})"),
         (_unset_or(cfg, "scan_noise", lambda v: v >= 0), f"--scan_noise must be >= 0 (got {getattr(cfg, 'scan_noise', None)})"),
         (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
          f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),

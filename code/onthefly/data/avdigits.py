@@ -34,8 +34,8 @@ A third modality, on request (`--avdigits_modalities audio,visual,scan`; the def
 audio,visual, whose data and cache file do not change):
 
 * Scans: the 1,797 8x8 handwritten digits bundled with scikit-learn
-  (sklearn/datasets/data/digits.csv.gz, UCI "Optical Recognition of Handwritten Digits":
-  43 writers, not MNIST's), block counts 0-16 stored as uint8 0-255.
+  (sklearn/datasets/data/digits.csv.gz: the test set of UCI's "Optical Recognition of
+  Handwritten Digits", 13 writers, not MNIST's), block counts 0-16 stored as uint8 0-255.
 
 Scans are paired per class like the images, each split from its own disjoint pool. The pool
 holds about 180 scans per class for 300 clips, so within a split a scan serves about 1.7
@@ -273,13 +273,12 @@ def load_arrays(cfg) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _stream(arrays: dict[str, np.ndarray], modality: str, rows: np.ndarray) -> torch.Tensor:
-    """One modality's samples as the loader yields them (see `_specs` for the shapes)."""
-    if modality == "audio":
-        return torch.from_numpy(arrays["audio"][rows])
-    if modality == "visual":  # one grey frame, repeated over the RGB channels
-        return torch.from_numpy(arrays["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1)
-    return torch.from_numpy(arrays["scan"][rows])[:, None, None]  # one channel, one frame
+# Each modality's samples as the loader yields them, from rows of the cached arrays.
+_STREAMS = {
+    "audio": lambda a, rows: torch.from_numpy(a["audio"][rows]),  # (N, 1, 13, T)
+    "visual": lambda a, rows: torch.from_numpy(a["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1),  # grey as RGB
+    "scan": lambda a, rows: torch.from_numpy(a["scan"][rows])[:, None, None],  # (N, 1, 1, 8, 8)
+}
 
 
 class AVDigits(Dataset):
@@ -292,7 +291,7 @@ class AVDigits(Dataset):
         arrays = load_arrays(cfg)
         rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))[: getattr(cfg, "limit_samples", None)]
         self.clip_ids = rows  # rows of the arrays: what identifies the split's samples (see checkpoint.split_fingerprint)
-        self.streams = {m: _stream(arrays, m, rows) for m in _modalities(cfg)}
+        self.streams = {m: _STREAMS[m](arrays, rows) for m in _modalities(cfg)}
         self.labels = torch.from_numpy(arrays["label"][rows])
 
     def __len__(self) -> int:

@@ -77,7 +77,8 @@ def _check_applicable(opts: argparse.Namespace, layout) -> None:
         if bad:
             raise UserError(f"--{bad[0]}: {layout.NAME} has no audio")
     if opts.with_flow and "flow" not in getattr(layout, "OPTIONAL_MODALITIES", ()):
-        raise UserError(f"--with_flow: applies to kinetics_sounds only ({layout.NAME} has {', '.join(layout.MODALITIES)})")
+        raise UserError(f"--with_flow: applies to kinetics_sounds only "
+                        f"({layout.NAME} has {', '.join(layout.MODALITIES)})")
     if "flow" not in layout_modalities(layout, opts) and given("flow_bound"):
         hint = " (add --with_flow)" if "flow" in getattr(layout, "OPTIONAL_MODALITIES", ()) else ""
         raise UserError(f"--flow_bound: {layout.NAME} has no optical flow{hint}")

@@ -111,8 +111,8 @@ FLOW_DEFAULTS: dict[str, Any] = {
 def layout_modalities(layout: Any, opts: Any) -> tuple[str, ...]:
     """The streams a preprocessing run extracts: the layout's own, plus its OPTIONAL_MODALITIES
     (Kinetics-Sounds' flow) when asked for with --with_flow."""
-    extra = ("flow",) if getattr(opts, "with_flow", False) and "flow" in getattr(layout, "OPTIONAL_MODALITIES", ()) else ()
-    return tuple(layout.MODALITIES) + extra
+    asked = getattr(opts, "with_flow", False) and "flow" in getattr(layout, "OPTIONAL_MODALITIES", ())
+    return tuple(layout.MODALITIES) + (("flow",) if asked else ())
 
 
 _SPLIT_NAMES = {

@@ -18,8 +18,8 @@ from typing import Any
 
 from ...errors import UserError
 from .common import (
-    CONTAINER_DEFAULTS, FLOW_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split, unlisted_note,
-    unlisted_videos,
+    CONTAINER_DEFAULTS, FLOW_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split,
+    unlisted_note, unlisted_videos,
 )
 
 NAME = "kinetics_sounds"
