@@ -412,3 +412,45 @@ def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monke
 def test_cli_refuses_modulation_of_one_modality(run_script, tmp_path):
     status, err = run_script("train.py", "--modality", "audio", "--modulation", "OGM", "--output_dir", str(tmp_path))
     assert status == 2 and "takes --modulation none" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the training loop at M = 3
+
+
+class Scalars:
+    """A SummaryWriter stand-in that keeps the tags it was given."""
+
+    def __init__(self):
+        self.tags: set[str] = set()
+
+    def add_scalar(self, tag, value, step):
+        self.tags.add(tag)
+
+
+@pytest.mark.parametrize("method", ["OGM_GE", "OGM_OPM"])
+def test_the_training_loop_logs_and_evaluates_three_modalities(tiny_encoders, method):
+    from types import SimpleNamespace
+
+    from onthefly.data.presets import DevicePreset
+    from onthefly.engine import TrainState, evaluate, train_one_epoch
+
+    info = three_modality_info()
+    torch.manual_seed(0)
+    model = build_model(info, "concat")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"audio": torch.randn(4, 1, 16, 16, generator=g),
+                "visual": torch.randint(0, 256, (4, 3, 2, 16, 16), generator=g, dtype=torch.uint8),
+                "flow": torch.randint(0, 256, (4, 2, 2, 16, 16), generator=g, dtype=torch.uint8),
+                "label": torch.randint(0, NUM_CLASSES, (4,), generator=g), "index": torch.arange(4) + 4 * i}
+               for i in range(3)]
+    cfg = SimpleNamespace(modulation=method, alpha=0.5, p_exe=1.0, nonfinite="stop", log_every=1, seed=0)
+    modulator = Modulator.from_config(cfg, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = Scalars()
+    preset = DevicePreset(info, torch.device("cpu"))
+    stats = train_one_epoch(model, modulator, optimizer, batches, preset, TrainState(), cfg, None, writer)
+    assert math.isfinite(stats["loss"])
+    for name in info.modality_names:
+        assert {f"modulation/ratio_{name}", f"modulation/coeff_{name}"} <= writer.tags
+    metrics = evaluate(model, batches, preset, None)
+    assert {"acc_audio", "acc_visual", "acc_flow"} <= set(metrics)
