@@ -403,8 +403,8 @@ def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monke
     from onthefly.models.encoders import ENCODERS
 
     monkeypatch.setitem(ENCODERS, "spectrogram", FlatEncoder)
-    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--epochs", "1",
-                             "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
+    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
+                             "--epochs", "1", "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "ogm_params 'conv' selects no trainable parameter of the audio encoder" in err
 
