@@ -6,7 +6,10 @@ Datasets: cremad, kinetics_sounds, ucf101, ave, vggsound. See docs/datasets.md.
 """
 import sys
 
-from onthefly.data.raw.cli import main
-
 if __name__ == "__main__":
+    try:  # Ctrl-C while the libraries load is one line too
+        from onthefly.data.raw.cli import main
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -1,7 +1,8 @@
 """The benchmark protocol (tune on validation, test fresh seeds, probe, report). See docs/benchmark.md or --help."""
+
 import sys
 
-from onthefly.analysis.sweep import main
+from onthefly.experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@
 #   bash scripts/benchmark_avdigits.sh                       # the whole protocol
 #   bash scripts/benchmark_avdigits.sh --jobs 2 --out DIR    # options of code/sweep.py (see --help)
 #   bash scripts/benchmark_avdigits.sh --out /tmp/bm --methods none OPM --set epochs=1 limit_samples=128
+#   bash scripts/benchmark_avdigits.sh --launcher slurm --partition gpu --gpus_per_run 1   # docs/cluster.md
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 exec "$PYTHON" code/sweep.py "$@"

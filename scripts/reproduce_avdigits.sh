@@ -9,17 +9,17 @@
 #
 # Time: a 15-epoch AV-Digits run takes about 3-4 minutes on the 2-core CPU when the machine
 # is otherwise idle, so 21 runs at 15 epochs would need over an hour. Every run here trains
-# the dataset's default 8 epochs (cosine schedule over those 8; set EPOCHS to change it):
-# about 40 minutes of training plus about 10 minutes of probes and inference, under an hour
-# in total on an idle machine. Each run prints its time, so the total can be judged early.
+# the dataset's default 6 epochs (its cosine schedule over those 6; set EPOCHS to change it),
+# plus the probes and inference. Each run prints its time, so the total can be judged early.
 #
 # Resumable: a run whose test_metrics.json exists is skipped; a run with last.pt but no
-# test_metrics.json (interrupted) is continued with --resume; existing probe.json and eval_*
-# outputs are kept. Rerun the same command after an interruption.
+# test_metrics.json (interrupted) is continued with --resume; a run interrupted in its first
+# epoch (its folder holds files but no last.pt) is started again; existing probe.json and
+# eval_* outputs are kept. Rerun the same command after an interruption.
 #
 # Environment (all optional):
 #   OUT=checkpoints/avdigits_repro   runs go to $OUT/<run>/, the report to $OUT/report/
-#   EPOCHS=<dataset default, 8>  SEEDS="0 1 2"  METHODS="none OGM OGM_GE OPM OGM_OPM"  MODALITIES="audio visual"
+#   EPOCHS=<dataset default, 6>  SEEDS="0 1 2"  METHODS="none OGM OGM_GE OPM OGM_OPM"  MODALITIES="audio visual"
 #   LIMIT=64          --limit_samples for training and probes (smoke tests only)
 #   EXTRA="..."       more train.py options for every run, e.g. EXTRA="--batch_size 16"
 #   DEVICE=auto       device for training, probes and inference
@@ -57,9 +57,12 @@ train_run() {  # train_run <run name> <train.py options...>
     echo "== $name: continuing an interrupted run"
     "$PYTHON" code/train.py --resume "$dir/last.pt" --device "$DEVICE"
   else
+    # Interrupted before its first epoch ended: nothing to resume, so start it again.
+    local again=()
+    [ -f "$dir/config.json" ] && again=(--overwrite) && echo "== $name: interrupted in its first epoch, starting again"
     echo "== $name: training ${EPOCHS:-the default number of} epochs"
     "$PYTHON" code/train.py --dataset avdigits --output_dir "$OUT" --run_name "$name" "${epoch_args[@]}" \
-      --device "$DEVICE" "${limit_args[@]}" "${extra_args[@]}" "$@"
+      --device "$DEVICE" "${limit_args[@]}" "${extra_args[@]}" "${again[@]}" "$@"
   fi
   echo "== $name: $((SECONDS - t0)) s (total so far $(((SECONDS - started) / 60)) min)"
 }

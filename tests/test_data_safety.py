@@ -92,6 +92,22 @@ def test_loader_workers_capped_by_the_cpus_this_process_may_use(monkeypatch):
     assert loaders.eval_loader(data, 2, num_workers=0, rank=0, world_size=1, pin_memory=False).num_workers == 0
 
 
+def test_drop_last_says_what_it_drops_and_off_keeps_every_clip(capsys):
+    data = [{"x": torch.zeros(2), "label": 0, "index": i} for i in range(60)]
+    on = loaders.train_loader(data, 32, num_workers=0, seed=0, rank=0, world_size=1, pin_memory=False)
+    assert capsys.readouterr().out == "drop_last on: batch 32 on 60 training clips: 28 dropped each epoch\n"
+    on.sampler.set_epoch(0)
+    assert [len(b["index"]) for b in on] == [32]
+    off = loaders.train_loader(data, 32, num_workers=0, seed=0, rank=0, world_size=1, pin_memory=False, drop_last=False)
+    assert "every training clip is used" in capsys.readouterr().out
+    off.sampler.set_epoch(0)
+    seen = [i for b in off for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(60))  # the official loaders' behaviour: nothing dropped
+    with pytest.raises(ValueError, match="1 of 33 samples"):  # a batch of one: BatchNorm cannot train on it
+        loaders.train_loader(data[:33], 32, num_workers=0, seed=0, rank=0, world_size=1, pin_memory=False,
+                             drop_last=False)
+
+
 # --------------------------------------------------------------------------- SIGKILL of the pool's owner
 
 

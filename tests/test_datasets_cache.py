@@ -9,6 +9,8 @@ import json
 import os
 import pickle
 import random
+import signal
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -119,6 +121,28 @@ def test_shared_crop_flip_and_frame_order(tmp_path):
     assert list(t[2, :, 0, 0]) == [0, 2, 4]  # 5 frames: evenly spread
 
 
+def test_official_rule_shares_its_draw_between_frames_and_flow(tmp_path):
+    write_synthetic(tmp_path, flow=True, dataset="kinetics_sounds")
+    ds = get_dataset_entry("kinetics_sounds").build(ns(tmp_path, num_frames=3, frame_crop="official",
+                                                       frame_pick="official"), "train")
+    flips = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        item = ds[0]
+        v, f = item["visual"].numpy().astype(int), item["flow"].numpy()
+        assert v.shape == (3, 3, CROP, CROP) and f.shape == (2, 3, CROP, CROP)
+        assert list(v[2, :, 0, 0]) == [0, 2, 4]  # first, middle and last of the clip's 5 frames
+        assert (v[0] == v[0][0:1]).all()  # one region for the 3 frames
+        flipped = v[0, 0, 0, 0] > v[0, 0, 0, -1]
+        flips.add(bool(flipped))
+        assert (f[0] == (C.FLOW_HALF - 10 if flipped else C.FLOW_HALF + 10)).all()  # the frames' flip, u negated
+    assert flips == {True, False}
+    ucf = tmp_path / "ucf"
+    write_synthetic(ucf, flow=True)
+    with pytest.raises(UserError, match="--frame_pick official: no official frame rule is known for ucf101"):
+        get_dataset_entry("ucf101").build(ns(ucf, frame_pick="official"), "train")
+
+
 def test_info_and_audio_items(tmp_path):
     write_synthetic(tmp_path, dataset="cremad")
     entry = get_dataset_entry("cremad")
@@ -209,6 +233,44 @@ def test_worker_crash_skips_only_that_clip():
     assert set(results) == set("abcde")
     assert results["b"][1] == "skip" and "crashed" in results["b"][2][0]
     assert all(results[c][1:] == ("ok", "m") for c in "acde")
+
+
+def _hang_on_b_segfault_on_c(job, folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()  # every worker that ran a clip
+    if job.clip_id == "b":
+        time.sleep(3600)  # a decoder that never returns (a named pipe, a stalled mount)
+    if job.clip_id == "c":
+        os.kill(os.getpid(), signal.SIGSEGV)  # a decoder that segfaults
+    return job.clip_id, "ok", None
+
+
+def test_a_hung_and_a_segfaulting_clip_are_reported_and_no_worker_outlives_the_run(tmp_path):
+    from onthefly.data.raw.common import ClipJob
+    from onthefly.data.raw.pool import run_jobs
+
+    jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcdefg"]
+    t0 = time.time()
+    results = {r[0]: r for r in run_jobs(_hang_on_b_segfault_on_c, jobs, (str(tmp_path),), workers=2, timeout=2)}
+    assert time.time() - t0 < 60
+    assert set(results) == set("abcdefg")
+    assert results["b"][1] == "skip" and "--clip_timeout 2 s" in results["b"][2][0]
+    assert results["c"][1] == "skip" and "crashed" in results["c"][2][0] and "SIGSEGV" in results["c"][2][0]
+    assert results["b"][2][1] == "/x/b.mp4"
+    assert all(results[c][1:] == ("ok", None) for c in "adefg")
+    workers = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(workers) >= 3  # the hung and the crashed worker were replaced
+    deadline = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "a worker outlived run_jobs"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # --------------------------------------------------------------------------- limits, index, integrity
@@ -315,3 +377,27 @@ def test_verify_stands_alone(tmp_path, capsys):
     assert e.value.code == 2 and "--verify DIR checks a finished cache on its own" in capsys.readouterr().err
     write_synthetic(tmp_path, dataset="cremad")
     assert cli_main(["--verify", str(tmp_path)]) == 0
+
+
+def test_verify_errors_name_verify_and_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    from onthefly.data.cache import reader
+
+    assert cli_main(["--verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --verify {tmp_path / 'nope'}: no such directory") and "--data" not in err
+    write_synthetic(tmp_path, dataset="cremad")
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reader, "file_sha1", interrupted)
+    assert cli_main(["--verify", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: {tmp_path} was not fully checked; run --verify again\n"
+
+
+def test_preprocess_help_describes_whole_frames():
+    from onthefly.data.raw.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "round(short_side * frame_aspect)" in text and "--clip_timeout" in text

@@ -12,8 +12,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -105,7 +107,11 @@ def write_garbage(path: Path) -> None:
 # --------------------------------------------------------------------------- running
 
 
-def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0) -> dict:
+def run(dataset: str, root: Path, out: Path, *extra: str, workers: int = 0, official: bool = False) -> dict:
+    """Preprocess quietly. CREMA-D test folders hold made-up clip ids: the seeded split unless
+    `official` (their ids are then the official lists')."""
+    if dataset == "cremad" and not official and "--speaker_independent" not in extra:
+        extra = (*extra, "--random_split")
     argv = ["--dataset", dataset, "--root", str(root), "--out", str(out), "--workers", str(workers), "--quiet", *extra]
     opts = build_parser().parse_args(argv)
     return preprocess(get_layout(dataset), opts)
@@ -394,8 +400,10 @@ def test_kinetics_sounds_csv(tmp_path):
         for k, (vid, cls) in enumerate(made):
             w.writerow([vid, cls, "val" if k % 4 == 3 else "train"])
         w.writerow(["notdownloaded", "dog barking", "train"])
+    write_mp4(root / "clips" / "stray.mp4")  # a video no row names: ignored and counted
     out = tmp_path / "out"
-    run("kinetics_sounds", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    summary = run("kinetics_sounds", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    assert summary["unlisted"] == 1 and json.loads((out / "meta.json").read_text())["split"]["unlisted"] == 1
     idx = index(out)
     check_splits(idx)  # val from the list, test carved from train
     listed_val = {vid for k, (vid, _) in enumerate(made) if k % 4 == 3}
@@ -629,11 +637,26 @@ def test_empty_result_is_an_error(tmp_path):
     root = tmp_path / "CREMA-D"
     (root / "AudioWAV").mkdir(parents=True)
     (root / "VideoFlash").mkdir()
-    write_garbage(root / "AudioWAV" / "1001_IEO_NEU_HI.wav")
-    write_cv2_video(root / "VideoFlash" / "1001_IEO_NEU_HI.flv", "FLV1", 1.0)
+    for actor in (1001, 1002, 1003):  # enough for a train, a val and a test clip
+        write_garbage(root / "AudioWAV" / f"{actor}_IEO_NEU_HI.wav")
+        write_cv2_video(root / "VideoFlash" / f"{actor}_IEO_NEU_HI.flv", "FLV1", 1.0)
     with pytest.raises(UserError, match="no clip could be processed"):
         run("cremad", root, tmp_path / "out", *SMALL_AUDIO, *SMALL_FRAMES)
     assert "1001_IEO_NEU_HI" in skipped(tmp_path / "out")
+
+
+def test_an_empty_split_is_refused_before_any_clip_is_decoded(tmp_path, monkeypatch):
+    from onthefly.data.raw import pipeline
+
+    root = tmp_path / "CREMA-D"
+    (root / "AudioWAV").mkdir(parents=True)
+    (root / "VideoFlash").mkdir()
+    write_wav(root / "AudioWAV" / "1001_IEO_NEU_HI.wav")
+    write_cv2_video(root / "VideoFlash" / "1001_IEO_NEU_HI.flv", "FLV1", 1.0)
+    monkeypatch.setattr(pipeline, "run_jobs", lambda *a, **k: pytest.fail("a clip was decoded"))
+    with pytest.raises(UserError, match="would be empty"):
+        run("cremad", root, tmp_path / "out", *SMALL_AUDIO, *SMALL_FRAMES)
+    assert not (tmp_path / "out" / ".work").exists()
 
 
 def test_help_and_cache_side_import_no_media_libraries():
@@ -664,3 +687,80 @@ def test_train_one_epoch_from_cache(tiny_encoders, cremad_cache, tmp_path, capsy
     assert "train/val samples: 4/" in out  # --limit_samples: the first 4 of each split
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------- reports of broken clips, hangs, crashes
+
+
+def make_small_cremad(root: Path, actors: range) -> None:
+    """One ANG clip per actor, each a good WAV and FLV."""
+    (root / "AudioWAV").mkdir(parents=True)
+    (root / "VideoFlash").mkdir()
+    for k, a in enumerate(actors):
+        write_wav(root / "AudioWAV" / f"{a}_IEO_ANG_HI.wav", 1.5, 16000, 200 + 40 * k)
+        write_cv2_video(root / "VideoFlash" / f"{a}_IEO_ANG_HI.flv", "FLV1", 1.0, seed=k)
+
+
+def test_a_video_without_audio_and_both_files_of_a_corrupt_pair_are_reported(tmp_path):
+    root = tmp_path / "CREMA-D"
+    make_small_cremad(root, range(1001, 1006))
+    write_garbage(root / "AudioWAV" / "1004_IEO_ANG_HI.wav")  # a corrupt pair
+    write_garbage(root / "VideoFlash" / "1004_IEO_ANG_HI.flv")
+    os.remove(root / "AudioWAV" / "1005_IEO_ANG_HI.wav")  # a video without its audio
+    out = tmp_path / "out"
+    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES)
+    skips = skipped(out)
+    assert summary["clips"] == 3 and set(skips) == {"1004_IEO_ANG_HI", "1005_IEO_ANG_HI"}
+    assert skips["1005_IEO_ANG_HI"] == "missing audio AudioWAV/1005_IEO_ANG_HI.wav"
+    pair = skips["1004_IEO_ANG_HI"]
+    assert pair.startswith("unreadable audio file (NoBackendError: no installed decoder")  # not an empty reason
+    assert "unreadable video" in pair and "1004_IEO_ANG_HI.flv" in pair  # the corrupt video is named too
+
+
+def _hang_or_crash_then_process(job, *args):
+    from onthefly.data.raw.work import process_clip
+
+    if job.clip_id.startswith("1001_"):
+        time.sleep(3600)  # a decoder that never returns
+    if job.clip_id.startswith("1002_"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return process_clip(job, *args)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_named_pipes_a_hung_and_a_crashing_decoder_are_reported_and_every_other_clip_kept(tmp_path, monkeypatch):
+    from onthefly.data.raw import pipeline
+
+    root = tmp_path / "CREMA-D"
+    make_small_cremad(root, range(1001, 1008))
+    for path in (root / "AudioWAV" / "1003_IEO_ANG_HI.wav", root / "VideoFlash" / "1004_IEO_ANG_HI.flv"):
+        path.unlink()
+        os.mkfifo(path)  # opening it for reading blocks until a writer comes: never
+    monkeypatch.setattr(pipeline, "process_clip", _hang_or_crash_then_process)
+    out = tmp_path / "out"
+    t0 = time.time()
+    summary = run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, "--clip_timeout", "5", workers=2)
+    assert time.time() - t0 < 120
+    skips = skipped(out)
+    assert "--clip_timeout 5 s" in skips["1001_IEO_ANG_HI"]
+    assert "crashed" in skips["1002_IEO_ANG_HI"] and "SIGSEGV" in skips["1002_IEO_ANG_HI"]
+    assert skips["1003_IEO_ANG_HI"] == "audio file is not a regular file (a named pipe, device or folder)"
+    assert skips["1004_IEO_ANG_HI"] == "video file is not a regular file (a named pipe, device or folder)"
+    assert summary["clips"] == 3 and len(skips) == 4
+    assert sorted(index(out)["clip_ids"]) == [f"{a}_IEO_ANG_HI" for a in (1005, 1006, 1007)]
+
+
+def test_a_second_preprocess_on_one_out_is_refused_in_one_line(cremad_root, tmp_path, capsys):
+    from onthefly.rundir import acquire_run_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = acquire_run_lock(out)  # another preprocess.py working in --out
+    try:
+        code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), "--workers", "0",
+                         "--random_split", "--quiet", *SMALL_AUDIO, *SMALL_FRAMES])
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: {out} is in use by process {os.getpid()}")
+    assert err[-1].endswith("choose another --out") and not (out / ".work").exists()

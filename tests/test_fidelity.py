@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import math
 import os
 import subprocess
@@ -30,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from onthefly.config import resolve_config
-from onthefly.data.raw.cremad import CLASSES, official_splits, read_official_lists
+from onthefly.data.raw.cremad import CLASSES, read_official_lists
 from onthefly.data.raw.splits import assign_splits
 from onthefly.data.registry import get_dataset_entry
 from onthefly.data.spec import DatasetInfo, ModalitySpec
@@ -41,17 +42,25 @@ from onthefly.modulation import ModulationConfig, Modulator
 
 # --------------------------------------------------------------------------- recipes
 
+# OGM-GE_CVPR2022: main.py lines 34-43 (epochs, window 0-50), README line 151 (alpha 0.8 for CREMA-D);
+# dataset/CramedDataset.py line 88 (the first listed frame); main.py line 265 (no drop_last).
 CVPR2022_CREMAD = dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=64, epochs=100,
                        scheduler="step", lr_step=70, lr_gamma=0.1, alpha=0.8, modulation_starts=0,
-                       modulation_ends=50, num_frames=1, frame_crop="official")
+                       modulation_ends=50, num_frames=1, frame_crop="official", frame_pick="official")
+# BML_TPAMI2024: code/main.py line 91 (warm-up in epochs 0-5, whatever the dataset), line 154
+# (modulation_ends limits OGM only: OPM to the last epoch).
 TPAMI2024_CREMAD = dict(optimizer="adamw", lr=1e-3, batch_size=32, epochs=100, scheduler="step", lr_step=20,
-                        lr_gamma=0.1, alpha=2.6, modulation_starts=0, modulation_ends=80, warmup_epochs=0,
-                        num_frames=1, frame_crop="official")
+                        lr_gamma=0.1, alpha=2.6, modulation_starts=0, modulation_ends=80, warmup_epochs=6,
+                        num_frames=1, frame_crop="official", frame_pick="official")
+# code/dataset/KS.py line 134 (first, middle, last frame), spatial_transforms.py lines 230-283 (crops).
 TPAMI2024_KS = dict(optimizer="adamw", lr=5e-5, weight_decay=0.01, batch_size=32, epochs=100, scheduler="step",
                     lr_step=40, lr_gamma=0.1, warmup_epochs=6, alpha=0.8, q_base=0.5, lam=0.5, p_exe=0.7,
-                    num_frames=3, crop_size=112)
+                    num_frames=3, crop_size=112, frame_crop="official", frame_pick="official")
 OPTIMISATION = ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "epochs", "scheduler", "lr_step",
-                "lr_gamma", "num_frames", "crop_size", "frame_crop")
+                "lr_gamma", "num_frames", "crop_size", "frame_crop", "frame_pick", "drop_last")
+# Both official training loaders keep the last incomplete batch (OGM-GE main.py line 265,
+# BML code/main.py line 254): every recipe file says drop_last false.
+LOADER = {"drop_last": False}
 
 
 def _only(values: dict, keys) -> dict:
@@ -59,17 +68,22 @@ def _only(values: dict, keys) -> dict:
 
 
 RECIPES = {
-    "cremad_cvpr2022_ogm_ge.yaml": ("cremad", {**CVPR2022_CREMAD, "modulation": "OGM_GE"}),
-    "cremad_cvpr2022_baseline.yaml": ("cremad", {**_only(CVPR2022_CREMAD, OPTIMISATION), "modulation": "none"}),
+    "cremad_cvpr2022_ogm_ge.yaml": ("cremad", {**CVPR2022_CREMAD, **LOADER, "modulation": "OGM_GE"}),
+    "cremad_cvpr2022_baseline.yaml": ("cremad", {**_only(CVPR2022_CREMAD, OPTIMISATION), **LOADER,
+                                                 "modulation": "none"}),
     # The journal code's OGM run has the GE noise on (its --modulation defaults to OGM_GE).
-    "cremad_tpami2024_ogm.yaml": ("cremad", {**TPAMI2024_CREMAD, "modulation": "OGM_GE"}),
-    "cremad_tpami2024_opm.yaml": ("cremad", {**TPAMI2024_CREMAD, "modulation": "OPM", "opm_grad": "official"}),
-    "cremad_tpami2024_baseline.yaml": ("cremad", {**_only(TPAMI2024_CREMAD, OPTIMISATION), "modulation": "none"}),
-    "ks_tpami2024_ogm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, "modulation": "OGM_GE", "modulation_ends": 60}),
+    "cremad_tpami2024_ogm.yaml": ("cremad", {**TPAMI2024_CREMAD, **LOADER, "modulation": "OGM_GE"}),
     # OPM runs on every epoch after the warm-up in the journal code (no end of window).
-    "ks_tpami2024_opm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, "modulation": "OPM", "modulation_ends": 99,
+    "cremad_tpami2024_opm.yaml": ("cremad", {**TPAMI2024_CREMAD, **LOADER, "modulation": "OPM", "modulation_ends": 99,
+                                             "opm_grad": "official"}),
+    "cremad_tpami2024_baseline.yaml": ("cremad", {**_only(TPAMI2024_CREMAD, OPTIMISATION), **LOADER,
+                                                  "modulation": "none"}),
+    "ks_tpami2024_ogm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, **LOADER, "modulation": "OGM_GE",
+                                                  "modulation_ends": 60}),
+    "ks_tpami2024_opm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, **LOADER, "modulation": "OPM", "modulation_ends": 99,
                                                   "opm_grad": "official"}),
-    "ks_tpami2024_baseline.yaml": ("kinetics_sounds", {**_only(TPAMI2024_KS, OPTIMISATION), "modulation": "none"}),
+    "ks_tpami2024_baseline.yaml": ("kinetics_sounds", {**_only(TPAMI2024_KS, OPTIMISATION), **LOADER,
+                                                       "modulation": "none"}),
 }
 
 
@@ -336,8 +350,7 @@ def test_official_lists_give_744_test_clips_and_a_carved_val():
     assert len(lists) == 7442 and Counter(lists.values()) == {"train": 6698, "test": 744}
     ids = sorted(lists)
     labels = [CLASSES.index(c.split("_")[2]) for c in ids]
-    given, missing = official_splits(ids, lists)
-    assert not missing
+    given = [lists[c] for c in ids]
     splits = assign_splits(labels, given, None, val_fraction=0.1, test_fraction=0.1, seed=0)
     test = {c for c, s in zip(ids, splits) if s == "test"}
     assert test == {c for c, s in lists.items() if s == "test"}  # untouched
@@ -349,7 +362,6 @@ def test_official_lists_give_744_test_clips_and_a_carved_val():
         assert val_per_class[c] == round(0.1 * n)
     assert splits == assign_splits(labels, given, None, 0.1, 0.1, seed=0)
     assert splits != assign_splits(labels, given, None, 0.1, 0.1, seed=1)
-    assert official_splits(ids + ["9999_XXX_ANG_HI"], lists)[0] is None  # a clip not listed: no official split
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +381,7 @@ def listed_cremad(tmp_path_factory):
         write_wav(root / "AudioWAV" / f"{cid}.wav", 1.5, 16000, 200 + 30 * k)
         write_cv2_video(root / "VideoFlash" / f"{cid}.flv", "FLV1", 1.0, seed=k)
     out = tmp_path_factory.mktemp("cache") / "cremad"
-    assert run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES)["status"] == "built"
+    assert run("cremad", root, out, *SMALL_AUDIO, *SMALL_FRAMES, official=True)["status"] == "built"
     rnd = tmp_path_factory.mktemp("cache") / "cremad_random"
     run("cremad", root, rnd, *SMALL_AUDIO, *SMALL_FRAMES, "--random_split", "--val_fraction", "0.2")
     return lists, root, out, rnd
@@ -421,8 +433,125 @@ def test_official_crop_refuses_centre_squares(listed_cremad, tmp_path):
 
     _, root, _, _ = listed_cremad
     square = tmp_path / "square"
-    run("cremad", root, square, *SMALL_AUDIO, *SMALL_FRAMES, "--frame_aspect", "0")
+    run("cremad", root, square, *SMALL_AUDIO, *SMALL_FRAMES, "--frame_aspect", "0", official=True)
     assert np.load(square / "visual.npy", mmap_mode="r").shape[2:] == (32, 32)
     with pytest.raises(UserError, match="--frame_crop"):
         get_dataset_entry("cremad").build(Namespace(data=str(square), num_frames=1, frame_crop="official"), "train")
 
+
+
+def test_a_stray_clip_keeps_the_official_lists_and_is_counted(tmp_path):
+    """The reproduction of the published-split loss: every official clip as empty files plus one
+    clip in no list. The lists stay (744 test clips) and the stray clip is counted."""
+    import argparse
+
+    from onthefly.data.raw import cremad
+
+    lists = read_official_lists()
+    root = tmp_path / "CREMA-D"
+    for folder, ext in (("AudioWAV", "wav"), ("VideoFlash", "flv")):
+        (root / folder).mkdir(parents=True)
+        for cid in [*lists, "1092_XYZ_ANG_XX"]:
+            (root / folder / f"{cid}.{ext}").touch()
+    (root / "AudioWAV" / "1001_IOM_SAD_XX.wav").unlink()  # a listed clip without its audio
+    (root / "VideoFlash" / "1001_TSI_FEA_XX.flv").unlink()
+    for name in ("1001_WSI_SAD_XX", "1001_WSI_HAP_XX"):  # listed, absent altogether
+        (root / "AudioWAV" / f"{name}.wav").unlink()
+        (root / "VideoFlash" / f"{name}.flv").unlink()
+    found = cremad.scan(str(root), argparse.Namespace(speaker_independent=False, random_split=False))
+    removed = ("1001_IOM_SAD_XX", "1001_TSI_FEA_XX", "1001_WSI_SAD_XX", "1001_WSI_HAP_XX")
+    assert all(lists[c] == "train" for c in removed)
+    assert Counter(j.split for j in found.jobs) == {"test": 744, "train": 6698 - 4}
+    assert all(j.split == lists[j.clip_id] for j in found.jobs)
+    assert found.unlisted == ["1092_XYZ_ANG_XX"] and found.listed_absent == ["1001_WSI_HAP_XX", "1001_WSI_SAD_XX"]
+    assert {s[0]: s[1] for s in found.skipped} == {"1001_IOM_SAD_XX": "missing audio AudioWAV/1001_IOM_SAD_XX.wav",
+                                                    "1001_TSI_FEA_XX": "missing video VideoFlash/1001_TSI_FEA_XX.flv"}
+    assert found.split_record() == {"source": "lists", "unlisted": 1, "listed_absent": 2}
+    assert any("1 clip(s) in neither official list are ignored" in n for n in found.notes)
+    seeded = cremad.scan(str(root), argparse.Namespace(speaker_independent=False, random_split=True))
+    assert all(j.split is None for j in seeded.jobs) and not seeded.unlisted  # only on the explicit option
+    assert "1092_XYZ_ANG_XX" in {j.clip_id for j in seeded.jobs}
+
+
+def test_the_stray_clip_is_in_the_summary_and_meta_and_quiet_keeps_the_note(listed_cremad, tmp_path, capsys):
+    import json
+
+    from test_datasets_raw import SMALL_AUDIO, SMALL_FRAMES, run, write_cv2_video, write_wav
+
+    _, root, _, _ = listed_cremad
+    stray = tmp_path / "CREMA-D"
+    shutil.copytree(root, stray)
+    write_wav(stray / "AudioWAV" / "1092_XYZ_ANG_XX.wav", 1.5, 16000, 300)
+    write_cv2_video(stray / "VideoFlash" / "1092_XYZ_ANG_XX.flv", "FLV1", 1.0)
+    capsys.readouterr()
+    summary = run("cremad", stray, tmp_path / "out", *SMALL_AUDIO, *SMALL_FRAMES, official=True)  # --quiet
+    assert "1 clip(s) in neither official list are ignored (1092_XYZ_ANG_XX)" in capsys.readouterr().err
+    assert summary["clips"] == 24 and summary["unlisted"] == 1 and summary["listed_absent"] == 7442 - 24
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["split"] == {"source": "lists", "unlisted": 1, "listed_absent": 7442 - 24}
+    assert meta["params"]["random_split"] is False and meta["split_counts"]["test"] == 6
+
+
+def test_official_frame_choice_and_kinetics_sounds_crops(listed_cremad):
+    from argparse import Namespace
+
+    from onthefly.data.cache.dataset import OFFICIAL_FRAMES, first_middle_last
+
+    assert first_middle_last(10, 3) == [0, 4, 9] and first_middle_last(1, 3) == [0, 0, 0]  # KS.py line 134
+    _, _, out, _ = listed_cremad
+    visual = np.load(out / "visual.npy", mmap_mode="r")
+    entry = get_dataset_entry("cremad")
+    for split in ("train", "test"):
+        ds = entry.build(Namespace(data=str(out), num_frames=1, crop_size=28, frame_crop="fixed",
+                                   frame_pick="official"), split)
+        first = int(ds.offsets["visual"][ds.rows[0]])
+        centre = np.array(visual[first])[:, 2:30, 7:35]  # the first stored frame (evaluation: centre crop)
+        item = ds[0]["visual"][:, 0].numpy()
+        if split == "test":
+            assert (item == centre).all()
+        assert "pick official (the first stored frame" in ds.describe_frames()
+    # Kinetics-Sounds: evaluation Resize(112) of the short side then CenterCrop; training one
+    # RandomResizedCrop (area 0.25-1) shared by every frame
+    rule = OFFICIAL_FRAMES["kinetics_sounds"]
+    clip = torch.arange(3 * 3 * 20 * 30, dtype=torch.float32).reshape(3, 3, 20, 30).remainder(251).to(torch.uint8)
+    ev = rule.apply(clip, 10, None)
+    resized = F.interpolate(clip.float(), size=(10, 15), mode="bilinear", antialias=True, align_corners=False)
+    assert tuple(ev.shape) == (3, 3, 10, 10) and (ev.float() - resized[..., 2:12].round()).abs().max() <= 1
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(200):
+        top, left, h, w, _ = rule.draw(clip)
+        areas.append(h * w / (20 * 30))
+        assert 0 <= top <= 20 - h and 0 <= left <= 30 - w
+    assert 0.2 < min(areas) < 0.4 and max(areas) <= 1  # area 0.25-1 (rounded to whole pixels), not 0.08-1
+    same = clip[:, :1].expand(3, 3, 20, 30).contiguous()  # three identical frames
+    tr = rule.apply(same, 10, rule.draw(same))
+    assert tuple(tr.shape) == (3, 3, 10, 10) and torch.equal(tr[:, 0], tr[:, 1]) and torch.equal(tr[:, 1], tr[:, 2])
+
+
+def test_opm_can_outlast_ogm():
+    """'OGM until E1, OPM until E2' (the journal's combined run): modulation_ends E1, opm_ends E2."""
+    config = ModulationConfig(modulation="OGM_GE_OPM", modulation_ends=2, opm_ends=5, warmup_epochs=1)
+    assert [config.active(e) for e in range(7)] == [False, True, True, False, False, False, False]
+    assert [config.active(e, opm=True) for e in range(7)] == [False, True, True, True, True, True, False]
+    assert ModulationConfig(modulation="OPM", modulation_ends=2).active(3, opm=True) is False  # -1: the same window
+    with pytest.raises(ValueError, match="opm_ends"):
+        ModulationConfig(modulation="OPM", warmup_epochs=3, opm_ends=2)
+    model = build_model(tiny_info(), "concat", init="official")
+    modulator = Modulator(config, model.encoder_parameters(), head=model.head)
+    labels = torch.zeros(8, dtype=torch.long)
+    assert modulator.feature_hook(labels, epoch=4) is not None and modulator.feature_hook(labels, epoch=6) is None
+
+
+def test_a_recipe_run_logs_its_frame_rule_and_drop_last(tiny_encoders, listed_cremad, tmp_path, capsys):
+    from onthefly import runner
+
+    _, _, out, _ = listed_cremad
+    argv = ["--config", str(REPO / "configs" / "cremad_tpami2024_ogm.yaml"), "--data", str(out), "--epochs", "1",
+            "--batch_size", "5", "--device", "cpu", "--num_workers", "0", "--crop_size", "28",
+            "--output_dir", str(tmp_path / "runs")]
+    assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
+    printed = capsys.readouterr().out
+    assert "frame rule: 1 frame(s) of 28 px; pick official (the first stored frame, training and evaluation); " \
+           "crop official (RandomResizedCrop(area 0.08-1) of the whole frame" in printed
+    assert "drop_last off: every training clip is used each epoch" in printed

@@ -1,10 +1,11 @@
-"""The benchmark protocol's plumbing (analysis/sweep.py) on a tiny grid with faked runs.
+"""The benchmark protocol's plumbing (onthefly/experiments) on a tiny grid with faked runs.
 
-The fake launcher writes what train.py and probe.py would write (config.json, metrics.jsonl,
-test_metrics.json, probe.json) with known numbers, and counts its launches. One test launches
-the real train.py once, to check that the options the sweep writes are train.py's and that the
-run it leaves behind counts as finished.
+The fake spawn writes what train.py and probe.py would write (config.json, metrics.jsonl,
+best.pt, test_metrics.json, probe.json) with known numbers, and counts its launches. One test
+launches the real train.py once, to check that the options the sweep writes are train.py's
+and that the run it leaves behind counts as finished.
 """
+
 import csv
 import json
 from pathlib import Path
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from onthefly.analysis import sweep
 from onthefly.analysis.benchmark_report import paired_difference
 from onthefly.errors import UserError
+from onthefly.experiments import cli, launchers
+from onthefly.experiments import grid as gridfile
+from onthefly.experiments import protocol as protocol_module
+from onthefly.experiments import spec as runspec
+from onthefly.experiments.protocol import Programs
 
 GRID = {
     "common": {"dataset": "avdigits", "epochs": 2},
@@ -31,16 +35,29 @@ GRID = {
 VAL = {("none", 0): 0.70, ("none", 1): 0.60, ("OPM", 0): 0.72, ("OPM", 1): 0.80}
 TEST_IF_LEAKED = {("none", 0): 0.60, ("none", 1): 0.70, ("OPM", 0): 0.90, ("OPM", 1): 0.50}
 # Test accuracies of the test-phase runs, per method and seed.
-TEST = {"none": [0.70, 0.72, 0.74], "OPM": [0.75, 0.73, 0.80], "audio alone": [0.81, 0.80, 0.79],
-        "visual alone": [0.55, 0.50, 0.60]}
+TEST = {
+    "none": [0.70, 0.72, 0.74],
+    "OPM": [0.75, 0.73, 0.80],
+    "audio alone": [0.81, 0.80, 0.79],
+    "visual alone": [0.55, 0.50, 0.60],
+}
 ALONE_VAL = {"audio": 0.82, "visual": 0.58}
+PROGRAMS = Programs(python="python")
+GOLDEN = Path(__file__).parent / "golden" / "protocol_fake"
 
 
-def write_grid(tmp_path: Path, grid: dict = GRID) -> sweep.Grid:
+def write_grid(tmp_path: Path, grid: dict = GRID) -> gridfile.Grid:
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({**grid, "methods": {k: {kk: vv for kk, vv in v.items() if vv is not None}
-                                                         for k, v in grid["methods"].items()}}, sort_keys=False))
-    return sweep.load_grid(path)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **grid,
+                "methods": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in grid["methods"].items()},
+            },
+            sort_keys=False,
+        )
+    )
+    return gridfile.load_grid(path)
 
 
 class FakeRuns:
@@ -58,7 +75,9 @@ class FakeRuns:
         if job.kind == "probe":
             for spec in job.targets:
                 assert str(spec.run_dir) in argv
-                (spec.run_dir / "probe.json").write_text(json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100}))
+                (spec.run_dir / "probe.json").write_text(
+                    json.dumps({"acc_audio": 0.9, "acc_visual": 0.4 + spec.seed / 100})
+                )
             return 0
         spec = job.spec
         spec.run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,21 +89,26 @@ class FakeRuns:
             val, test = ALONE_VAL[spec.options["modality"]], TEST[spec.method][spec.seed]
         else:
             val, test = 0.7, TEST[spec.method][spec.seed]
-        epochs = [{"epoch": 0, "val_acc": val - 0.1, "val_acc_audio": 0.7, "val_acc_visual": 0.3},
-                  {"epoch": 1, "val_acc": val, "val_acc_audio": 0.8, "val_acc_visual": 0.35}]
+        epochs = [
+            {"epoch": 0, "val_acc": val - 0.1, "val_acc_audio": 0.7, "val_acc_visual": 0.3},
+            {"epoch": 1, "val_acc": val, "val_acc_audio": 0.8, "val_acc_visual": 0.35},
+        ]
         (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
         (spec.run_dir / "last.pt").write_text("fake")
+        (spec.run_dir / "best.pt").write_text("fake")
         # A leak: the fake writes test numbers even for tuning runs, which the selection must ignore.
-        (spec.run_dir / "test_metrics.json").write_text(json.dumps(
-            {"acc": test, "macro_f1": test - 0.01, "acc_audio": 0.8, "acc_visual": 0.3 + spec.seed / 100}))
+        (spec.run_dir / "test_metrics.json").write_text(
+            json.dumps({"acc": test, "macro_f1": test - 0.01, "acc_audio": 0.8, "acc_visual": 0.3 + spec.seed / 100})
+        )
         return 0
 
     def launches(self, kind: str = "train.py") -> list[list[str]]:
         return [c for c in self.commands if c[1].endswith(kind)]
 
 
-def protocol(tmp_path: Path, grid: sweep.Grid, runs: FakeRuns) -> dict:
-    return sweep.run_protocol(grid, tmp_path / "out", ["cpu", "cpu"], launcher=runs, python="python", report_every=0.01)
+def protocol(tmp_path: Path, grid: gridfile.Grid, runs: FakeRuns) -> dict:
+    launcher = launchers.LocalLauncher(["cpu", "cpu"], spawn=runs, report_every=0.01)
+    return protocol_module.run_protocol(grid, tmp_path / "out", launcher, PROGRAMS)
 
 
 def test_selection_uses_validation_never_test(tmp_path):
@@ -96,7 +120,7 @@ def test_selection_uses_validation_never_test(tmp_path):
     assert sel["OPM"]["val_acc"] == pytest.approx(0.80)
     assert sel["OPM"]["points"][1]["per_seed"] == {10: pytest.approx(0.81), 11: pytest.approx(0.79)}
     out = tmp_path / "out"
-    phase = lambda c: Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]  # noqa: E731
+    phase = lambda c: Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]
     tuning = [c for c in runs.launches() if phase(c) == "tune"]
     testing = [c for c in runs.launches() if phase(c) == "test"]
     assert len(tuning) == 2 * 2 * 2 and all("--no-eval_test" in c for c in tuning)
@@ -111,11 +135,11 @@ def test_selection_uses_validation_never_test(tmp_path):
 
 def test_ties_go_to_the_earlier_point(tmp_path):
     grid = write_grid(tmp_path)
-    specs = sweep.tuning_runs(grid, tmp_path / "out")
+    specs = runspec.tuning_runs(grid, tmp_path / "out")
     for s in specs:
         s.run_dir.mkdir(parents=True)
         (s.run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_acc": 0.5}) + "\n")
-    assert {m: c["index"] for m, c in sweep.select_points(grid, specs).items()} == {"none": 0, "OPM": 0}
+    assert {m: c["index"] for m, c in protocol_module.select_points(grid, specs).items()} == {"none": 0, "OPM": 0}
 
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
@@ -135,11 +159,11 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run / "metrics.jsonl").is_file() and not list(run.glob("*.pt"))
 
     # One run interrupted after a checkpoint (no completion record): resumed from its last.pt.
-    (run / sweep.DONE_FILE).unlink()
+    (run / runspec.DONE_FILE).unlink()
     (run / "last.pt").write_text("fake")
     resumed = FakeRuns()
     protocol(tmp_path, grid, resumed)
-    assert resumed.commands == [["python", str(sweep.TRAIN_SCRIPT), "--resume", str(run / "last.pt"), "--device", "cpu"]]
+    assert resumed.commands == [["python", str(PROGRAMS.train), "--resume", str(run / "last.pt"), "--device", "cpu"]]
 
     # A changed common option: every run's config differs, so every run starts afresh.
     changed = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 3}})
@@ -150,8 +174,8 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
 
 def test_failed_runs_stop_the_phase_and_are_retried(tmp_path):
     grid = write_grid(tmp_path)
-    broken = FakeRuns(fail={"p0_lr0.01_seed10"})
-    with pytest.raises(sweep.RunsFailed, match="1 run"):
+    broken = FakeRuns(fail={"tune/none/p0_lr0.01_seed10"})
+    with pytest.raises(protocol_module.RunsFailed, match="1 run"):
         protocol(tmp_path, grid, broken)
     assert len(broken.launches()) == 8  # the other tuning runs finished; no test run started
     retry = FakeRuns()
@@ -202,37 +226,321 @@ def test_bootstrap_interval_against_hand_computed_cases():
     assert paired_difference({0: 0.9}, {0: 0.8}) is None  # one pair: no interval
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"test_seeds": [10, 3, 4]}, "test seeds must be fresh: 10"),
-    ({"methods": {"none": {"grid": {"lr": [0.01]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}}, "same budget"),
-    ({"common": {"seed": 1}}, "set by the sweep itself"),
-    ({"methods": {"none": {"grid": {"epochs": [1, 2]}}}}, "also in common"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"test_seeds": [10, 3, 4]}, "test seeds must be fresh: 10"),
+        ({"methods": {"none": {"grid": {"lr": [0.01]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}}, "same budget"),
+        ({"common": {"seed": 1}}, "set by the sweep itself"),
+        ({"methods": {"none": {"grid": {"epochs": [1, 2]}}}}, "also in common"),
+    ],
+)
 def test_bad_grid_files_are_refused(tmp_path, change, message):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({**GRID, **change}, sort_keys=False))
     with pytest.raises(UserError, match=message):
-        sweep.load_grid(path)
+        gridfile.load_grid(path)
 
 
 def test_a_real_train_run_counts_as_finished(tmp_path):
-    grid = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 1, "limit_samples": 64,
-                                                    "batch_size": 32, "weight_decay": 0.0001}})
-    spec = sweep.tuning_runs(grid, tmp_path / "out")[0]
-    assert sweep.run_state(spec) == "start"
-    launcher = sweep.SubprocessLauncher()
-    jobs = sweep.training_jobs([spec], __import__("sys").executable, tmp_path / "out")
-    progress = sweep.Progress("tuning", 1, 0, [], 1)
-    assert sweep.run_jobs(jobs, ["cpu"], launcher, progress, sweep._mark_done) == []
-    assert sweep.run_state(spec) == "done", (tmp_path / "out" / "logs" / "tune" / f"{spec.run_dir.name}.log").read_text()
+    grid = write_grid(
+        tmp_path,
+        {
+            **GRID,
+            "common": {
+                "dataset": "avdigits",
+                "epochs": 1,
+                "limit_samples": 64,
+                "batch_size": 32,
+                "weight_decay": 0.0001,
+            },
+        },
+    )
+    spec = runspec.tuning_runs(grid, tmp_path / "out")[0]
+    assert runspec.run_state(spec) == "start"
+    jobs = protocol_module.training_jobs([spec], Programs(), tmp_path / "out")
+    progress = launchers.Progress("tuning", 1, 0, [], 1)
+    assert launchers.LocalLauncher(["cpu"]).run(jobs, progress, protocol_module.settle_training) == []
+    assert runspec.run_state(spec) == "done", jobs[0].log.read_text()
     assert not (spec.run_dir / "test_metrics.json").exists()  # --no-eval_test
-    assert sweep.best_val_acc(spec.run_dir) is not None
+    assert runspec.best_val_acc(spec.run_dir) is not None
 
 
 def test_progress_line_counts_and_eta():
-    progress = sweep.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
+    progress = launchers.Progress("tuning", 10, 4, [60.0, 120.0], slots=2, later=6)
     progress.running = 2
     # 10 - 4 done - 2 running counted as half done = 5 runs of 90 s on 2 slots = 225 s; with 6 more: 495 s.
-    assert progress.line() == ("[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
-                               "with the 6 runs of the test phase: 8.2 min")
-    assert sweep.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"
+    assert progress.line() == (
+        "[tuning] 4/10 done, 2 running, ETA 3.8 min (1.5 min per run over 2 finished); "
+        "with the 6 runs of the test phase: 8.2 min"
+    )
+    assert launchers.Progress("test", 3, 0, [], 2).line() == "[test] 0/3 done, 0 running"
+
+
+# --------------------------------------------------------------------------- same results as before the split
+
+
+def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
+    """tests/golden/protocol_fake: the same fake runs through analysis/sweep.py as it stood before
+    the protocol moved to onthefly/experiments (selection.json, results.csv, report.md up to its
+    timing section)."""
+    protocol(tmp_path, write_grid(tmp_path), FakeRuns())
+    out = tmp_path / "out"
+    assert json.loads((out / "selection.json").read_text()) == json.loads((GOLDEN / "selection.json").read_text())
+    with open(GOLDEN / "results.csv") as f:
+        golden = list(csv.DictReader(f))
+    with open(out / "results.csv") as f:
+        now = list(csv.DictReader(f))
+    assert [{k: r[k] for k in golden[0]} for r in now] == golden
+    report = (out / "report.md").read_text()
+    assert report[: report.index("## Time")] == (GOLDEN / "report.md").read_text()
+
+
+class Interrupting(FakeRuns):
+    """Ctrl-C once `after` training runs have finished."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def __call__(self, job, argv, env):
+        if job.kind == "train" and len(self.launches()) >= self.after:
+            raise KeyboardInterrupt
+        return super().__call__(job, argv, env)
+
+
+def test_an_interrupted_protocol_redoes_nothing_finished(tmp_path):
+    grid = write_grid(tmp_path)
+    first = Interrupting(after=11)  # the 8 tuning runs and 3 test runs
+    with pytest.raises(KeyboardInterrupt):
+        protocol(tmp_path, grid, first)
+    finished = {c[c.index("--run_name") + 1] + c[c.index("--output_dir") + 1] for c in first.launches()}
+    again = FakeRuns()
+    protocol(tmp_path, grid, again)
+    relaunched = {c[c.index("--run_name") + 1] + c[c.index("--output_dir") + 1] for c in again.launches()}
+    assert len(finished) == 11 and len(relaunched) == 20 - 11 and not finished & relaunched
+
+
+# --------------------------------------------------------------------------- issue 20: what counts as finished
+
+
+def test_a_run_is_judged_by_the_options_that_defined_it(tmp_path):
+    small = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 2, "limit_samples": 32}})
+    protocol(tmp_path, small, FakeRuns())
+    full = FakeRuns()  # the same command without --set limit_samples=32: none of those runs is this protocol's
+    protocol(tmp_path, write_grid(tmp_path), full)
+    assert len(full.launches()) == 20 and all("--overwrite" in c for c in full.launches())
+    assert all("--limit_samples" not in c for c in full.launches())
+
+
+BREAKS = {
+    "emptied metrics.jsonl": ("tune/OPM/p1_q_base0.5_seed11", "metrics.jsonl", ""),
+    "missing best.pt": ("test/OPM_seed1", "best.pt", None),
+    "missing test_metrics.json": ("test/none_seed2", "test_metrics.json", None),
+    "missing reference": ("test/visual-alone_seed0", "test_metrics.json", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_a_finished_run_missing_its_results_is_redone(tmp_path, case):
+    grid = write_grid(tmp_path)
+    protocol(tmp_path, grid, FakeRuns())
+    run, name, content = BREAKS[case]
+    target = tmp_path / "out" / run / name
+    target.unlink() if content is None else target.write_text(content)
+    again = FakeRuns()
+    protocol(tmp_path, grid, again)
+    assert [c[c.index("--run_name") + 1] for c in again.launches()] == [Path(run).name]
+    assert "--overwrite" in again.launches()[0]
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert {r["method"]: r["n_seeds"] for r in csv.DictReader(f)} == {m: "3" for m in TEST}
+    assert "No trained-alone references" not in (tmp_path / "out" / "report.md").read_text()
+    third = FakeRuns()
+    protocol(tmp_path, grid, third)
+    assert third.commands == []
+
+
+def test_a_second_protocol_on_the_same_folder_is_refused(tmp_path, capsys):
+    from onthefly.rundir import acquire_run_lock
+
+    (tmp_path / "out").mkdir()
+    held = acquire_run_lock(tmp_path / "out")  # as a running sweep.py holds it
+    runs = FakeRuns()
+    try:
+        with pytest.raises(UserError, match="in use by process .* choose another --out"):
+            protocol(tmp_path, write_grid(tmp_path), runs)
+    finally:
+        held.release()
+    assert runs.commands == []
+    protocol(tmp_path, write_grid(tmp_path), runs)  # free again once the first one ended
+    assert not (tmp_path / "out" / ".lock").exists()
+
+
+class Diverging(FakeRuns):
+    """These runs write their first epoch, then stop as train.py does on a non-finite loss (exit 3)."""
+
+    def __init__(self, diverge: set[str]):
+        super().__init__()
+        self.diverge = diverge
+
+    def __call__(self, job, argv, env):
+        rc = super().__call__(job, argv, env)
+        if job.name in self.diverge:
+            (job.spec.run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_acc": 0.1}) + "\n")
+            (job.spec.run_dir / "test_metrics.json").unlink()
+            return runspec.DIVERGED_EXIT
+        return rc
+
+
+def test_a_diverged_run_is_recorded_and_reported_not_retried(tmp_path):
+    grid = write_grid(tmp_path)
+    runs = Diverging({"tune/OPM/p1_q_base0.5_seed10", "test/none_seed1"})
+    result = protocol(tmp_path, grid, runs)
+    opm = result["selection"]["OPM"]
+    assert opm["index"] == 0  # point 1 (the best on validation) diverged: never selected
+    assert opm["points"][1]["val_acc"] is None and opm["points"][1]["diverged_seeds"] == [10]
+    out = tmp_path / "out"
+    with open(out / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert rows["none"]["n_seeds"] == "2" and rows["none"]["n_diverged"] == "1"
+    assert (
+        "Diverged (train.py stopped on non-finite values; not in the rows above): none seed 1."
+        in (out / "report.md").read_text()
+    )
+    again = FakeRuns()
+    protocol(tmp_path, grid, again)
+    assert again.commands == []
+
+
+# --------------------------------------------------------------------------- issue 20: the grid is checked first
+
+
+BAD_GRIDS = {
+    "unknown method": (
+        {"methods": {"none": {"grid": {"lr": [0.01]}}, "FOO": {"grid": {"lr": [0.01]}}}},
+        "invalid choice: 'FOO'",
+    ),
+    "unknown option": ({"common": {"dataset": "avdigits", "epoch": 2}}, "not train.py options: epoch"),
+    "negative lr": (
+        {"methods": {"none": {"grid": {"lr": [0.01, -1]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}},
+        "--lr must be > 0",
+    ),
+    "unknown reference": ({"references": ["audio", "smell"]}, "smell is not a modality of avdigits"),
+    "reference twice": ({"references": ["audio", "audio"]}, "lists audio twice"),
+    "print_config": ({"common": {"dataset": "avdigits", "print_config": True}}, "set by the sweep itself"),
+    "capitalised option": ({"common": {"dataset": "avdigits", "Epochs": 1}}, "not option names"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRIDS))
+def test_the_whole_grid_is_checked_before_the_first_run(tmp_path, case):
+    change, message = BAD_GRIDS[case]
+    runs = FakeRuns()
+    with pytest.raises(UserError, match=message):
+        protocol(tmp_path, write_grid(tmp_path, {**GRID, **change}), runs)
+    assert runs.commands == []
+
+
+def test_grid_file_with_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "grid.yaml"
+    text = yaml.safe_dump(GRID, sort_keys=False)
+    path.write_text(text.replace("  epochs: 2\n", "  epochs: 2\n  epochs: 3\n"))
+    with pytest.raises(UserError, match="key 'epochs' appears twice"):
+        gridfile.load_grid(path)
+
+
+def test_config_file_with_a_key_written_twice_is_refused(tmp_path):
+    from onthefly.config import resolve_config
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 0.1\nepochs: 3\nlr: 0.2\n")
+    with pytest.raises(UserError, match="key 'lr' appears twice in one mapping \\(line 3\\)"):
+        resolve_config(["--config", str(path)])
+
+
+def test_a_flag_set_false_becomes_what_train_py_accepts(tmp_path):
+    args = runspec.option_args({"deterministic": False, "eval_test": False, "channels_last": True, "lr": 0.1})
+    assert args == ["--no-eval_test", "--channels_last", "--lr", "0.1"]
+    assert runspec.option_args({"deterministic": True}) == ["--deterministic"]
+    grid = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits", "epochs": 2, "deterministic": False}})
+    runspec.check_run_options(grid)  # train.py's parser accepts every run's options
+
+
+def test_long_run_folder_names_are_shortened_with_a_hash(tmp_path):
+    grid = {
+        name: [0.000123456]
+        for name in (
+            "audio_frames",
+            "audio_noise",
+            "image_noise",
+            "image_occlusion",
+            "image_corrupt",
+            "audio_corrupt",
+            "image_downsample",
+            "data_seed",
+            "weight_decay",
+            "momentum",
+            "lr_step",
+            "lr_gamma",
+            "batch_size",
+            "num_workers",
+            "log_every",
+            "epochs",
+            "lr",
+            "num_frames",
+        )
+    }
+    g = write_grid(tmp_path, {**GRID, "common": {"dataset": "avdigits"}, "methods": {"none": {"grid": grid}}})
+    names = [s.run_dir.name for s in runspec.tuning_runs(g, tmp_path)]
+    assert all(len(n) <= runspec.MAX_NAME for n in names) and len(set(names)) == len(names)
+    full = "p0_" + runspec.point_name(g.methods["none"].points()[0]) + "_seed10"
+    assert len(full) > 255 and names[0].startswith(full[:50])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "epochs=: x"], "--set epochs=: x: the value is not valid YAML"),
+        (["--set", "Epochs=1"], "not option names"),
+        (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
+        (["--launcher", "slurm"], "--launcher slurm needs --partition"),
+        (["--out", "FILE/sub"], "Not a directory"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "FILE").write_text("")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID, sort_keys=False))
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    defaults = ["--grid", str(grid), "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert cli.main(defaults + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sweep.py: error:") and message in err, err
+
+
+def test_reproduce_script_starts_again_a_run_interrupted_in_its_first_epoch(tmp_path):
+    """The script's first-epoch dead end: a folder with config.json and no last.pt (train.py
+    refuses to start over it without --overwrite). A stand-in PYTHON records the commands."""
+    import subprocess
+
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "repro"
+    (out / "none_seed0").mkdir(parents=True)
+    (out / "none_seed0" / "config.json").write_text("{}")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": str(fake),
+        "OUT": str(out),
+        "SEEDS": "0 1",
+        "METHODS": "none",
+        "MODALITIES": "audio",
+    }
+    script = Path(__file__).parents[1] / "scripts" / "reproduce_avdigits.sh"
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    calls = [line for line in log.read_text().splitlines() if line.startswith("code/train.py") and "none_seed" in line]
+    assert len(calls) == 2
+    assert "--run_name none_seed0" in calls[0] and calls[0].endswith("--overwrite --modulation none --seed 0")
+    assert "--run_name none_seed1" in calls[1] and "--overwrite" not in calls[1]

@@ -1,4 +1,4 @@
-"""Statistics and report of the benchmark protocol (analysis/sweep.py): report.md, results.csv, figures.
+"""Statistics and report of the benchmark protocol (experiments/protocol.py): report.md, results.csv, figures.
 
 Per method, over the test seeds of its selected grid point:
   - test accuracy and macro-F1 of the fused prediction: mean ± sample std (ddof 1);
@@ -23,21 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_write_text
-from .runs import _read_json, load_run
-from .sweep import Grid, RunSpec, best_val_acc, point_name
+from ..experiments.grid import Grid
+from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
+from ..fileio import atomic_write_text, read_json_object
+from .runs import load_run
+from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
-
-
-def mean_std(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
 def paired_difference(method: dict[int, float], baseline: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -58,12 +54,6 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float], resa
             "differences": d.tolist()}
 
 
-def _pct(s: dict | None, digits: int = 2) -> str:
-    if s is None:
-        return "–"
-    return f"{100 * s['mean']:.{digits}f}" + (f" ± {100 * s['std']:.{digits}f}" if s.get("std") is not None else "")
-
-
 def _diff_text(d: dict | None) -> str:
     if d is None:
         return "–"
@@ -78,7 +68,7 @@ def _test_values(specs: list[RunSpec], key: str, source: str = "test") -> dict[i
     """{seed: value} of key in each run's test_metrics.json (source 'test') or probe.json ('probe')."""
     out = {}
     for s in specs:
-        data = _read_json(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
+        data = read_json_object(s.run_dir / ("test_metrics.json" if source == "test" else "probe.json"))
         if data is not None and data.get(key) is not None:
             out[s.seed] = float(data[key])
     return out
@@ -106,6 +96,7 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
         row = {
             "method": method,
             "seeds": sorted(acc),
+            "diverged": sorted(s.seed for s in runs if run_state(s) == "diverged"),
             "acc": mean_std(list(acc.values())),
             "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
             "diff_to_none": None if reference or method == BASELINE else paired_difference(acc, base),
@@ -123,7 +114,7 @@ def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
     """The selected options as the runs resolved them (config.json), with the defaults they kept."""
     keys = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
     for s in runs:
-        config = _read_json(s.run_dir / "config.json")
+        config = read_json_object(s.run_dir / "config.json")
         if config:
             return {k: config.get(k) for k in keys if k in config}
     return {}
@@ -134,20 +125,15 @@ def write_results_csv(path: Path, summary: dict) -> None:
     w = csv.writer(buf)
     w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
                 "diff_ci_low", "diff_ci_high", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
-                "weak_probe_std", "selected", "selected_val_acc"])
+                "weak_probe_std", "selected", "selected_val_acc", "n_diverged"])
     num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
     for r in summary["rows"]:
         w.writerow([r["method"], len(r["seeds"]), num(r["acc"], "mean"), num(r["acc"], "std"), num(r["macro_f1"], "mean"),
                     num(r["macro_f1"], "std"), num(r["diff_to_none"], "mean"), num(r["diff_to_none"], "low"),
                     num(r["diff_to_none"], "high"), summary["weak_modality"] or "", num(r["weak_head"], "mean"),
                     num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
-                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}"])
+                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}", len(r["diverged"])])
     atomic_write_text(path, buf.getvalue())
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
-        "| " + " | ".join(row) + " |" for row in rows]
 
 
 def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
@@ -179,15 +165,19 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     rows = []
     for r in summary["rows"]:
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
-        rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(r["diff_to_none"]),
-                     _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
-    lines += _table(header, rows) + [""]
+        stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(r["diff_to_none"])]
+        stats += [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
+        rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
+    lines += markdown_table(header, rows) + [""]
+    diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
+    if diverged:
+        lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
 
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
     keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
-    lines += _table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
-                                        for r in summary["rows"] if r["resolved"]]) + [""]
+    lines += markdown_table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
+                                                for r in summary["rows"] if r["resolved"]]) + [""]
 
     lines += ["## Tuning (validation accuracy, %)", "",
               "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
@@ -197,9 +187,9 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         for p in chosen["points"]:
             mark = "**" if p["index"] == chosen["index"] else ""
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
-            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}",
-                         f"{mark}{100 * p['val_acc']:.2f}{mark}", per_seed])
-        lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
+            score = "diverged" if p["val_acc"] is None else f"{mark}{100 * p['val_acc']:.2f}{mark}"
+            rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}", score, per_seed])
+        lines += [f"### {method}", ""] + markdown_table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
         lines += ["## Figures", ""]
@@ -223,7 +213,7 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
             continue
         x, lines = method.sensitivity["x"], method.sensitivity.get("lines")
         series: dict[str, list[tuple[float, float, float]]] = {}
-        for p in selection[name]["points"]:
+        for p in [p for p in selection[name]["points"] if p["val_acc"] is not None]:
             values = list(p["per_seed"].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))
@@ -252,7 +242,7 @@ def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], tes
                            wall_seconds: float, slots: int) -> dict:
     """report.md, results.csv, summary.json and figures in `out`."""
     summary = summarize(grid, selection, test)
-    durations = [d["seconds"] for s in tune + test if (d := _read_json(s.run_dir / "sweep_run.json")) and "seconds" in d]
+    durations = [d for s in tune + test if (d := run_seconds(s)) is not None]
     timing = {"wall_s": wall_seconds, "train_s": float(sum(durations)), "runs": len(durations), "slots": slots}
     figures = _figures(grid, selection, tune, test, out, summary["weak_modality"])
     atomic_write_text(out / "report.md", _markdown(grid, summary, selection, figures, timing))

@@ -15,18 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import read_json_object
+
 # The order methods are listed in (anything else follows alphabetically).
 METHOD_ORDER = ("none", "OGM", "OGM_GE", "OPM", "OGM_OPM", "OGM_GE_OPM")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, the last of each epoch, in epoch order ([] when unreadable)."""
     rows = []
     try:
         lines = path.read_text().splitlines()
@@ -89,20 +85,20 @@ class Run:
 
 def load_run(path: str | Path) -> Run | None:
     path = Path(path)
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     if config is None:
         return None
     evals = {}
     for sub in sorted(path.glob("eval_*")):
-        metrics = _read_json(sub / "metrics.json")
+        metrics = read_json_object(sub / "metrics.json")
         if metrics is not None:
             evals[sub.name] = metrics
     return Run(
         path=path,
         config=config,
-        epochs=_read_jsonl(path / "metrics.jsonl"),
-        test=_read_json(path / "test_metrics.json"),
-        probe=_read_json(path / "probe.json"),
+        epochs=read_jsonl(path / "metrics.jsonl"),
+        test=read_json_object(path / "test_metrics.json"),
+        probe=read_json_object(path / "probe.json"),
         evals=evals,
     )
 

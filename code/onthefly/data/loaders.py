@@ -75,18 +75,33 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
-    """Call `loader.sampler.set_epoch(epoch)` before each epoch."""
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,
+                 pin_memory: bool, drop_last: bool = True) -> DataLoader:
+    """Call `loader.sampler.set_epoch(epoch)` before each epoch. `drop_last` drops the last
+    incomplete batch (said once, with how many samples each epoch loses); without it a last
+    batch of a single sample is refused, as BatchNorm cannot train on it."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    if len(sampler) < batch_size:
-        raise ValueError(f"the training split has {len(sampler)} samples per process, fewer than one batch of {batch_size}")
+    per_process = len(sampler)
+    if per_process < batch_size:
+        raise ValueError(f"the training split has {per_process} samples per process, fewer than one batch of "
+                         f"{batch_size}")
+    rest = per_process % batch_size
+    if not drop_last and rest == 1:
+        raise ValueError(f"the last training batch would hold 1 of {per_process} samples, which BatchNorm cannot "
+                         "train on; choose another batch size or use --drop_last")
+    lost = (rest if drop_last else 0) * world_size + len(dataset) - per_process * world_size  # sharding drops the tail
+    if lost and rank == 0:
+        print(f"drop_last {'on' if drop_last else 'off'}: batch {batch_size} on {len(dataset)} training clips: "
+              f"{lost} dropped each epoch", flush=True)
+    elif rank == 0:
+        print(f"drop_last {'on' if drop_last else 'off'}: every training clip is used each epoch", flush=True)
     return DataLoader(
         SeededSamples(dataset, seed),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=_workers(num_workers),
         pin_memory=pin_memory,
-        drop_last=True,  # a batch of 1 would break BatchNorm's training statistics
+        drop_last=drop_last,
         persistent_workers=_workers(num_workers) > 0,
     )
 

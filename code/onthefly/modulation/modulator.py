@@ -71,6 +71,9 @@ class ModulationConfig:
     modulation_starts: int = _setting(0, "first epoch (0-based, inclusive) with modulation", low=0)
     modulation_ends: int = _setting(10**9, "last epoch (0-based, inclusive) with modulation", low=0)
     warmup_epochs: int = _setting(0, "epochs of plain joint training before any modulation", low=0)
+    # The journal code ends only OGM at modulation_ends and runs OPM to the last epoch: "OGM until
+    # E1, OPM until E2" is modulation_ends E1, opm_ends E2.
+    opm_ends: int = _setting(-1, "last epoch (0-based, inclusive) with OPM (-1: modulation_ends)", low=-1)
     opm_grad: str = _setting("clean", "OPM's gradient: clean (none through q), or official (the released code's theta-as-gradient)",
                              choices=OPM_GRADS)
     ratio_ref: str = _setting("mean_others", "M > 2: rho_m = s_m / (mean | min | sum of the other modalities' scores); "
@@ -102,11 +105,15 @@ class ModulationConfig:
             which = "modulation_starts" if values["modulation_starts"] >= values["warmup_epochs"] else "warmup_epochs"
             return (f"{prefix}{which} ({first}) must be <= {prefix}modulation_ends ({values['modulation_ends']}): "
                     "modulation would never run")
+        if 0 <= values["opm_ends"] < first:
+            return f"{prefix}opm_ends ({values['opm_ends']}) must be >= {first} or -1: OPM would never run"
         return None
 
-    def active(self, epoch: int) -> bool:
-        """Modulate in epochs [max(starts, warmup_epochs), ends], both ends inclusive, 0-based."""
-        return max(self.modulation_starts, self.warmup_epochs) <= epoch <= self.modulation_ends
+    def active(self, epoch: int, opm: bool = False) -> bool:
+        """Modulate in epochs [max(starts, warmup_epochs), ends], both ends inclusive, 0-based;
+        for OPM `ends` is opm_ends when set."""
+        last = self.opm_ends if opm and self.opm_ends >= 0 else self.modulation_ends
+        return max(self.modulation_starts, self.warmup_epochs) <= epoch <= last
 
 
 def modulation_defaults() -> dict[str, Any]:
@@ -231,7 +238,7 @@ class Modulator:
 
     def feature_hook(self, labels: torch.Tensor, epoch: int) -> Callable | None:
         """OPM's feed-forward hook for this step, or None when OPM is off or outside its window."""
-        if not (self.use_opm and self.config.active(epoch)):
+        if not (self.use_opm and self.config.active(epoch, opm=True)):
             return None
 
         def hook(out: dict):
@@ -264,7 +271,7 @@ class Modulator:
         After `accumulate` calls, pass neither `out` nor `labels`: the step's sums are used."""
         if not self.measures:  # a one-modality model with "none" (see the class docstring)
             return
-        active = self.config.active(epoch)
+        active, opm_active = self.config.active(epoch), self.config.active(epoch, opm=True)
         pending, self._pending_scores = self._pending_scores, None
         if pending is not None:
             if out is not None or labels is not None:
@@ -273,10 +280,10 @@ class Modulator:
             self._ratios(pending)
         elif out is None or labels is None:
             raise ValueError("modulate_gradients needs the step's out and labels (or accumulate() calls before it)")
-        elif not (self.use_opm and active):  # otherwise the OPM hook measured this very batch
+        elif not (self.use_opm and opm_active):  # otherwise the OPM hook measured this very batch
             self._check(out, labels, ("unimodal_logits",))
             self.measure(out["unimodal_logits"], labels)
-        if self.use_opm and not active:
+        if self.use_opm and not opm_active:
             self.stats["drop_prob"] = torch.zeros_like(self.stats["ratio"])
         if self.use_ogm:
             self._require_gradients()

@@ -19,6 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
 FRAME_CROPS = ("fixed", "official")
+FRAME_PICKS = ("spread", "official")
 
 # Flow is stored as u8 = round((clip(f, -B, B) + B) * FLOW_HALF / B): zero motion is FLOW_HALF,
 # and a horizontal flip maps u8 -> 2 * FLOW_HALF - u8 exactly.

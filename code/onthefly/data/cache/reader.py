@@ -15,16 +15,17 @@ from .format import (
 )
 
 
-def read_meta(path: str) -> dict[str, Any]:
-    """meta.json of the cache at `path`, with its format and checksum checked (no array opened)."""
+def read_meta(path: str, option: str = "--data") -> dict[str, Any]:
+    """meta.json of the cache at `path`, with its format and checksum checked (no array opened).
+    `option` is the command-line option that gave the path (named in errors)."""
     if not path:
-        raise UserError("--data: no cache directory given; make one with python code/preprocess.py")
+        raise UserError(f"{option}: no cache directory given; make one with python code/preprocess.py")
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isdir(path):
-        raise UserError(f"--data {path}: no such directory; make a cache with python code/preprocess.py")
+        raise UserError(f"{option} {path}: no such directory; make a cache with python code/preprocess.py")
     if not os.path.exists(meta_path):
         raise UserError(
-            f"--data {path}: no {META_FILE}, so not a finished cache "
+            f"{option} {path}: no {META_FILE}, so not a finished cache "
             "(preprocessing was interrupted or this is another directory); rerun code/preprocess.py"
         )
     try:
@@ -128,9 +129,9 @@ def _check_index(index: dict[str, Any], meta: dict[str, Any], idx_path: str, hin
 class CacheReader:
     """An opened, checked cache: meta, index and the memory-mapped arrays."""
 
-    def __init__(self, path: str, verify: bool = True):
+    def __init__(self, path: str, verify: bool = True, option: str = "--data"):
         self.path = path
-        self.meta = read_meta(path)
+        self.meta = read_meta(path, option)
         idx_path = os.path.join(path, INDEX_FILE)
         hint = remake_hint(self.meta)
         if not os.path.exists(idx_path):
@@ -175,7 +176,7 @@ def _first_nonfinite_row(arr: np.ndarray, rows_per_chunk: int = 256) -> int | No
 def verify_cache(path: str) -> dict[str, Any]:
     """The full check (`preprocess.py --verify`): everything CacheReader checks, the whole
     content of every array against its sha1, and no NaN or infinity in a float array."""
-    reader = CacheReader(path, verify=True)
+    reader = CacheReader(path, verify=True, option="--verify")
     hint = remake_hint(reader.meta)
     for name, rec in reader.records.items():
         fpath = os.path.join(path, rec["file"])

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from ...errors import UserError
-from .common import CONTAINER_DEFAULTS, ClipJob, Scan, index_videos
+from .common import CONTAINER_DEFAULTS, ClipJob, Scan, index_videos, unlisted_note, unlisted_videos
 
 NAME = "ave"
 MODALITIES = ("audio", "visual")
@@ -66,4 +66,6 @@ def scan(root: str, opts: Any) -> Scan:
     notes = []
     if len(classes) != NUM_CLASSES:
         notes.append(f"{len(classes)} categories in Annotations.txt; AVE has {NUM_CLASSES}")
-    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes)
+    unlisted = unlisted_videos(videos, jobs)
+    notes += unlisted_note(unlisted, "trainSet.txt, valSet.txt or testSet.txt")
+    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes, unlisted=unlisted)

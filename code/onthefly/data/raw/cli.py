@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ...errors import UserError
 from ..loaders import available_cpus
 from . import LAYOUTS, get_layout
+from .pool import DEFAULT_CLIP_TIMEOUT
 
 AUDIO_OPTS = ("sample_rate", "duration", "n_fft", "hop_length", "min_audio_seconds", "silence_threshold")
 
@@ -27,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (0: run in this process) [the CPUs this process may use]")
     g = p.add_argument_group("frames")
     g.add_argument("--fps", type=float, default=None, help="frames kept per second of video [1]")
-    g.add_argument("--short_side", type=int, default=None, help="stored frames are short_side x short_side [256]")
+    g.add_argument("--short_side", type=int, default=None,
+                   help="stored frames are short_side high: centre squares short_side x short_side, or for cremad "
+                   "whole frames short_side x round(short_side * frame_aspect) [256]")
     g.add_argument("--frame_aspect", type=float, default=None,
                    help="cremad: store whole frames short_side x round(short_side * this) (0: centre square) [4/3]")
     g.add_argument("--crop_size", type=int, default=None, help="crop the loader takes from a stored frame [224]")
@@ -56,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--videos", default=None, help="kinetics_sounds/vggsound: folder searched for videos [--root]")
     i.add_argument("--keep_work", action="store_true", help="keep <out>/.work (per-clip results) after success")
     i.add_argument("--fresh", action="store_true", help="discard unfinished work in <out>/.work and start over")
-    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.add_argument("--clip_timeout", type=float, default=DEFAULT_CLIP_TIMEOUT,
+                   help="seconds one clip may take to decode in a worker before it is stopped and skipped "
+                   "(with --workers 0 nothing can stop it)")
+    i.add_argument("--quiet", action="store_true", help="no progress bar (the split notes are still shown)")
     return p
 
 
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if opts.verify is not None:
             _verify(opts.verify)
             return 0
+        if not (math.isfinite(opts.clip_timeout) and opts.clip_timeout > 0):
+            raise UserError(f"--clip_timeout must be a positive number of seconds (got {opts.clip_timeout:g})")
         layout = get_layout(opts.dataset)
         _check_applicable(opts, layout)
         from .pipeline import preprocess
@@ -109,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished clips are kept)", file=sys.stderr)
+        if opts.verify is not None:
+            print(f"interrupted: {opts.verify} was not fully checked; run --verify again", file=sys.stderr)
+        else:
+            print("interrupted: rerun the same command to resume (finished clips are kept)", file=sys.stderr)
         return 130
     return 0

@@ -39,6 +39,16 @@ class Scan:
     jobs: list[ClipJob]
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (clip_id, reason, source)
     notes: list[str] = field(default_factory=list)
+    # Where the dataset ships split lists: clips found but in no list (ignored, as the official
+    # code ignores them) and listed clips not found at all. Both are counted in the summary and
+    # in meta.json ("split" record), never silently dropped.
+    unlisted: list[str] = field(default_factory=list)
+    listed_absent: list[str] = field(default_factory=list)
+
+    def split_record(self) -> dict[str, Any]:
+        """The split's provenance, as written to meta.json."""
+        source = "lists" if any(j.split for j in self.jobs) else "seeded"  # seeded: carved here
+        return {"source": source, "unlisted": len(self.unlisted), "listed_absent": len(self.listed_absent)}
 
 
 # --------------------------------------------------------------------------- helpers for layouts
@@ -104,6 +114,20 @@ _SPLIT_NAMES = {
 
 def normalize_split(value: str) -> str | None:
     return _SPLIT_NAMES.get(value.strip().lower())
+
+
+def unlisted_videos(videos: dict[str, str], jobs: Iterable[ClipJob]) -> list[str]:
+    """Stems of the videos found that no listed clip uses (ignored, and counted)."""
+    used = {j.video for j in jobs}
+    return sorted(stem for stem, path in videos.items() if path not in used)
+
+
+def unlisted_note(unlisted: list[str], lists: str) -> list[str]:
+    """The note on videos that no list names (none when there are none)."""
+    if not unlisted:
+        return []
+    shown = ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    return [f"{len(unlisted)} video(s) are named in no row of {lists} and are not used ({shown})"]
 
 
 def find_video(videos: dict[str, str], stems: Iterable[str]) -> str | None:

@@ -56,24 +56,40 @@ def read_official_lists(folder: Path = OFFICIAL_LISTS) -> dict[str, str]:
     return out
 
 
-def official_splits(clip_ids: Sequence[str], lists: dict[str, str]) -> tuple[list[str] | None, list[str]]:
-    """Each clip's official split, or None when the lists miss some clip; and the missed ids."""
-    missing = [c for c in clip_ids if c not in lists]
-    return (None if missing or not lists else [lists[c] for c in clip_ids]), missing
+def _examples(ids: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(sorted(ids)[:n])
+    return shown + (", ..." if len(ids) > n else "")
 
 
-def _apply_official_split(jobs: list[ClipJob], opts: Any) -> str:
-    """Give every job its official split when the lists cover them all; say what was done."""
+def _apply_official_split(found: Scan, opts: Any) -> None:
+    """The official lists decide the split: a clip in no list is ignored (as the official loader
+    ignores it) and counted, a listed clip that is absent is counted. A seeded split only on
+    --random_split / --speaker_independent, never as a fallback."""
     if uses_groups(opts) or getattr(opts, "random_split", False):
-        return "seeded split (--speaker_independent or --random_split): the official lists are not used"
-    splits, missing = official_splits([j.clip_id for j in jobs], read_official_lists())
-    if splits is None:
-        why = f"{len(missing)} clip(s) are not in them, e.g. {missing[0]}" if missing else f"{OFFICIAL_LISTS} is missing"
-        return f"official split lists not used ({why}): seeded stratified split instead"
-    for job, split in zip(jobs, splits):
-        job.split = split
-    return (f"official split: test list as test ({splits.count('test')} clips), "
-            f"val carved from the train list ({splits.count('train')} clips)")
+        found.notes.append("seeded split (--speaker_independent or --random_split): the official lists are not used")
+        return
+    lists = read_official_lists()
+    if not lists:
+        raise UserError(f"the official CREMA-D split lists are missing ({OFFICIAL_LISTS}/train.csv, test.csv); "
+                        "restore them, or pass --random_split for a seeded split")
+    found.unlisted = sorted({j.clip_id for j in found.jobs if j.clip_id not in lists}
+                            | {s[0] for s in found.skipped if s[0] not in lists and _NAME_RE.match(s[0])})
+    unlisted = set(found.unlisted)
+    found.jobs = [j for j in found.jobs if j.clip_id not in unlisted]
+    found.skipped = [s for s in found.skipped if s[0] not in unlisted]
+    present = {j.clip_id for j in found.jobs} | {s[0] for s in found.skipped}
+    found.listed_absent = sorted(c for c in lists if c not in present)
+    for job in found.jobs:
+        job.split = lists[job.clip_id]
+    splits = [j.split for j in found.jobs]
+    found.notes.append(f"official split: test list as test ({splits.count('test')} clips), val carved from the "
+                       f"train list ({splits.count('train')} clips)")
+    if found.unlisted:
+        found.notes.append(f"{len(found.unlisted)} clip(s) in neither official list are ignored "
+                           f"({_examples(found.unlisted)}); --random_split uses every clip")
+    if found.listed_absent:
+        found.notes.append(f"{len(found.listed_absent)} clip(s) of the official lists are not under --root "
+                           f"({_examples(found.listed_absent)})")
 
 
 def scan(root: str, opts: Any) -> Scan:
@@ -90,10 +106,12 @@ def scan(root: str, opts: Any) -> Scan:
             videos[stem] = os.path.join(video_dir, name)
     jobs: list[ClipJob] = []
     skipped: list[tuple[str, str, str]] = []
+    audio_ids = set()
     for name in sorted(os.listdir(audio_dir)):
         stem, ext = os.path.splitext(name)
         if ext.lower() != ".wav":
             continue
+        audio_ids.add(stem)
         m = _NAME_RE.match(stem)
         if not m or m.group(3).upper() not in CLASSES:
             skipped.append((stem, "file name is not <actor>_<sentence>_<emotion>_<level> with a known emotion",
@@ -111,7 +129,11 @@ def scan(root: str, opts: Any) -> Scan:
                 group=m.group(1),
             )
         )
-    if not jobs and not any(s[1].startswith("missing video") for s in skipped):
+    for stem in sorted(set(videos) - audio_ids):  # the reverse case: a video without its WAV
+        if _NAME_RE.match(stem):
+            skipped.append((stem, f"missing audio AudioWAV/{stem}.wav", os.path.relpath(videos[stem], root)))
+    if not jobs and not any(s[1].startswith("missing ") for s in skipped):
         raise UserError(f"--root {root}: no CREMA-D clips found in AudioWAV/ (expected {EXPECTED})")
-    note = _apply_official_split(jobs, opts)
-    return Scan(class_names=list(CLASSES), jobs=jobs, skipped=skipped, notes=[note])
+    found = Scan(class_names=list(CLASSES), jobs=jobs, skipped=skipped)
+    _apply_official_split(found, opts)
+    return found

@@ -14,7 +14,10 @@ import os
 from typing import Any
 
 from ...errors import UserError
-from .common import CONTAINER_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split
+from .common import (
+    CONTAINER_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split, unlisted_note,
+    unlisted_videos,
+)
 
 NAME = "kinetics_sounds"
 MODALITIES = ("audio", "visual")
@@ -123,7 +126,7 @@ def _scan_csv(root: str, opts: Any, table: str) -> Scan:
             skipped.append((cid, f"missing video ({stems[0]}.mp4 not found)", os.path.basename(table)))
             continue
         jobs.append(ClipJob(clip_id=cid, label=classes.index(r["label"]), video=path, split=split))
-    return Scan(class_names=classes, jobs=jobs, skipped=skipped)
+    return Scan(class_names=classes, jobs=jobs, skipped=skipped, unlisted=unlisted_videos(videos, jobs))
 
 
 def _class_dirs(path: str) -> list[str]:
@@ -156,6 +159,7 @@ def _scan_folders(root: str) -> Scan:
 def scan(root: str, opts: Any) -> Scan:
     table = _find_csv(root, opts)
     result = _scan_csv(root, opts, table) if table else _scan_folders(root)
+    result.notes += unlisted_note(result.unlisted, os.path.basename(table or ""))
     if len(result.class_names) != NUM_CLASSES:
         result.notes.append(f"{len(result.class_names)} classes found; Kinetics-Sounds has {NUM_CLASSES}")
     return result

@@ -25,6 +25,14 @@ def first_line(e: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
+def require_file(path: str | None, what: str) -> None:
+    """A clip's file must be a regular file: a named pipe or a device would block the decoder."""
+    if not path or not os.path.exists(path):
+        raise SkipClip(f"missing {what} file")
+    if not os.path.isfile(path):
+        raise SkipClip(f"{what} file is not a regular file (a named pipe, device or folder)")
+
+
 # --------------------------------------------------------------------------- audio
 
 
@@ -62,14 +70,14 @@ def load_audio_file(path: str, p: dict[str, Any]) -> np.ndarray:
     """A WAV (or any file libsndfile reads) resampled by librosa.load to sample_rate, mono."""
     import librosa
 
-    if not os.path.exists(path):
-        raise SkipClip("missing audio file")
+    require_file(path, "audio")
     try:
         with warnings.catch_warnings():  # a bad file makes librosa warn before it fails
             warnings.simplefilter("ignore")
             y, _ = librosa.load(path, sr=p["sample_rate"], mono=True)
     except Exception as e:  # librosa/soundfile raise many types for a bad file
-        raise SkipClip(f"unreadable audio ({type(e).__name__}: {first_line(e)})") from None
+        detail = first_line(e) or "no installed decoder recognises the file"  # NoBackendError says nothing
+        raise SkipClip(f"unreadable audio file ({type(e).__name__}: {detail})") from None
     return _check_and_fit(y, p["sample_rate"], p)
 
 
@@ -79,8 +87,7 @@ def decode_container_audio(path: str, p: dict[str, Any]) -> np.ndarray:
     import av
     import librosa
 
-    if not os.path.exists(path):
-        raise SkipClip("missing video file")
+    require_file(path, "video")
     chunks: list[np.ndarray] = []
     rate = None
     try:
@@ -165,8 +172,7 @@ def read_frames(path: str, p: dict[str, Any], with_flow: bool) -> tuple[np.ndarr
     kept frame to the next decoded one (for the last frame: from the previous one)."""
     import cv2
 
-    if not path or not os.path.exists(path):
-        raise SkipClip("missing video file")
+    require_file(path, "video")
     cap = cv2.VideoCapture(path)
     try:
         if not cap.isOpened():

@@ -16,11 +16,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import UserError
+from ...rundir import acquire_run_lock
 from ..cache.format import INDEX_FILE, META_FILE, SKIPPED_FILE, SPLITS
 from ..cache.reader import CacheReader
 from ..cache.writer import CacheWriter, owned_arrays, read_own_meta, rewrite_index, write_skipped
@@ -212,17 +214,21 @@ def plan(layout: Any, opts: Any) -> Plan:
     _check_out(out, opts.out, layout)
     quiet = bool(getattr(opts, "quiet", False))
     scan: Scan = layout.scan(root, opts)
-    for note in scan.notes:
-        _say(f"note: {note}", quiet)
+    for note in scan.notes:  # the split's source and what it left out: shown even with --quiet
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if not scan.jobs and not scan.skipped:
         raise UserError(f"--root {opts.root}: no clips found (expected {layout.EXPECTED})")
     by_id = {j.clip_id: j for j in scan.jobs}
     if len(by_id) != len(scan.jobs):
         raise UserError(f"--root {opts.root}: clip ids are not unique (two files share a name)")
+    grouped = bool(getattr(layout, "uses_groups", lambda o: False)(opts))
+    if scan.jobs:  # an empty val or test split is refused now, not after every clip was decoded
+        _index_for([j.clip_id for j in scan.jobs], by_id, ip, root, grouped)
     return Plan(
         layout=layout, opts=opts, root=root, out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
-        by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]),
-        grouped=bool(getattr(layout, "uses_groups", lambda o: False)(opts)), quiet=quiet,
+        by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]
+                                  + [f"unlisted:{c}" for c in scan.unlisted]),
+        grouped=grouped, quiet=quiet,
         fresh=bool(getattr(opts, "fresh", False)),
     )
 
@@ -312,7 +318,9 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
                    dynamic_ncols=True)
         try:
             args = (run.p, tuple(run.layout.MODALITIES), run.work)
-            for clip_id, status, detail in run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1)):
+            timeout = getattr(run.opts, "clip_timeout", None)
+            results = run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1), timeout=timeout)
+            for clip_id, status, detail in results:
                 if status == "ok":
                     infos[clip_id] = {"clip_id": clip_id, "shapes": detail}
                 else:
@@ -384,6 +392,7 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
             "num_skipped": len(skipped),
             "split_counts": counts,
             "source_ids": run.digest,
+            "split": run.scan.split_record(),
             "stats": _flow_stats(writer.maps, offsets, splits, run.ip["seed"]),
             "notes": list(run.scan.notes),
         }
@@ -396,22 +405,37 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
     return counts
 
 
+def _left_out(scan: Scan) -> str:
+    """The summary's words for clips the split lists left out (empty when none)."""
+    parts = [f"{len(scan.unlisted)} in no split list (ignored)"] if scan.unlisted else []
+    if scan.listed_absent:
+        parts.append(f"{len(scan.listed_absent)} listed but not found")
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
     """Run one dataset's preprocessing. Returns a summary dict (also printed as one line)."""
     t0 = time.time()
     run = plan(layout, opts)
-    summary = reuse_finished(run)
-    if summary is not None:
-        return summary
-    infos, skipped, reused = extract(run)
-    counts = assemble(run, infos, skipped)
+    # One preprocessing run per --out at a time (the run-folder lock of training).
+    lock = acquire_run_lock(Path(run.out), hint="choose another --out")
+    try:
+        summary = reuse_finished(run)
+        if summary is not None:
+            return summary
+        infos, skipped, reused = extract(run)
+        counts = assemble(run, infos, skipped)
+    finally:
+        lock.release()
     kept = len(infos)
     print(
         f"{layout.NAME}: {kept} clips cached in {run.out} (train {counts['train']} / val {counts['val']} / "
         f"test {counts['test']}); {len(skipped)} skipped"
         + (f" (reasons in {os.path.join(run.out, SKIPPED_FILE)})" if skipped else "")
+        + _left_out(run.scan)
         + f"; {reused} reused from an earlier run; {time.time() - t0:.1f} s",
         flush=True,
     )
     return {"status": "built", "clips": kept, "skipped": len(skipped), "reused": reused,
-            "processed": kept - reused, "split_counts": counts, "out": run.out}
+            "processed": kept - reused, "split_counts": counts, "out": run.out,
+            "unlisted": len(run.scan.unlisted), "listed_absent": len(run.scan.listed_absent)}

@@ -92,7 +92,7 @@ def scan(root: str, opts: Any) -> Scan:
             group = f"{classes[label]}/g{m.group(1)}" if m else f"{classes[label]}/{stem}"
             jobs.append(ClipJob(clip_id=stem, label=label, video=path, split=sp, group=group))
     notes = []
-    unlisted = len(set(on_disk) - listed)
+    unlisted = sorted(os.path.splitext(os.path.basename(k))[0] for k in set(on_disk) - listed)
     if unlisted:
-        notes.append(f"{unlisted} videos under UCF-101/ are in neither list of split {split} and are not used")
-    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes)
+        notes.append(f"{len(unlisted)} videos under UCF-101/ are in neither list of split {split} and are not used")
+    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes, unlisted=unlisted)

@@ -9,7 +9,9 @@ import os
 from typing import Any
 
 from ...errors import UserError
-from .common import CONTAINER_DEFAULTS, ClipJob, Scan, find_video, index_videos, normalize_split
+from .common import (
+    CONTAINER_DEFAULTS, ClipJob, Scan, find_video, index_videos, normalize_split, unlisted_note, unlisted_videos,
+)
 from .kinetics_sounds import read_table
 
 NAME = "vggsound"
@@ -71,4 +73,6 @@ def scan(root: str, opts: Any) -> Scan:
     notes = []
     if len(classes) != NUM_CLASSES:
         notes.append(f"{len(classes)} classes in {os.path.basename(table)}; VGGSound has {NUM_CLASSES}")
-    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes)
+    unlisted = unlisted_videos(videos, jobs)
+    notes += unlisted_note(unlisted, os.path.basename(table))
+    return Scan(class_names=classes, jobs=jobs, skipped=skipped, notes=notes, unlisted=unlisted)

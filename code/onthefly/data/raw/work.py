@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,29 +32,40 @@ def work_path(work_dir: str, job: ClipJob) -> str:
     return os.path.join(work_dir, job.work_key() + ".npz")
 
 
+def _attempt(step: Callable[[], Any], faults: list[tuple[str, str]], path: str | None) -> Any:
+    """step(), or None with (reason, file at fault) added to `faults`."""
+    try:
+        return step()
+    except SkipClip as e:
+        faults.append((str(e), path or ""))
+    except Exception as e:  # an unexpected failure on one file must not stop the run
+        faults.append((f"failed: {type(e).__name__}: {first_line(e)}", path or ""))
+    return None
+
+
 def process_clip(job: ClipJob, p: dict[str, Any], modalities: tuple[str, ...], work_dir: str) -> tuple[str, str, Any]:
     """Worker: extract one clip into `<work_dir>/<key>.npz`.
 
-    Returns (clip_id, "ok", shapes) or (clip_id, "skip", (reason, file at fault))."""
-    current = job.video
-    try:
-        out: dict[str, np.ndarray] = {}
-        if "audio" in modalities:
-            if p["audio_source"] == "file":
-                current = job.audio
-                y = load_audio_file(job.audio, p)
-            else:
-                y = decode_container_audio(job.video, p)
+    Returns (clip_id, "ok", shapes) or (clip_id, "skip", (reason, file at fault)). Every file of
+    the clip is tried, so a clip whose WAV and video are both broken names both."""
+    faults: list[tuple[str, str]] = []
+    out: dict[str, np.ndarray] = {}
+    if "audio" in modalities:
+        from_file = p["audio_source"] == "file"
+        audio_path = job.audio if from_file else job.video
+        y = _attempt(lambda: load_audio_file(job.audio, p) if from_file else decode_container_audio(job.video, p),
+                     faults, audio_path)
+        if y is not None:
             out["audio"] = log_spectrogram(y, p)
-        current = job.video
-        rgb, flow = read_frames(job.video, p, with_flow="flow" in modalities)
-        out["visual"] = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))  # stored channel-planar
-        if flow is not None:
-            out["flow"] = np.ascontiguousarray(flow.transpose(0, 3, 1, 2))
-    except SkipClip as e:
-        return job.clip_id, "skip", (str(e), current or "")
-    except Exception as e:  # an unexpected failure on one file must not stop the run
-        return job.clip_id, "skip", (f"failed: {type(e).__name__}: {first_line(e)}", current or "")
+    frames = _attempt(lambda: read_frames(job.video, p, with_flow="flow" in modalities), faults, job.video)
+    if faults:
+        first = faults[0][1]
+        reason = "; ".join(r if f == first else f"{r}: {os.path.basename(f)}" for r, f in faults)
+        return job.clip_id, "skip", (reason, first)
+    rgb, flow = frames
+    out["visual"] = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))  # stored channel-planar
+    if flow is not None:
+        out["flow"] = np.ascontiguousarray(flow.transpose(0, 3, 1, 2))
     info = {
         "clip_id": job.clip_id,
         "sig": source_signature(job),
