@@ -454,3 +454,19 @@ def test_the_training_loop_logs_and_evaluates_three_modalities(tiny_encoders, me
         assert {f"modulation/ratio_{name}", f"modulation/coeff_{name}"} <= writer.tags
     metrics = evaluate(model, batches, preset, None)
     assert {"acc_audio", "acc_visual", "acc_flow"} <= set(metrics)
+
+
+def test_cli_refuses_film_on_three_modalities(run_script, tmp_path, monkeypatch):
+    import dataclasses
+
+    from onthefly import runner
+
+    entry = runner.get_dataset_entry("avdigits")
+    flow = ModalitySpec("flow", "frames", 2, (2, 1, 28, 28), mean=(0.5,) * 2, std=(0.25,) * 2)
+    three = dataclasses.replace(entry, info=lambda cfg: dataclasses.replace(entry.info(cfg), modalities=(
+        *entry.info(cfg).modalities, flow)))
+    monkeypatch.setattr(runner, "get_dataset_entry", lambda name: three)
+    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
+                             "--fusion", "film", "--output_dir", str(tmp_path))
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--fusion film: FiLMFusion is defined for two modalities" in err

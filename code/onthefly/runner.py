@@ -280,7 +280,10 @@ def _loaders(datasets: dict, cfg, where: Placement) -> dict:
 
 
 def _model_and_optimizer(cfg, info: DatasetInfo, where: Placement) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = build_model(info, cfg.fusion, cfg.modality, cfg.init).to(where.device)
+    try:  # e.g. --fusion film on a dataset of three modalities
+        model = build_model(info, cfg.fusion, cfg.modality, cfg.init).to(where.device)
+    except ValueError as e:
+        raise UserError(f"--fusion {cfg.fusion}: {e}") from None
     if cfg.channels_last and where.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and is_distributed():
