@@ -16,7 +16,7 @@ from torch import nn
 
 from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.models import build_model
-from onthefly.models.encoders import SpectrogramEncoder
+from onthefly.models.encoders import FrameEncoder, SpectrogramEncoder
 from onthefly.modulation import (
     RATIO_REFS, ContractError, ModulatedModel, ModulationConfig, Modulator, discrepancy_ratios, ogm_parameters,
 )
@@ -128,9 +128,9 @@ def test_ogm_scales_the_dominant_mlp_encoder_by_exactly_k():
                 assert torch.equal(p.grad, g0)
 
 
-def test_default_ogm_set_is_the_official_conv_set_on_resnet18():
-    encoder = SpectrogramEncoder(1)
-    params = list(encoder.parameters())
+@pytest.mark.parametrize("encoder", [SpectrogramEncoder, FrameEncoder])
+def test_default_ogm_set_is_the_official_conv_set_on_resnet18(encoder):
+    params = list(encoder().parameters())
     matrices, conv = ogm_parameters(params, "matrices"), ogm_parameters(params, "conv")
     assert [id(p) for p in matrices] == [id(p) for p in conv] and len(conv) == 20  # ResNet18's 20 conv kernels
     assert ModulationConfig().ogm_params == "matrices"
