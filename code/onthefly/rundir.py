@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,13 @@ def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, di
                             f"not {wanted}; drop these options")
     if "epochs" in cfg.explicit and cfg.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {cfg.epochs}: --resume {ckpt['path']} has already completed {ckpt['epoch']} epochs")
+    # A run saved before an option existed resumes with that option's current default, named.
+    predates = sorted(k for k in vars(cfg) if k not in saved and k not in ("explicit", "resume", "print_config"))
+    if predates:
+        print(f"warning: --resume {ckpt['path']}: the run predates {', '.join(predates)}; "
+              "resuming with their current values", file=sys.stderr)
     merged = argparse.Namespace(**{
-        **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
+        **{k: getattr(cfg, k) for k in predates}, **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
         # the folder as it is now (it may have moved since the run started)
         "output_dir": str(run_dir.parent), "run_name": run_dir.name,
         "resume": ckpt["path"], "explicit": cfg.explicit, "print_config": cfg.print_config,
