@@ -35,7 +35,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics
 LOCK_NAME = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,7 +94,7 @@ def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> 
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
             continue
         pid, holder_host = _read_holder(fd)
-        if pid is not None and holder_host == host and pid != os.getpid() and _pid_alive(pid):
+        if pid is not None and holder_host == host and pid != os.getpid() and pid_alive(pid):
             # Free to lock, yet its process lives: a file system without flock, or a reused pid.
             os.close(fd)
             raise UserError(f"{run_dir} is in use by process {pid} (lock {path}); if that process is "
