@@ -99,6 +99,7 @@ def train_one_epoch(
     modulation_steps = 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     epoch = state.epoch
+    modulator.begin_epoch(model, loader, preset, epoch)  # PMR's class prototypes (nothing for the others)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False, dynamic_ncols=True)
 
     for step, batch in enumerate(bar):
@@ -106,6 +107,7 @@ def train_one_epoch(
         with autocast:
             out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch))
             loss = compute_loss(out, labels, head)
+            loss = loss + modulator.auxiliary_loss(out, labels, epoch, loss)  # UNIMODAL_AUX, MMPARETO, PMR
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # OGM-GE's noise is added to gradients DDP has already averaged: every rank draws the same.

@@ -133,7 +133,7 @@ def _changed_schedule(saved: dict, cfg) -> list[str]:
 
 
 def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo, splits: dict,
-                    rng_ranks: list | None = None) -> dict:
+                    rng_ranks: list | None = None, modulator: Modulator | None = None) -> dict:
     return {
         "format": ckpt_io.FORMAT,
         "version": ckpt_io.VERSION,
@@ -148,6 +148,7 @@ def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: D
         "rng": ckpt_io.rng_state(),
         "rng_ranks": rng_ranks if rng_ranks is not None else [ckpt_io.rng_state()],
         "splits": splits,
+        "modulator": modulator.state_dict() if modulator is not None else {},  # PMR's prototypes
     }
 
 
@@ -214,6 +215,8 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
         modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
     except ValueError as e:
         raise UserError(f"--modulation {cfg.modulation}: {e}") from None
+    if ckpt is not None:  # checkpoints written before the modulator had state hold none
+        modulator.load_state_dict(ckpt.get("modulator", {}))
     train_model = model
     if is_distributed():
         device_ids = [where.local_rank] if where.device.type == "cuda" else None
@@ -244,7 +247,8 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
             if is_main_process():
                 record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
                           **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
-                checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, splits, rng_ranks)
+                checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, splits, rng_ranks,
+                                             modulator)
                 saver.save_epoch(record, checkpoint, improved)
                 log_epoch(record, writer, model.modality_names)
 
