@@ -687,3 +687,20 @@ def test_pmr_prototypes_travel_in_the_checkpoint(tiny_encoders, tmp_path, monkey
     monkeypatch.undo()
     assert runner.main(["--resume", str(tmp_path / "split" / "run" / "last.pt")]) == 0
     assert metrics(tmp_path / "split" / "run") == metrics(tmp_path / "whole" / "run")
+
+
+def test_labels_outside_the_classes_are_one_line_before_training(tiny_encoders, tmp_path, capsys, monkeypatch):
+    """A dataset whose labels leave [0, num_classes) is refused naming the split, before any step."""
+    from onthefly.data import avdigits
+
+    real_init = avdigits.AVDigits.__init__
+
+    def with_a_bad_label(self, cfg, split):
+        real_init(self, cfg, split)
+        if split == "val":
+            self.labels = self.labels.clone()
+            self.labels[0] = 10
+
+    monkeypatch.setattr(avdigits.AVDigits, "__init__", with_a_bad_label)
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)
+    one_line_error(capsys, runner.main([*TINY, "--output_dir", str(tmp_path)]), "val split", "[0, 10)")

@@ -32,7 +32,7 @@ from .distributed import (
 from .engine import NonFiniteError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
 from .models import build_model
-from .modulation import Modulator
+from .modulation import Modulator, check_labels
 from .rundir import check_free_space, merge_resume_config, prepare_run_dir
 from .utils import autocast_dtype, print_table, seed_everything, select_device, unwrap_model
 
@@ -204,6 +204,7 @@ def train(cfg: argparse.Namespace) -> dict:
 def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: Placement) -> dict:
     """train() inside its locked run folder."""
     datasets = {split: get_dataset_entry(cfg.dataset).build(cfg, split) for split in SPLITS}
+    _check_labels(datasets, info, cfg.dataset)
     splits = {split: ckpt_io.split_fingerprint(ds) for split, ds in datasets.items()}
     loaders = _loaders(datasets, cfg, where)
     preset = DevicePreset(info, where.device, cfg.channels_last)
@@ -271,6 +272,18 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
         if writer is not None:
             writer.close()
     return result
+
+
+def _check_labels(datasets: dict, info: DatasetInfo, name: str) -> None:
+    """Every split's labels are class indices of `info` (once, here: the step checks only its first batch)."""
+    for split, dataset in datasets.items():
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            continue
+        try:
+            check_labels(torch.as_tensor(labels), info.num_classes)
+        except ValueError as e:
+            raise UserError(f"--dataset {name}, {split} split: {e}") from None
 
 
 def _loaders(datasets: dict, cfg, where: Placement) -> dict:
