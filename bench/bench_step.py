@@ -733,9 +733,6 @@ def main(argv=None) -> dict:
                 add(f"official/{m}", lambda m=m: make_official_config(base, device, m, args.alpha, args.source))
     for v in variants:
         for m in own_methods[v.name]:
-            if v.graph and m == "OPM":  # its hook builds a small tensor from host data each step
-                failed[f"ours/{v.name}/{m}"] = "skipped: OPM's hook copies host data (torch.tensor) each step, which a CUDA graph cannot capture"
-                continue
             add(f"ours/{v.name}/{m}", lambda v=v, m=m: make_ours_config(base, info, device, v, m, args.alpha, args.loop))
 
     out_path = Path(args.out) if args.out else None

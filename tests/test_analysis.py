@@ -1,8 +1,12 @@
 """Analysis: linear probe accuracy on data with a known answer, the comparison report on
 hand-written run folders, and missing-modality inference on a tiny trained checkpoint."""
+import argparse
 import csv
+import errno
 import json
 import math
+import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -11,8 +15,12 @@ import pytest
 import torch
 
 from onthefly import infer, runner
+from onthefly.analysis import probe as probe_module
 from onthefly.analysis.probe import linear_probe, probe_checkpoint
+from onthefly.analysis.probe import main as probe_main
+from onthefly.analysis.report import main as report_main
 from onthefly.analysis.report import write_report
+from onthefly.metrics import classification_metrics
 from onthefly.infer import ZeroModality
 from onthefly.errors import UserError
 
@@ -262,3 +270,212 @@ def test_probe_of_a_trained_checkpoint(tiny_encoders, tiny_run):
         assert 0.0 <= saved[f"acc_{m}"] <= 1.0 and saved[f"acc_{m}"] == saved["modalities"][m]["test_acc"]
         assert not math.isnan(saved["modalities"][m]["val_loss"])
     assert result["out"] == str(tiny_run / "probe.json")
+
+
+def test_training_logs_epoch_and_step_values_under_distinct_tags_and_the_epoch_means_of_k(tiny_run):
+    from onthefly.analysis.tb import read_scalars
+
+    scalars = read_scalars(tiny_run / "tb")
+    (record,) = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    steps, losses = scalars["epoch/train_loss"]
+    assert steps.tolist() == [0] and losses[0] == pytest.approx(record["train_loss"], rel=1e-6)
+    assert scalars["step/loss"][0].tolist() == [1, 2, 3, 4]  # 64 samples / 16 per batch, logged every step
+    assert "train/loss" not in scalars
+    # k_m averaged over the epoch's steps on the device equals the mean of the per-step values logged
+    for m in ("audio", "visual"):
+        per_step = scalars[f"modulation/coeff_{m}"][1]
+        assert len(per_step) == 4 and record[f"train_k_{m}"] == pytest.approx(per_step.mean(), rel=1e-6)
+    assert "train_q_audio" not in record  # OGM-GE computes no OPM drop probability
+
+
+def test_inference_names_the_epoch_as_training_logged_it_and_each_clip(tiny_encoders, tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "20"]
+    assert infer.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = json.loads((tiny_run / "test_metrics.json").read_text())
+    assert metrics["epoch"] == test["best_epoch"] == 0 and metrics["samples"] == 20 and metrics["limit_samples"] == 20
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    from onthefly.data import get_dataset_entry
+
+    cfg = argparse.Namespace(**{**json.loads((tiny_run / "config.json").read_text()), "limit_samples": 20})
+    dataset = get_dataset_entry("avdigits").build(cfg, "test")
+    assert [r["clip_id"] for r in rows] == [str(c) for c in dataset.clip_ids]
+
+
+def test_inference_refuses_non_finite_weights_in_one_line(tiny_encoders, tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=False)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(ckpt, bad)
+    rc = infer.main(["--checkpoint", str(bad), "--device", "cpu", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "non-finite weights" in err and str(bad) in err, err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("main", [infer.main, probe_main, report_main], ids=["inference", "probe", "report"])
+def test_ctrl_c_is_one_line_and_exit_130(tiny_encoders, tiny_run, tmp_path, capsys, monkeypatch, main):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "predict", interrupt)
+    monkeypatch.setattr(probe_module, "extract_features", interrupt)
+    argv = {infer.main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "e")],
+            probe_main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "p.json")],
+            report_main: [str(tiny_run), "--evaluate", "--device", "cpu", "--out", str(tmp_path / "r")]}[main]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and len(err.splitlines()) == 1 and "interrupted" in err, err
+
+
+def test_probe_refuses_a_dataset_split_differently(tiny_encoders, tiny_run, tmp_path, capsys, monkeypatch):
+    from onthefly.data import avdigits
+
+    real = avdigits.load_arrays
+
+    def resplit(cfg):  # the same samples, assigned to the splits differently
+        arrays = dict(real(cfg))
+        arrays["split"] = np.roll(arrays["split"], 1)
+        return arrays
+
+    monkeypatch.setattr(avdigits, "load_arrays", resplit)
+    out = tmp_path / "probe.json"
+    rc = probe_main(["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "16"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "split differently" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--l2", "nan"], "argument --l2: must be a finite number"),
+    (["--l2", "0.1", "-1"], "--l2 strengths must be >= 0"),
+    (["--max_iter", "0"], "--max_iter must be > 0"),
+    (["--limit_samples", "0"], "--limit_samples must be > 0"),
+    (["--batch_size", "0"], "--batch_size must be > 0"),
+])
+def test_bad_probe_options_are_one_line(tmp_path, capsys, args, message):
+    rc = probe_main(["--checkpoint", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_failed_probe_write_leaves_no_probe_json(tiny_encoders, tiny_run, tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "probe.json"
+    rc = probe_main(["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "16",
+                     "--max_iter", "5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
+    assert not out.exists() and not list(tmp_path.glob(".probe.json.*"))
+
+
+# --------------------------------------------------------------------------- metrics, grouping, figures
+
+
+def test_macro_f1_averages_over_the_classes_present():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2])  # class 9 of 10 absent from the split
+    logits = torch.nn.functional.one_hot(labels, 10).float()  # a perfect prediction
+    assert classification_metrics(logits, labels)["macro_f1"] == 1.0
+    # one class-0 sample predicted as 1: F1 = 2 tp / (2 tp + fp + fn) per present class, by hand
+    wrong = logits.clone()
+    wrong[0] = torch.nn.functional.one_hot(torch.tensor(1), 10).float()
+    f1_0 = 2 * 1 / (2 * 1 + 0 + 1)  # tp 1, fp 0, fn 1
+    f1_1 = 2 * 2 / (2 * 2 + 1 + 0)  # tp 2, fp 1, fn 0
+    expected = (f1_0 + f1_1 + 7 * 1.0) / 9
+    assert classification_metrics(wrong, labels)["macro_f1"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_runs_differing_in_any_setting_but_the_seed_are_separate_rows(tmp_path):
+    root = tmp_path / "runs"
+    test = {"best_epoch": 0, "acc": 0.5, "macro_f1": 0.5, "mAP": 0.5, "acc_audio": 0.5, "acc_visual": 0.5}
+    for name, config in {
+        "cvpr_s0": {"modulation": "OGM_GE", "optimizer": "sgd", "alpha": 0.8, "seed": 0},
+        "cvpr_s1": {"modulation": "OGM_GE", "optimizer": "sgd", "alpha": 0.8, "seed": 1, "device": "cuda"},
+        "tpami_s0": {"modulation": "OGM_GE", "optimizer": "adamw", "alpha": 2.6, "seed": 0},
+        "base_s0": {"modulation": "none", "seed": 0},
+    }.items():
+        write_run(root, name, config, test)
+    result = write_report([root], tmp_path / "report", plots=False)
+    groups = {g["label"]: g for g in result["summary"][0]["groups"]}
+    assert set(groups) == {"none", "OGM_GE (alpha 0.8, optimizer sgd)", "OGM_GE (alpha 2.6, optimizer adamw)"}
+    assert groups["OGM_GE (alpha 0.8, optimizer sgd)"]["seeds"] == [0, 1]  # the device does not define a run
+    assert groups["OGM_GE (alpha 2.6, optimizer adamw)"]["seeds"] == [0]
+
+
+def test_evaluate_scores_a_limited_run_on_its_own_samples(tiny_encoders, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval_*", "probe.json"))
+    result = write_report([run], tmp_path / "report", evaluate=True, device="cpu", plots=False)
+    for folder in ("eval_test", "eval_test_zero_audio", "eval_test_zero_visual"):
+        metrics = json.loads((run / folder / "metrics.json").read_text())
+        assert metrics["samples"] == metrics["limit_samples"] == 64, folder
+    assert any("first 64 samples" in note for note in result["notes"])
+
+
+@pytest.mark.parametrize("where", ["a file", "a full disk"])
+def test_a_report_that_cannot_be_written_is_one_line(fake_runs, tmp_path, capsys, monkeypatch, where):
+    root, _ = fake_runs
+    out = tmp_path / "report"
+    if where == "a file":
+        out.write_text("keep")
+    else:
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+    rc = report_main([str(root), "--out", str(out), "--no_plots"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(out) in err, err
+    if where == "a file":
+        assert out.read_text() == "keep"
+    else:
+        assert not (out / "report.md").exists()
+
+
+def test_seeds_logged_at_different_steps_still_draw_their_mean():
+    from onthefly.analysis.plots import modulation_series
+
+    # two seeds whose log steps share only step 1: the mean is taken on the interpolated series
+    a = {"modulation/coeff_audio": (np.array([1, 21, 41, 61]), np.array([0.5, 0.5, 0.5, 0.5]))}
+    b = {"modulation/coeff_audio": (np.array([1, 11, 31, 51]), np.array([0.7, 0.7, 0.7, 0.7]))}
+    (entry,) = modulation_series({"OGM": [a, b]}, ["audio", "visual"])["coeff"]
+    assert entry["steps"].tolist() == [1, 11, 21, 31, 41, 51] and entry["n"] == 2
+    assert entry["mean"] == pytest.approx([0.6] * 6)
+
+
+def test_the_accuracy_band_stays_within_0_and_100(monkeypatch, tmp_path):
+    from onthefly.analysis import plots
+    from onthefly.analysis.runs import Run
+
+    bands = []
+    import matplotlib.axes
+
+    def recording(self, x, low, high, **kwargs):
+        bands.append((np.asarray(low), np.asarray(high)))
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", recording)
+    # accuracies near 100% with a large spread over seeds: mean ± std leaves [0, 100]
+    runs = [Run(tmp_path / f"s{s}", {"modality": "both"}, epochs=[{"epoch": 0, "val_acc": a, "val_acc_audio": a}])
+            for s, a in enumerate((1.0, 0.6))]
+    plots.plot_validation_curves({"OGM": runs}, ["audio"], tmp_path / "curves.png")
+    assert bands and all(low.min() >= 0 and high.max() <= 100 for low, high in bands)
+    assert any(high.max() == 100 for _, high in bands)  # clipped, not dropped
+
+
+def test_outputs_of_another_epoch_than_best_pt_are_left_out(tmp_path):
+    """A run extended after its probe and evaluations: they scored the former best.pt."""
+    root = tmp_path / "runs"
+    test = {"best_epoch": 4, "acc": 0.5, "macro_f1": 0.5, "mAP": 0.5, "acc_audio": 0.5, "acc_visual": 0.5}
+    run = write_run(root, "OGM_seed0", {"modulation": "OGM"}, test,
+                    probe={"epoch": 1, "acc_audio": 0.9, "acc_visual": 0.9}, zero={"audio": 0.3})
+    metrics = json.loads((run / "eval_test_zero_audio" / "metrics.json").read_text())
+    (run / "eval_test_zero_audio" / "metrics.json").write_text(json.dumps({**metrics, "epoch": 1}))
+    result = write_report([root], tmp_path / "report", plots=False)
+    (group,) = result["summary"][0]["groups"]
+    assert group["columns"]["probe_audio"] is None and group["columns"]["zero_audio"] is None
+    assert any("probe.json, eval_test_zero_audio/ scored another epoch" in note for note in result["notes"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from onthefly import infer, runner
-from onthefly.config import get_args_parser, resolve_config, resolved_defaults
+from onthefly.config import RANGES, get_args_parser, resolve_config, resolved_defaults, schedule_warnings
+from onthefly.errors import UserError
 from onthefly.modulation import ModulationConfig, modulation_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +208,38 @@ def test_good_settings_pass():
     cfg = resolve_config(["--alpha", "0", "--q_base", "1", "--p_exe", "0", "--modulation_starts", "3",
                           "--modulation_ends", "3", "--image_downsample", "28", "--image_occlusion", "0"])
     assert (cfg.alpha, cfg.q_base, cfg.modulation_starts, cfg.modulation_ends) == (0.0, 1.0, 3, 3)
+
+
+@pytest.mark.parametrize("args,warning", [
+    (["--epochs", "4", "--scheduler", "step", "--lr_step", "20"],
+     "--lr_step 20 is past the last epoch (3, 0-based) of --epochs 4"),
+    (["--epochs", "4", "--scheduler", "none", "--modulation", "OGM", "--modulation_ends", "80"],
+     "--modulation_ends 80 is past the last epoch (3) of --epochs 4"),
+    (["--epochs", "1", "--scheduler", "none", "--modulation", "OGM", "--modulation_starts", "5"],
+     "--modulation OGM: its window starts at epoch 5, past the last epoch (0) of --epochs 1: this run is the baseline"),
+    (["--epochs", "3", "--scheduler", "cosine", "--modulation", "OPM", "--warmup_epochs", "6"],
+     "its window starts at epoch 6"),
+])
+def test_settings_that_do_nothing_within_the_epochs_are_warned_in_one_line(tmp_path, capsys, monkeypatch, args,
+                                                                           warning):
+    def stop(cfg):
+        raise UserError("stopped before the run folder")
+
+    monkeypatch.setattr(runner, "prepare_run_dir", stop)
+    assert runner.main([*args, "--output_dir", str(tmp_path)]) == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warning in warnings[0], warnings
+
+
+def test_a_run_within_its_epochs_gets_no_warning():
+    cfg = resolve_config(["--epochs", "100", "--lr_step", "70", "--modulation", "OGM", "--modulation_ends", "50"])
+    assert schedule_warnings(cfg) == []
+
+
+def test_each_range_is_written_once_and_checked():
+    """Every RANGES entry is an option of the parser, and a value outside it is refused naming it."""
+    options = {a.dest for a in get_args_parser()._actions}
+    assert set(RANGES) <= options
+    source = (REPO / "code" / "onthefly" / "config.py").read_text()
+    for name in RANGES:
+        assert source.count(f'"{name}": (lambda') == 1, name

@@ -47,13 +47,20 @@ def test_unimodal_logits_send_no_gradient_to_encoders_or_head(tiny_info, tiny_ba
 def test_every_fusion_trains_with_every_modulation(tiny_encoders, tiny_info, tiny_batch, fusion, modulation):
     torch.manual_seed(0)
     model = build_model(tiny_info(NUM_CLASSES), fusion)
-    modulator = Modulator(ModulationConfig(modulation=modulation, alpha=0.5, q_base=0.5, p_exe=1.0), model.encoder_parameters())
+    config = ModulationConfig(modulation=modulation, alpha=0.5, q_base=0.5, p_exe=1.0, const_dominant="audio")
+    if METHODS[modulation].loss == "unimodal" and model.head.has_auxiliary_classifiers:
+        with pytest.raises(ValueError, match="concat or sum"):  # z_m are not shares of the fused output
+            Modulator.for_model(model, config)
+        return
+    modulator = Modulator.for_model(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     inputs, labels = tiny_batch(batch=6, num_classes=NUM_CLASSES)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modulator.begin_epoch(model, [(inputs, labels)], lambda batch: batch, epoch=0)
     for _ in range(3):
         out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch=0))
         loss = compute_loss(out, labels, model.head)
+        loss = loss + modulator.auxiliary_loss(out, labels, 0, loss)
         optimizer.zero_grad()
         loss.backward()
         modulator.modulate_gradients(out, labels, epoch=0)
@@ -64,6 +71,12 @@ def test_every_fusion_trains_with_every_modulation(tiny_encoders, tiny_info, tin
     assert torch.isfinite(stats["ratio"]).all() and stats["ratio"].shape == (2,)
     if modulation in ("OGM", "OGM_GE", "OGM_OPM"):
         assert ((stats["coeff"] > 0) & (stats["coeff"] <= 1)).all()
+    if modulation == "OGM_CONST":
+        assert stats["coeff"].tolist() == [0.5, 1.0]  # audio named: always k, whatever the ratio
+    if modulation == "DROPOUT_UNIFORM":
+        assert stats["drop_prob"].tolist() == pytest.approx([0.3, 0.3])
+    if modulation == "PMR":
+        assert stats["pmr_weight"].tolist() in ([0.0, 1.0], [1.0, 0.0], [0.0, 0.0])
     if modulation in ("OPM", "OGM_OPM"):
         assert ((stats["drop_prob"] >= 0) & (stats["drop_prob"] <= 1)).all()
         assert (stats["drop_prob"] == 0).any()  # only the dominant modality is ever dropped
@@ -83,3 +96,16 @@ def test_unimodal_reference_model(tiny_info, tiny_batch, modality):
     compute_loss(out, labels, model.head).backward()
     assert list(model.encoders) == [modality]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_sum_head_loads_two_modality_weights_saved_as_fc_a_and_fc_b():
+    """Checkpoints from before the M-branch sum head keep loading (strictly) into the same weights."""
+    from onthefly.models.fusion import SumFusion
+
+    head = SumFusion(dim=4, num_classes=3)
+    legacy = {f"fc_{m}.{p}": torch.randn_like(getattr(head.branches[i], p))
+              for i, m in enumerate("ab") for p in ("weight", "bias")}
+    head.load_state_dict(legacy, strict=True)
+    for i, m in enumerate("ab"):
+        assert torch.equal(head.branches[i].weight, legacy[f"fc_{m}.weight"])
+        assert torch.equal(head.branches[i].bias, legacy[f"fc_{m}.bias"])

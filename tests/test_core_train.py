@@ -58,7 +58,7 @@ def test_run_outputs_and_inference(tmp_path):
     assert metrics["samples"] == len(rows) == 300
     accuracy = sum(r["label"] == r["pred"] for r in rows) / len(rows)
     assert metrics["acc"] == pytest.approx(accuracy)
-    assert set(rows[0]) == {"index", "label", "pred", "confidence", "pred_audio", "pred_visual"}
+    assert set(rows[0]) == {"index", "clip_id", "label", "pred", "confidence", "pred_audio", "pred_visual"}
 
 
 def test_unimodal_reference_run(tmp_path):

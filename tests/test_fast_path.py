@@ -239,7 +239,8 @@ def modality_info(m: int) -> DatasetInfo:
 
 
 @pytest.mark.parametrize("m", [2, 3])
-@pytest.mark.parametrize("method", ["none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM"])
+@pytest.mark.parametrize("method", ["none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM", "OGM_CONST", "DROPOUT_UNIFORM",
+                                    "UNIMODAL_AUX", "MMPARETO", "PMR"])
 def test_our_step_reads_nothing_on_the_host_for_any_number_of_modalities(tiny_encoders, method, m):
     """The engine's step (forward with the OPM hook, loss, backward, modulation, finiteness flag,
     SGD step) on a CPU: no host read after the first step (whose labels are checked once)."""
@@ -249,14 +250,17 @@ def test_our_step_reads_nothing_on_the_host_for_any_number_of_modalities(tiny_en
     info = modality_info(m)
     torch.manual_seed(0)
     model = build_model(info, "concat")
-    modulator = Modulator.for_model(model, ModulationConfig(modulation=method, alpha=ALPHA, p_exe=1.0))
+    modulator = Modulator.for_model(model, ModulationConfig(modulation=method, alpha=ALPHA, p_exe=1.0,
+                                                            const_dominant="audio"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     inputs = {s.name: torch.randn(4, *s.shape) for s in info.modalities}
     labels = torch.tensor([0, 1, 2, 3])
+    modulator.begin_epoch(model, [(inputs, labels)], lambda batch: batch, 0)  # PMR's prototypes: once an epoch
 
     def step():
         out = model(inputs, feature_hook=modulator.feature_hook(labels, 0))
         loss = compute_loss(out, labels, model.head)
+        loss = loss + modulator.auxiliary_loss(out, labels, 0, loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         modulator.modulate_gradients(out, labels, 0)

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from onthefly import checkpoint as ckpt_io
-from onthefly import engine, infer, runner
+from onthefly import engine, infer, rundir, runner
 from onthefly.data import avdigits
 from onthefly.modulation import Modulator, discrepancy_ratios, ogm_coefficients, opm_drop_probabilities
 
@@ -55,7 +56,8 @@ def one_thread():
 # resumption are under test, and ResNet18's ~170 MiB checkpoints would make every write slow.
 # The process can SIGKILL itself at an exact moment (a tiny model's step or write is too short
 # to hit from outside): "at_step_N" as training step N (0-based) begins, "in_write" halfway
-# through writing its first checkpoint. (Kills at random moments: bench/soak_kill_resume.py.)
+# through writing its first checkpoint; "SIGTERM_at_step_N" sends SIGTERM instead (SIGHUP too).
+# (Kills at random moments: bench/soak_kill_resume.py.)
 CHILD = """
 import io, itertools, os, runpy, signal, sys
 import torch
@@ -72,11 +74,12 @@ if die == "in_write":
         f.flush()
         die_now()
     torch.save = save_half_then_die
-elif die.startswith("at_step_"):
-    real_loss, steps, at = engine.compute_loss, itertools.count(), int(die.removeprefix("at_step_"))
+elif "at_step_" in die:  # at_step_N: SIGKILL; SIGTERM_at_step_N, SIGHUP_at_step_N: that signal
+    name, at = die.split("at_step_")
+    real_loss, steps, at = engine.compute_loss, itertools.count(), int(at)
     def loss_or_die(*args):
         if next(steps) == at:
-            die_now()
+            os.kill(os.getpid(), getattr(signal, name.rstrip("_"))) if name else die_now()
         return real_loss(*args)
     engine.compute_loss = loss_or_die
 with runpy.run_path(conftest)["swap_in_tiny_encoders"]():
@@ -179,6 +182,9 @@ def test_resume_refuses_settings_that_would_break_the_run(reference, capsys):
     assert "fusion: 'concat' -> 'sum'" in err and "modulation: 'OGM_GE' -> 'OPM'" in err
     err = one_line_error(capsys, runner.main(["--resume", last, "--image_noise", "0.1"]), last)
     assert "image_noise" in err
+    # the samples and batches that chose best.pt on validation: data-defining, as the README says
+    err = one_line_error(capsys, runner.main(["--resume", last, "--limit_samples", "16", "--batch_size", "8"]), last)
+    assert "limit_samples: 8 -> 16" in err and "batch_size: 4 -> 8" in err
     # a setting valid alone but not with the run's own: --modulation_starts 1 was saved
     one_line_error(capsys, runner.main(["--resume", last, "--modulation_ends", "0"]), "--modulation_starts (1)")
 
@@ -211,7 +217,8 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_pa
     err = capsys.readouterr().err
     last = tmp_path / "run" / "last.pt"
     assert rc == 3
-    assert "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 4)" in err
+    where = "non-finite loss or gradient at epoch 1, step 1 of the epoch (global step 3; epochs and steps count from 0)"
+    assert where in err
     assert f"--resume {last}" in err
     ckpt = ckpt_io.load_checkpoint(last)
     assert ckpt["epoch"] == 1 and all(v.isfinite().all() for v in ckpt["model"].values())  # nothing bad saved
@@ -297,8 +304,8 @@ def test_a_full_disk_is_reported_before_training(tmp_path, capsys, monkeypatch):
 
 
 def test_too_little_space_for_the_checkpoints_is_reported_before_training(tmp_path, capsys, monkeypatch):
-    real = runner.shutil.disk_usage
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20))
+    real = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20))
     monkeypatch.setattr(runner, "train_one_epoch", _no_building)
     rc = runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
     one_line_error(capsys, rc, "50 MiB free", "the checkpoints need about")
@@ -542,3 +549,158 @@ def test_inference_refuses_a_dataset_split_differently(tiny_encoders, reference,
     assert not out.exists()
     monkeypatch.undo()
     assert infer.main(["--checkpoint", str(reference / "best.pt"), "--device", "cpu", "--out", str(out)]) == 0
+
+
+# --------------------------------------------------------------------------- resume with a config file, extending a run
+
+
+def test_resume_applies_the_values_of_a_config_file(tmp_path, capsys):
+    assert runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)]) == 0
+    last = tmp_path / "run" / "last.pt"
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("epochs: 2\nlr: 0.05\n")
+    assert runner.main(["--resume", str(last), "--config", str(longer), "--no-eval_test"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["config"]) == (2, 0.05, str(longer))
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1]
+    # a file's resume: key resumes, and its other values apply as well
+    resume = tmp_path / "resume.yaml"
+    resume.write_text(f"resume: {last}\nepochs: 3\neval_test: false\n")
+    assert runner.main(["--config", str(resume)]) == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+    # and a data-defining value in a file is refused as on the command line
+    capsys.readouterr()
+    other = tmp_path / "other.yaml"
+    other.write_text("batch_size: 8\n")
+    one_line_error(capsys, runner.main(["--resume", str(last), "--config", str(other)]), "batch_size: 4 -> 8")
+
+
+def test_print_config_with_resume_prints_the_settings_the_run_would_resume_with(reference, capsys):
+    assert runner.main(["--resume", str(reference / "last.pt"), "--epochs", "5", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["modulation"], printed["limit_samples"], printed["batch_size"]) == ("OGM_GE", 8, 4)
+    assert printed["epochs"] == 5 and printed["modulation_starts"] == 1
+
+
+def test_extending_a_finished_run_drops_its_test_metrics_until_it_is_tested_again(tmp_path, monkeypatch):
+    assert runner.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "test_metrics.json").read_text())["best_epoch"] == 0
+    real, epochs = runner.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", interrupted_in_epoch_2)
+    assert runner.main(["--resume", str(run / "last.pt"), "--epochs", "3"]) == 130
+    assert not (run / "test_metrics.json").exists()  # it scored a best.pt that epochs 1-2 may replace
+    monkeypatch.undo()
+    assert runner.main(["--resume", str(run / "last.pt"), "--epochs", "3"]) == 0
+    best = ckpt_io.load_checkpoint(run / "best.pt")
+    assert json.loads((run / "test_metrics.json").read_text())["best_epoch"] == best["epoch"] - 1
+
+
+# --------------------------------------------------------------------------- a full disk, signals, a read-only --data
+
+
+def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    real, writes = ckpt_io.atomic_torch_save, []
+
+    def full_on_the_third_write(obj, path):  # epoch 0: best.pt, last.pt; epoch 1: best.pt or last.pt fails
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "atomic_torch_save", full_on_the_third_write)
+    rc = runner.main([*TINY, "--epochs", "3", "--no-eval_test", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    last = tmp_path / "run" / "last.pt"
+    assert rc == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err.splitlines()[-1] and f"--resume {last}" in err.splitlines()[-1], err
+    assert ckpt_io.load_checkpoint(last)["epoch"] == 1
+    monkeypatch.undo()
+    assert runner.main(["--resume", str(last)]) == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]  # epoch 1's line before the failure: redone
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_with_one_line_and_the_run_resumes_exactly(reference, tmp_path, name):
+    run = tmp_path / "run"
+    stopped = train(*KILL_ARGS, "--output_dir", str(tmp_path), die=f"{name}_at_step_3")  # epoch 1, its second step
+    lines = stopped.stdout.strip().splitlines()
+    assert stopped.returncode == 128 + getattr(signal, name), stopped.stdout
+    resume = f"resume with: python code/train.py --resume {run / 'last.pt'}"
+    assert lines[-1] == f"train.py: stopped by {name} during epoch 1; {resume}"
+    assert "Traceback" not in stopped.stdout
+    if name == "SIGTERM":  # the folder is as after epoch 0 either way: one exact resume suffices
+        resumed = train("--resume", str(run / "last.pt"))
+        assert resumed.returncode == 0, resumed.stdout
+        assert metrics(run) == metrics(reference)
+
+
+def test_an_avdigits_cache_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    def read_only(path, write, binary=True):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(avdigits, "atomic_write", read_only)
+    data = tmp_path / "data"
+    data.mkdir()
+    rc = runner.main([*TINY, "--epochs", "1", "--data", str(data), "--output_dir", str(tmp_path / "out")])
+    one_line_error(capsys, rc, "--data: cannot write the AV-Digits cache", "Read-only file system")
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default_named(tiny_encoders, tmp_path, capsys):
+    """A run saved before an option existed lacks it in its config: the resume takes the current
+    default and says so, instead of failing on the missing setting."""
+    assert runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)]) == 0
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    del ckpt["config"]["opm_ends"], ckpt["config"]["drop_last"]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert runner.main(["--resume", str(last), "--epochs", "2", "--no-eval_test"]) == 0
+    err = capsys.readouterr().err
+    assert "predates" in err and "drop_last" in err and "opm_ends" in err, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["opm_ends"] == -1 and "drop_last" in saved
+
+
+def test_pmr_prototypes_travel_in_the_checkpoint(tiny_encoders, tmp_path, monkeypatch):
+    """PMR with momentum blends each epoch's prototypes with the previous ones (from epoch 2):
+    a run interrupted after epoch 1 and resumed trains exactly as an uninterrupted one."""
+    args = [*TINY, "--epochs", "3", "--modulation", "PMR", "--pmr_momentum", "0.5", "--no-eval_test"]
+    assert runner.main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    real, calls = runner.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "train_one_epoch", interrupted_in_epoch_2)
+    assert runner.main([*args, "--output_dir", str(tmp_path / "split")]) == 130
+    monkeypatch.undo()
+    assert runner.main(["--resume", str(tmp_path / "split" / "run" / "last.pt")]) == 0
+    assert metrics(tmp_path / "split" / "run") == metrics(tmp_path / "whole" / "run")
+
+
+def test_labels_outside_the_classes_are_one_line_before_training(tiny_encoders, tmp_path, capsys, monkeypatch):
+    """A dataset whose labels leave [0, num_classes) is refused naming the split, before any step."""
+    from onthefly.data import avdigits
+
+    real_init = avdigits.AVDigits.__init__
+
+    def with_a_bad_label(self, cfg, split):
+        real_init(self, cfg, split)
+        if split == "val":
+            self.labels = self.labels.clone()
+            self.labels[0] = 10
+
+    monkeypatch.setattr(avdigits.AVDigits, "__init__", with_a_bad_label)
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)
+    one_line_error(capsys, runner.main([*TINY, "--output_dir", str(tmp_path)]), "val split", "[0, 10)")

@@ -107,5 +107,9 @@ def test_submitit_train_requeues_a_real_run_and_resumes_from_last_pt(tmp_path):
     log = (tmp_path / "long.submitit" / "train.log").read_text()
     assert f"resuming from {run / 'last.pt'}" in log and "--resume" in log
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "# preempted or timed out" in log.split("--resume")[0]  # the requeue came before the end
+    # the requeue came before the end: the job's second command resumes, after the requeue line
+    # (train.py's own stop line, before it, names --resume too)
+    commands = [line for line in log.splitlines() if line.startswith("$ ")]
+    assert "--resume" not in commands[0] and "--resume" in commands[-1], log
+    assert log.index("# preempted or timed out") < log.index(commands[-1]), log
     assert sorted(set(epochs)) == [0, 1] and job.result() == 0, log

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from onthefly.analysis.benchmark_report import paired_difference
+
+from onthefly.analysis.stats import compare_paired
 from onthefly.errors import UserError
 from onthefly.experiments import cli, launchers
 from onthefly.experiments import grid as gridfile
@@ -198,12 +199,22 @@ def test_report_statistics(tmp_path):
     # Paired by seed: (0.75-0.70, 0.73-0.72, 0.80-0.74) = (0.05, 0.01, 0.06), mean 0.04.
     assert float(rows["OPM"]["diff_to_none_mean"]) == pytest.approx(0.04)
     assert rows["none"]["diff_to_none_mean"] == ""
+    # All three differences positive: 2 of the 2^3 sign patterns reach |mean| 0.04, p = 0.25;
+    # one method compared with none, so Holm leaves it as it is, and 0.25 does not survive.
+    assert float(rows["OPM"]["diff_perm_p"]) == pytest.approx(0.25)
+    assert float(rows["OPM"]["diff_holm_p"]) == pytest.approx(0.25) and rows["OPM"]["diff_survives"] == "false"
+    half = 4.302652729749464 * np.std([0.05, 0.01, 0.06], ddof=1) / np.sqrt(3)  # t_{2, 0.975}
+    assert float(rows["OPM"]["diff_t_high"]) == pytest.approx(0.04 + half)
+    assert float(rows["OPM"]["none_acc_std"]) == pytest.approx(np.std(TEST["none"], ddof=1))
+    with open(out / "per_seed.csv") as f:
+        per_seed = {(r["method"], int(r["seed"])): r for r in csv.DictReader(f)}
+    assert len(per_seed) == 12 and float(per_seed[("OPM", 2)]["acc"]) == pytest.approx(TEST["OPM"][2])
     assert rows["OPM"]["weak_modality"] == "visual"  # the reference with the lower validation accuracy
     assert float(rows["OPM"]["weak_head_mean"]) == pytest.approx(0.31)  # 0.3 + seed/100 over seeds 0, 1, 2
     assert float(rows["OPM"]["weak_probe_mean"]) == pytest.approx(0.41)
     assert rows["OPM"]["selected"] == "q_base0.5"
     report = (out / "report.md").read_text()
-    assert "| OPM | 3 | 76.00 ± 3.61 |" in report and "+4.00 [" in report
+    assert "| OPM | 3 | 76.00 ± 3.61 |" in report and "+4.00 [" in report and "| no difference shown |" in report
     assert (out / "modality_curves.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
 
 
@@ -213,17 +224,17 @@ def test_bootstrap_interval_against_hand_computed_cases():
     # P(K <= 3) = 0.993).
     base = {s: 0.5 for s in range(5)}
     method = {s: 0.5 + (s == 4) for s in range(5)}
-    d = paired_difference(method, {**base, 99: 0.0})  # seed 99 has no pair and is left out
+    d = compare_paired(method, {**base, 99: 0.0})  # seed 99 has no pair and is left out
     assert d["n"] == 5 and d["mean"] == pytest.approx(0.2)
-    assert d["low"] == pytest.approx(0.0) and d["high"] == pytest.approx(0.6)
+    assert d["boot_low"] == pytest.approx(0.0) and d["boot_high"] == pytest.approx(0.6)
     # Every pair differs by the same amount: the interval is that amount.
-    same = paired_difference({s: 0.8 + s / 10 for s in range(4)}, {s: 0.75 + s / 10 for s in range(4)})
-    assert same["low"] == pytest.approx(0.05) and same["high"] == pytest.approx(0.05)
+    same = compare_paired({s: 0.8 + s / 10 for s in range(4)}, {s: 0.75 + s / 10 for s in range(4)})
+    assert same["boot_low"] == pytest.approx(0.05) and same["boot_high"] == pytest.approx(0.05)
     # The mean difference, by hand, and a fixed seed gives the same interval twice.
     a, b = {0: 0.9, 1: 0.7, 2: 0.8}, {0: 0.85, 1: 0.75, 2: 0.7}
-    assert paired_difference(a, b)["mean"] == pytest.approx((0.05 - 0.05 + 0.10) / 3)
-    assert paired_difference(a, b) == paired_difference(a, b)
-    assert paired_difference({0: 0.9}, {0: 0.8}) is None  # one pair: no interval
+    assert compare_paired(a, b)["mean"] == pytest.approx((0.05 - 0.05 + 0.10) / 3)
+    assert compare_paired(a, b) == compare_paired(a, b)
+    assert compare_paired({0: 0.9}, {0: 0.8}) is None  # one pair: no interval
 
 
 @pytest.mark.parametrize(
@@ -283,7 +294,9 @@ def test_progress_line_counts_and_eta():
 def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
     """tests/golden/protocol_fake: the same fake runs through analysis/sweep.py as it stood before
     the protocol moved to onthefly/experiments (selection.json, results.csv, report.md up to its
-    timing section)."""
+    timing section). The statistics columns (t-interval, sign-flip p, Holm, bootstrap as secondary)
+    were regenerated when they replaced the bootstrap-only interval; every other column and line
+    was checked equal to the file from before the split at that point."""
     protocol(tmp_path, write_grid(tmp_path), FakeRuns())
     out = tmp_path / "out"
     assert json.loads((out / "selection.json").read_text()) == json.loads((GOLDEN / "selection.json").read_text())

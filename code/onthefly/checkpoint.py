@@ -13,20 +13,24 @@ A checkpoint is a dict with:
 A resumed run rebuilds the learning-rate schedule from its settings (they may change on
 --resume) rather than loading `scheduler`, which is kept for information.
 
-Checkpoints, config.json and test_metrics.json are replaced atomically (temporary file,
-fsync, rename), so a run killed at any moment leaves each of them whole: the old version or
-the new one. A resumed run deletes the temporary files a kill left behind, and drops from
-metrics.jsonl (appended once per epoch) the epochs its checkpoint does not hold.
+`CheckpointSaver` is the one place a run's record is written (after timm's CheckpointSaver):
+each epoch a metrics.jsonl line, then best.pt when validation improved, then last.pt; at the
+end test_metrics.json. Checkpoints, config.json and test_metrics.json are replaced atomically
+(temporary file, fsync, rename), so a run killed at any moment leaves each of them whole: the
+old version or the new one. A resumed run deletes the temporary files a kill left behind,
+drops from metrics.jsonl the epochs its checkpoint does not hold, and, when it trains further,
+removes test_metrics.json (it scored a best.pt those epochs may replace).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -74,6 +78,55 @@ def trim_metrics_log(path: str | Path, epochs_done: int) -> int:
     if dropped:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+class WriteFailed(Exception):
+    """A file of the run folder could not be written (a full disk, say); the files written
+    before are whole, so the run can be resumed once the cause is gone."""
+
+
+class CheckpointSaver:
+    """The run folder's record of training, written by rank 0: metrics.jsonl, best.pt,
+    last.pt and test_metrics.json (see the module docstring for the order and why)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    @property
+    def last(self) -> Path | None:
+        """The checkpoint to resume from, or None before the first epoch ends."""
+        path = self.run_dir / "last.pt"
+        return path if path.is_file() else None
+
+    def resume(self, epochs_done: int, epochs: int) -> None:
+        """Continue after `epochs_done` epochs: forget what the checkpoint does not hold."""
+        with self._writing("metrics.jsonl"):  # epochs logged after the checkpoint was written are redone
+            trim_metrics_log(self.run_dir / "metrics.jsonl", epochs_done)
+        if epochs_done < epochs:
+            with self._writing("test_metrics.json"):
+                (self.run_dir / "test_metrics.json").unlink(missing_ok=True)
+
+    def save_epoch(self, record: dict[str, Any], checkpoint: dict[str, Any], improved: bool) -> None:
+        with self._writing("metrics.jsonl"):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:  # a torn line is dropped on --resume
+                f.write(json.dumps(record) + "\n")
+        if improved:  # best.pt first: a kill between the two writes leaves last.pt behind, so the epoch is redone
+            with self._writing("best.pt"):
+                atomic_torch_save(checkpoint, self.run_dir / "best.pt")
+        with self._writing("last.pt"):
+            atomic_torch_save(checkpoint, self.run_dir / "last.pt")
+
+    def save_test(self, best_epoch: int | None, metrics: dict[str, float]) -> None:
+        with self._writing("test_metrics.json"):
+            text = json.dumps({"best_epoch": best_epoch, **metrics}, indent=2)
+            atomic_write_text(self.run_dir / "test_metrics.json", text)
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.run_dir / name}: {e.strerror or e}") from None
 
 
 def rng_state_for_rank(ckpt: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:

@@ -25,12 +25,16 @@ from .models import FUSIONS, INITS
 from .data.cache.format import FRAME_CROPS, FRAME_PICKS
 from .modulation import ModulationConfig
 
-# Settings a resumed run may not change: they define the model or the data it was trained on,
-# or (optimizer) the kind of optimiser state the checkpoint holds.
+# Settings a resumed run may not change: they define the model or the data it was trained on
+# (limit_samples, batch_size, drop_last: which samples, and in which batches; best.pt is chosen
+# on the validation split they define; frame_crop, frame_pick: which pixels), or (optimizer)
+# the kind of optimiser state the checkpoint holds.
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
-    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt", "avdigits_preset",
-    "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed", "seed", "optimizer",
+    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt",
+    "avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed",
+    "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
+    "frame_crop", "frame_pick",
 )
 
 
@@ -133,7 +137,9 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--run_name", default=None, help="default: <dataset>_<modality or fusion>_<modulation>_seed<seed>")
     g.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding an earlier run's files")
     g.add_argument("--resume", default=None, help="a run's last.pt (or its folder) to continue exactly, in its own folder")
-    g.add_argument("--log_every", type=int, default=20, help="read and log step statistics every N steps (the only host syncs)")
+    g.add_argument("--log_every", type=int, default=20,
+                   help="every N steps, read the step statistics for TensorBoard and the progress bar's epoch loss "
+                        "(the only host syncs)")
     g.add_argument("--nonfinite", default="stop", choices=("stop", "skip"), help="on a NaN/Inf loss or gradient: stop, or skip the batch")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
     g.add_argument("--eval_test", action=argparse.BooleanOptionalAction, default=True, help="evaluate best.pt on the test split at the end")
@@ -199,9 +205,43 @@ def _yaml_options(path: str, parser: ArgumentParser) -> dict[str, Any]:
     return {key: getattr(parsed, key) for key in values}
 
 
-def _unset_or(cfg: argparse.Namespace, key: str, ok) -> bool:
-    value = getattr(cfg, key, None)
-    return value is None or ok(value)
+# Ranges of the options, each written once: name -> (test, what the test requires). An unset
+# option (None: the dataset's value applies) passes. The modulation options are
+# ModulationConfig's.
+RANGES: dict[str, tuple[Any, str]] = {
+    "epochs": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v >= 2, ">= 2: BatchNorm needs at least 2 samples per batch in training"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr_step": (lambda v: v > 0, "> 0"),
+    "lr_gamma": (lambda v: v > 0, "> 0"),
+    "num_frames": (lambda v: v > 0, "> 0"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "log_every": (lambda v: v > 0, "> 0"),
+    "limit_samples": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    "crop_size": (lambda v: v > 0, "> 0"),
+    "data_seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    "audio_frames": (lambda v: v > 0, "> 0"),
+    "image_downsample": (lambda v: 1 <= v <= 28, "in [1, 28] (28 = off)"),
+    "audio_corrupt": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "image_corrupt": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "audio_noise": (lambda v: v >= 0, ">= 0"),
+    "image_noise": (lambda v: v >= 0, ">= 0"),
+    "image_occlusion": (lambda v: 0 <= v <= 28, "in [0, 28] (0 = off)"),
+    "scan_noise": (lambda v: v >= 0, ">= 0"),
+    "scan_corrupt": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def check_ranges(cfg: argparse.Namespace) -> str | None:
+    """The first option outside its RANGES entry, as one line, or None."""
+    for name, (ok, need) in RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):
+            return f"--{name} must be {need} (got {value})"
+    return None
 
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
@@ -219,38 +259,9 @@ def _dataset_kind(dataset: str) -> str:
 def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
     """Reject settings that cannot work, naming the option. `given`: the options the user set
     (command line or YAML), checked against what the dataset reads."""
-    checks = [
-        (cfg.epochs > 0, f"--epochs must be > 0 (got {cfg.epochs})"),
-        (cfg.batch_size >= 2,
-         f"--batch_size must be >= 2: BatchNorm needs at least 2 samples per batch in training (got {cfg.batch_size})"),
-        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
-        (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay})"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
-        (cfg.lr_step > 0, f"--lr_step must be > 0 (got {cfg.lr_step})"),
-        (cfg.lr_gamma > 0, f"--lr_gamma must be > 0 (got {cfg.lr_gamma})"),
-        (cfg.num_frames > 0, f"--num_frames must be > 0 (got {cfg.num_frames})"),
-        (cfg.num_workers >= 0, f"--num_workers must be >= 0 (got {cfg.num_workers})"),
-        (cfg.log_every > 0, f"--log_every must be > 0 (got {cfg.log_every})"),
-        (cfg.limit_samples is None or cfg.limit_samples > 0, "--limit_samples must be > 0"),
-        (0 <= cfg.seed < 2**31, f"--seed must be in [0, 2**31) (got {cfg.seed})"),
-        (_unset_or(cfg, "crop_size", lambda v: v > 0), f"--crop_size must be > 0 (got {getattr(cfg, 'crop_size', None)})"),
-        (_unset_or(cfg, "data_seed", lambda v: 0 <= v < 2**31), f"--data_seed must be in [0, 2**31) (got {getattr(cfg, 'data_seed', None)})"),
-        (_unset_or(cfg, "audio_frames", lambda v: v > 0), f"--audio_frames must be > 0 (got {getattr(cfg, 'audio_frames', None)})"),
-        (_unset_or(cfg, "image_downsample", lambda v: 1 <= v <= 28),
-         f"--image_downsample must be in [1, 28] (28 = off; got {getattr(cfg, 'image_downsample', None)})"),
-        (_unset_or(cfg, "audio_corrupt", lambda v: 0 <= v <= 1), f"--audio_corrupt must be in [0, 1] (got {getattr(cfg, 'audio_corrupt', None)})"),
-        (_unset_or(cfg, "image_corrupt", lambda v: 0 <= v <= 1), f"--image_corrupt must be in [0, 1] (got {getattr(cfg, 'image_corrupt', None)})"),
-        (_unset_or(cfg, "audio_noise", lambda v: v >= 0), f"--audio_noise must be >= 0 (got {getattr(cfg, 'audio_noise', None)})"),
-        (_unset_or(cfg, "image_noise", lambda v: v >= 0), f"--image_noise must be >= 0 (got {getattr(cfg, 'image_noise', None)})"),
-        (_unset_or(cfg, "scan_corrupt", lambda v: 0 <= v <= 1),
-         f"--scan_corrupt must be in [0, 1] (got {getattr(cfg, 'scan_corrupt', None)})"),
-        (_unset_or(cfg, "scan_noise", lambda v: v >= 0), f"--scan_noise must be >= 0 (got {getattr(cfg, 'scan_noise', None)})"),
-        (_unset_or(cfg, "image_occlusion", lambda v: 0 <= v <= 28),
-         f"--image_occlusion must be in [0, 28] (0 = off; got {getattr(cfg, 'image_occlusion', None)})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    problem = check_ranges(cfg)
+    if problem:
+        raise UserError(problem)
     problem = ModulationConfig.check({f.name: getattr(cfg, f.name) for f in fields(ModulationConfig)}, prefix="--")
     if problem:
         raise UserError(problem)
@@ -271,7 +282,8 @@ def validate_config(cfg: argparse.Namespace, given: Iterable[str] = ()) -> None:
 def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> argparse.Namespace:
     """Parse argv and fill every option: CLI > YAML > dataset defaults > the parser's defaults.
 
-    `cfg.explicit` lists the options given on the command line (what --resume may change)."""
+    `cfg.explicit` lists the options given on the command line or in the --config file: what
+    a resumed run takes instead of its saved settings (rundir.merge_resume_config)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_args_parser()
     cfg = parser.parse_args(argv)
@@ -282,6 +294,7 @@ def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | N
         parser.set_defaults(**from_file)
         cfg = parser.parse_args(argv)
         given |= set(from_file)
+        explicit = sorted(given)
     for key, value in get_dataset_entry(cfg.dataset).defaults.items():
         if key not in given:
             setattr(cfg, key, value)
@@ -291,6 +304,27 @@ def resolve_config(argv: Sequence[str] | None = None, parser: ArgumentParser | N
         what = cfg.fusion if cfg.modality == "both" else f"{cfg.modality}-only"
         cfg.run_name = f"{cfg.dataset}_{what}_{cfg.modulation}_seed{cfg.seed}"
     return cfg
+
+
+def schedule_warnings(cfg: argparse.Namespace) -> list[str]:
+    """Settings that do nothing within this run's --epochs (e.g. a recipe shortened for a smoke
+    test), one line each. A modulation window that starts after the last epoch is among them:
+    such a run trains exactly as --modulation none, under the method's name."""
+    last = cfg.epochs - 1  # epochs are 0-based, as in metrics.jsonl
+    notes = []
+    if cfg.scheduler == "step" and cfg.lr_step > last:
+        notes.append(f"--lr_step {cfg.lr_step} is past the last epoch ({last}, 0-based) of --epochs {cfg.epochs}: "
+                     "the learning rate never decays")
+    if cfg.modulation != "none":
+        first = max(cfg.modulation_starts, cfg.warmup_epochs)
+        if first > last:
+            notes.append(f"--modulation {cfg.modulation}: its window starts at epoch {first}, past the last epoch "
+                         f"({last}) of --epochs {cfg.epochs}: this run is the baseline (none) under "
+                         f"{cfg.modulation}'s name")
+        elif last < cfg.modulation_ends < ModulationConfig.modulation_ends:  # the default: never ends
+            notes.append(f"--modulation_ends {cfg.modulation_ends} is past the last epoch ({last}) of --epochs "
+                         f"{cfg.epochs}: modulation runs to the end of this run")
+    return notes
 
 
 def resolved_defaults(dataset: str = "avdigits") -> dict[str, Any]:

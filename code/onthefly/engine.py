@@ -26,12 +26,18 @@ class NonFiniteError(RuntimeError):
     def __init__(self, kind: str, epoch: int, step: int | None = None, global_step: int | None = None):
         self.kind, self.epoch, self.step, self.global_step = kind, epoch, step, global_step
         where = {
-            "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch (global step {global_step})",
+            "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch "
+                    f"(global step {global_step}; epochs and steps count from 0)",
             "weights": f"the weights became non-finite during epoch {epoch} (an update overflowed)",
             "all skipped": f"every batch of epoch {epoch} had a non-finite loss or gradient and was skipped",
             "outputs": f"the model's outputs became non-finite after epoch {epoch} (its weights grew too large)",
         }[kind]
         super().__init__(f"{where}; nothing was saved from this epoch.")
+
+
+# Modulation statistics averaged over an epoch (on the device; read once at its end), and the
+# name of their epoch-record key: train_<name>_<modality>.
+EPOCH_MEANS = {"coeff": "k", "drop_prob": "q"}
 
 
 @dataclass
@@ -78,7 +84,8 @@ def train_one_epoch(
     writer=None,
 ) -> dict[str, float]:
     """One pass over `loader`. Nothing is read on the host except every `cfg.log_every` steps
-    and once at the end. Raises NonFiniteError (see there)."""
+    and once at the end. Returns the epoch's mean loss and accuracy, and the epoch means of
+    OGM's k_m and OPM's q_m where the method computes them (EPOCH_MEANS). Raises NonFiniteError."""
     model.train()
     head = unwrap_model(model).head
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,8 +95,11 @@ def train_one_epoch(
     no_step = torch.iinfo(torch.long).max
     first_bad = torch.full((), no_step, dtype=torch.long, device=device)  # first non-finite step (stop policy)
     skipped = 0
+    modulation_sums: dict[str, torch.Tensor] = {}
+    modulation_steps = 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     epoch = state.epoch
+    modulator.begin_epoch(model, loader, preset, epoch)  # PMR's class prototypes (nothing for the others)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False, dynamic_ncols=True)
 
     for step, batch in enumerate(bar):
@@ -97,6 +107,7 @@ def train_one_epoch(
         with autocast:
             out = model(inputs, feature_hook=modulator.feature_hook(labels, epoch))
             loss = compute_loss(out, labels, head)
+            loss = loss + modulator.auxiliary_loss(out, labels, epoch, loss)  # UNIMODAL_AUX, MMPARETO, PMR
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # OGM-GE's noise is added to gradients DDP has already averaged: every rank draws the same.
@@ -120,12 +131,16 @@ def train_one_epoch(
 
         totals += torch.stack([loss.detach() * len(labels), (out["logits"].argmax(1) == labels).sum()])
         seen += len(labels)
+        present = [key for key in EPOCH_MEANS if key in modulator.stats]
+        for key in present:
+            modulation_sums[key] = modulation_sums.get(key, 0) + modulator.stats[key]
+        modulation_steps += bool(present)
         state.global_step += 1
         if step % cfg.log_every == 0 or step == len(loader) - 1:
             bad = int(all_reduce_min(first_bad))  # the earliest on any rank
-            if bad != no_step:
-                raise NonFiniteError("step", epoch, bad, state.global_step - step + bad)
-            _log_step(bar, writer, modulator, loss, optimizer, state.global_step)
+            if bad != no_step:  # this step is global step state.global_step - 1 (0-based)
+                raise NonFiniteError("step", epoch, bad, state.global_step - 1 - step + bad)
+            _log_step(bar, writer, modulator, loss, totals[0] / seen, optimizer, state.global_step)
 
     loss_sum, correct = all_reduce_sum(totals).tolist()
     n = int(all_reduce_sum(torch.tensor(float(seen), device=device)).item())
@@ -138,15 +153,23 @@ def train_one_epoch(
     stats = {"loss": loss_sum / n, "acc": correct / n}
     if cfg.nonfinite == "skip":
         stats["skipped"] = skipped
+    for key, total in modulation_sums.items():  # identical on every rank: the scores are all-reduced
+        for name, mean in zip(modulator.modality_names, (total / modulation_steps).tolist()):
+            stats[f"{EPOCH_MEANS[key]}_{name}"] = mean
     return stats
 
 
-def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, optimizer, step: int) -> None:
-    scalars = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}
+def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, epoch_loss: torch.Tensor, optimizer,
+              step: int) -> None:
+    """At a log step: TensorBoard's per-step scalars (step/..., modulation/...; x = optimizer steps
+    done) and the progress bar's loss, this rank's mean over the epoch so far (updated only here:
+    reading it every step would stall the device)."""
+    loss, epoch_loss = torch.stack([loss.detach().float(), epoch_loss.float()]).tolist()
+    scalars = {"step/loss": loss, "step/lr": optimizer.param_groups[0]["lr"]}
     for key, value in modulator.stats.items():
         for name, v in zip(modulator.modality_names, value.tolist()):
             scalars[f"modulation/{key}_{name}"] = v
-    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+    bar.set_postfix({"epoch loss": f"{epoch_loss:.3f}"}, refresh=False)
     if writer is not None:
         for k, v in scalars.items():
             writer.add_scalar(k, v, step)

@@ -18,13 +18,16 @@ def classification_metrics(
     labels: torch.Tensor,
     unimodal_logits: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Metrics of fused logits (N, K) against labels (N,), plus `acc_<modality>` for each z_m."""
+    """Metrics of fused logits (N, K) against labels (N,), plus `acc_<modality>` for each z_m.
+
+    Macro-F1 and mAP average over the classes that occur in `labels`."""
     y = labels.cpu().numpy()
     probs = logits.float().softmax(dim=1).cpu().numpy()
     pred = probs.argmax(axis=1)
     out = {
         "acc": float((pred == y).mean()),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=np.arange(probs.shape[1]), zero_division=0)),
+        # over the classes present in the split, as mAP: an absent class has no F1 to average
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=np.unique(y), zero_division=0)),
         "mAP": mean_average_precision(probs, y),
     }
     for name, z in (unimodal_logits or {}).items():

@@ -6,18 +6,28 @@
   * A new run starts only in a folder that holds none of a run's files (RUN_FILES).
     `--overwrite` replaces exactly those files and nothing else.
   * `--resume` continues a run's own `last.pt` inside its own folder: the folder's
-    `config.json` must name the same run. Only that folder is written.
+    `config.json` must name the same run. Only that folder is written. The run's saved
+    settings apply, overridden by the options given now (command line or --config file);
+    a change to what defines the run (config.RUN_IDENTITY_KEYS) is refused.
+  * Before any data or model is built, the folder must be writable, and before training it
+    must have room for the first epoch's checkpoints.
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import RUN_IDENTITY_KEYS, validate_config
 from .errors import UserError
 
 # Everything a training run writes into its folder (tb/ is a directory).
@@ -25,7 +35,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics
 LOCK_NAME = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +94,7 @@ def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> 
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
             continue
         pid, holder_host = _read_holder(fd)
-        if pid is not None and holder_host == host and pid != os.getpid() and _pid_alive(pid):
+        if pid is not None and holder_host == host and pid != os.getpid() and pid_alive(pid):
             # Free to lock, yet its process lives: a file system without flock, or a reused pid.
             os.close(fd)
             raise UserError(f"{run_dir} is in use by process {pid} (lock {path}); if that process is "
@@ -140,3 +150,90 @@ def check_resume_source(path: Path, saved_config: dict[str, Any]) -> Path:
         raise UserError(f"--resume {path}: {run_dir} is not this checkpoint's own run folder (its config.json "
                         "is missing or belongs to another run); resume inside the run's folder, or copy the whole folder")
     return run_dir
+
+
+def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The checkpoint's config, overridden by the options given now (`cfg.explicit`: command
+    line and --config file). Changes that would break the run, and a checkpoint outside its
+    own run folder, are refused. Returns (merged config, checkpoint)."""
+    ckpt = ckpt_io.load_checkpoint(cfg.resume)
+    saved = ckpt["config"]
+    run_dir = check_resume_source(Path(ckpt["path"]), saved)
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+               for k in cfg.explicit if k in RUN_IDENTITY_KEYS and saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise UserError(f"--resume {ckpt['path']}: these settings differ from the run's and would break it: "
+                        f"{'; '.join(changed)}")
+    if cfg.overwrite:
+        raise UserError(f"--overwrite with --resume {ckpt['path']}: a resumed run keeps its files; "
+                        "use one or the other")
+    if {"output_dir", "run_name"} & set(cfg.explicit):
+        wanted = Path(cfg.output_dir if "output_dir" in cfg.explicit else run_dir.parent) / (
+            cfg.run_name if "run_name" in cfg.explicit else run_dir.name)
+        if wanted.resolve() != run_dir.resolve():
+            raise UserError(f"--output_dir/--run_name: a resumed run continues in its own folder {run_dir}, "
+                            f"not {wanted}; drop these options")
+    if "epochs" in cfg.explicit and cfg.epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {cfg.epochs}: --resume {ckpt['path']} has already completed {ckpt['epoch']} epochs")
+    # A run saved before an option existed resumes with that option's current default, named.
+    predates = sorted(k for k in vars(cfg) if k not in saved and k not in ("explicit", "resume", "print_config"))
+    if predates:
+        print(f"warning: --resume {ckpt['path']}: the run predates {', '.join(predates)}; "
+              "resuming with their current values", file=sys.stderr)
+    merged = argparse.Namespace(**{
+        **{k: getattr(cfg, k) for k in predates}, **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
+        # the folder as it is now (it may have moved since the run started)
+        "output_dir": str(run_dir.parent), "run_name": run_dir.name,
+        "resume": ckpt["path"], "explicit": cfg.explicit, "print_config": cfg.print_config,
+    })
+    validate_config(merged, cfg.explicit)  # e.g. --modulation_ends given now against the run's --modulation_starts
+    return merged, ckpt
+
+
+def _prove_writable(run_dir: Path) -> None:
+    probe = run_dir / ".write_probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))  # a full disk fails here, not after the first epoch
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def prepare_run_dir(cfg: argparse.Namespace) -> tuple[Path, RunLock]:
+    """Create (or reuse, when resuming) the run folder, lock it for this run, apply the rules
+    above and prove the folder is writable now. Returns the folder and its lock."""
+    run_dir = Path(cfg.resume).parent if cfg.resume else Path(cfg.output_dir) / cfg.run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = acquire_run_lock(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
+    try:
+        if not cfg.resume:
+            check_new_run_folder(run_dir, cfg.overwrite)
+        _prove_writable(run_dir)
+        # what a kill left half-written; last.pt and best.pt are always whole
+        ckpt_io.remove_stale_temporaries(run_dir, RUN_FILES)
+        if not cfg.resume:  # --overwrite (checked above): the earlier run's files go
+            remove_run_files(run_dir)
+    except OSError as e:
+        lock.release()
+        raise UserError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+def check_free_space(run_dir: Path, model: torch.nn.Module, cfg: argparse.Namespace) -> None:
+    """Refuse to start when the run directory cannot hold the checkpoints of the first epoch."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    slots = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum > 0 else 0)  # optimizer state per parameter
+    needed = int((params + buffers + slots * params) * (1.1 if cfg.resume else 2.2))  # last.pt and best.pt, + 10%
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(f"the run directory {run_dir} has {free / 2**20:.0f} MiB free; "
+                        f"the checkpoints need about {needed / 2**20:.0f} MiB")

@@ -3,11 +3,11 @@
 Per method, over the test seeds of its selected grid point:
   - test accuracy and macro-F1 of the fused prediction: mean ± sample std (ddof 1);
   - the paired difference to the baseline `none`: d_s = acc_method(s) - acc_none(s) for every
-    test seed s both have; its mean, and a 95% bootstrap confidence interval of that mean
-    (scipy.stats.bootstrap on the d_s, percentile method, BOOTSTRAP_RESAMPLES resamples,
-    fixed seed BOOTSTRAP_SEED). Pairing by seed removes what the seeds share (same data
-    order, same initialisation) from the comparison. With 5 seeds the percentile interval is
-    narrow-biased (it under-covers for small n); it is a summary of the seeds, not a test;
+    test seed s both have (pairing by seed removes what the seeds share: data order,
+    initialisation); its mean with the paired t-interval (primary), the exact sign-flip
+    permutation p-value, Holm's adjustment of those p-values across the methods compared with
+    `none`, and the percentile bootstrap interval as a secondary column (analysis/stats.py);
+    next to every difference, the seed-to-seed std of `none` itself;
   - the weak modality's head accuracy (z_m of the joint model, test_metrics.json) and linear
     probe accuracy (probe.json). The weak modality is the reference (trained alone) with the
     lower mean best validation accuracy, so it is measured, not assumed.
@@ -21,54 +21,34 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..experiments.grid import Grid
 from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
 from ..fileio import atomic_write_text, read_json_object
 from .runs import load_run
+from .stats import ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, compare_paired, holm_verdicts
+from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-CONFIDENCE = 0.95
 CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
 
 
-def mean_std(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
-def paired_difference(method: dict[int, float], baseline: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict[str, Any] | None:
-    """Mean of method - baseline over the seeds both have, with a percentile bootstrap CI of that mean.
-
-    method, baseline: {seed: accuracy}. None when fewer than 2 seeds are shared (no interval).
-    """
-    from scipy.stats import bootstrap
-
-    seeds = sorted(set(method) & set(baseline))
-    if len(seeds) < 2:
-        return None
-    d = np.array([method[s] - baseline[s] for s in seeds], dtype=np.float64)
-    ci = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
-                   rng=np.random.default_rng(seed)).confidence_interval
-    return {"mean": float(d.mean()), "low": float(ci.low), "high": float(ci.high), "n": len(seeds), "seeds": seeds,
-            "differences": d.tolist()}
-
-
-def _pct(s: dict | None, digits: int = 2) -> str:
-    if s is None:
-        return "–"
-    return f"{100 * s['mean']:.{digits}f}" + (f" ± {100 * s['std']:.{digits}f}" if s.get("std") is not None else "")
-
-
-def _diff_text(d: dict | None) -> str:
+def _diff_text(d: dict | None, low: str = "low", high: str = "high") -> str:
     if d is None:
         return "–"
-    return f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+    return f"{100 * d['mean']:+.2f} [{100 * d[low]:+.2f}, {100 * d[high]:+.2f}]"
+
+
+def _p_text(p: float | None) -> str:
+    return "–" if p is None else f"{p:.3f}"
+
+
+def _verdict_text(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    if not d["survives"]:
+        return "no difference shown"
+    return "better" if d["mean"] > 0 else "worse"
 
 
 def _point_text(point: dict) -> str:
@@ -98,6 +78,10 @@ def weak_modality(grid: Grid, test: list[RunSpec]) -> tuple[str | None, dict[str
 def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any]:
     weak, alone_val = weak_modality(grid, test)
     base = _test_values([s for s in test if s.method == BASELINE], "acc")
+    comparisons = {m: compare_paired(_test_values([s for s in test if s.method == m], "acc"), base)
+                   for m in grid.methods if m != BASELINE}
+    for method, verdict in holm_verdicts(comparisons).items():
+        comparisons[method].update(verdict)
     rows = []
     for method in [*grid.methods, *(f"{m} alone" for m in grid.references)]:
         runs = [s for s in test if s.method == method]
@@ -110,7 +94,7 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
             "diverged": sorted(s.seed for s in runs if run_state(s) == "diverged"),
             "acc": mean_std(list(acc.values())),
             "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
-            "diff_to_none": None if reference or method == BASELINE else paired_difference(acc, base),
+            "diff_to_none": comparisons.get(method),
             "weak_head": None if reference or weak is None else mean_std(list(_test_values(runs, f"acc_{weak}").values())),
             "weak_probe": mean_std(list(_test_values(runs, f"acc_{own}", "probe").values())) if own else None,
             "selected": selection[method]["point"] if not reference else {},
@@ -118,7 +102,8 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
             "resolved": _resolved_options(runs, selection[method]["point"]) if not reference else {},
         }
         rows.append(row)
-    return {"weak_modality": weak, "alone_val_acc": alone_val, "rows": rows}
+    return {"weak_modality": weak, "alone_val_acc": alone_val, "baseline_acc": mean_std(list(base.values())),
+            "rows": rows}
 
 
 def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
@@ -135,21 +120,34 @@ def write_results_csv(path: Path, summary: dict) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
-                "diff_ci_low", "diff_ci_high", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
+                "diff_t_low", "diff_t_high", "diff_t_p", "diff_perm_p", "diff_holm_p", "diff_survives", "diff_boot_low",
+                "diff_boot_high", "none_acc_std", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
                 "weak_probe_std", "selected", "selected_val_acc", "n_diverged"])
     num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
     for r in summary["rows"]:
+        d = r["diff_to_none"]
         w.writerow([r["method"], len(r["seeds"]), num(r["acc"], "mean"), num(r["acc"], "std"), num(r["macro_f1"], "mean"),
-                    num(r["macro_f1"], "std"), num(r["diff_to_none"], "mean"), num(r["diff_to_none"], "low"),
-                    num(r["diff_to_none"], "high"), summary["weak_modality"] or "", num(r["weak_head"], "mean"),
+                    num(r["macro_f1"], "std"), num(d, "mean"), num(d, "low"), num(d, "high"), num(d, "t_p"),
+                    num(d, "perm_p"), num(d, "holm_p"), "" if d is None else str(d["survives"]).lower(),
+                    num(d, "boot_low"), num(d, "boot_high"), num(summary["baseline_acc"], "std"),
+                    summary["weak_modality"] or "", num(r["weak_head"], "mean"),
                     num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
                     point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}", len(r["diverged"])])
     atomic_write_text(path, buf.getvalue())
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
-        "| " + " | ".join(row) + " |" for row in rows]
+def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
+    """One row per test-phase run: method, seed and every number of its test_metrics.json, so
+    each interval of the report can be recomputed from the committed file."""
+    rows = [(s.method, s.seed, data) for s in test
+            if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
+    keys = sorted({k for _, _, data in rows for k, v in data.items() if isinstance(v, (int, float))})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "seed", *keys])
+    for method, seed, data in sorted(rows, key=lambda r: (r[0], r[1])):
+        w.writerow([method, seed, *("" if data.get(k) is None else f"{data[k]:.10g}" for k in keys)])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
@@ -168,22 +166,35 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         if weak else "No trained-alone references, so no weak modality.",
         "",
         "- **Accuracy**, **macro-F1**: test, fused prediction, mean ± sample std over the test seeds (%).",
-        f"- **Δ vs none [95% CI]**: mean over test seeds of (method − none), paired by seed, with a {int(100 * CONFIDENCE)}% "
-        f"percentile bootstrap interval of that mean (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed "
-        f"{BOOTSTRAP_SEED}); percentage points. An interval that contains 0 means the seeds do not show a difference.",
+        f"- **Δ vs none [{int(100 * CONFIDENCE)}% t]**: mean over test seeds of (method − none), paired by seed, with "
+        "the paired Student-t interval of that mean; percentage points. **none std**: the seed-to-seed std of `none` "
+        "itself, the scale a difference has to be read against.",
+        "- **p (sign-flip)**: exact two-sided permutation p-value over all 2^n sign patterns of the paired differences "
+        f"(its smallest possible value is 2/2^n). **Holm p**: adjusted across the methods compared with none "
+        f"({len(grid.methods) - 1}). **Verdict**: better / worse when the Holm-adjusted p is below {ALPHA}, otherwise "
+        "\"no difference shown\".",
+        f"- **Bootstrap [{int(100 * CONFIDENCE)}%]** (secondary): percentile bootstrap interval of the mean difference "
+        f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); with few seeds it cannot "
+        "reach past the observed differences and is too narrow.",
         f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of the fusion head).",
         f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on val, test accuracy); "
         "for a reference row, the probe of its own encoder.",
         "",
     ]
-    header = ["Method", "Seeds", "Accuracy", "Macro-F1", "Δ vs none [95% CI]", f"Head {weak}", f"Probe {weak}",
-              "Selected (val acc)"]
+    header = ["Method", "Seeds", "Accuracy", "Macro-F1", f"Δ vs none [{int(100 * CONFIDENCE)}% t]", "none std",
+              "p (sign-flip)", "Holm p", "Verdict", f"Bootstrap [{int(100 * CONFIDENCE)}%]", f"Head {weak}",
+              f"Probe {weak}", "Selected (val acc)"]
+    base = summary["baseline_acc"]
+    base_std = "–" if base is None or base["std"] is None else f"{100 * base['std']:.2f}"
     rows = []
     for r in summary["rows"]:
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
-        rows.append([r["method"], str(len(r["seeds"])), _pct(r["acc"]), _pct(r["macro_f1"]), _diff_text(r["diff_to_none"]),
-                     _pct(r["weak_head"]), _pct(r["weak_probe"]), selected])
-    lines += _table(header, rows) + [""]
+        d = r["diff_to_none"]
+        stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
+        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d)]
+        stats += [_diff_text(d, "boot_low", "boot_high")] + [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
+        rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
+    lines += markdown_table(header, rows) + [""]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
         lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
@@ -191,8 +202,8 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines += ["## Settings of the selected points", "",
               "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
     keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
-    lines += _table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
-                                        for r in summary["rows"] if r["resolved"]]) + [""]
+    lines += markdown_table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
+                                                for r in summary["rows"] if r["resolved"]]) + [""]
 
     lines += ["## Tuning (validation accuracy, %)", "",
               "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
@@ -204,7 +215,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
             per_seed = " / ".join(f"{100 * v:.2f}" for v in p["per_seed"].values())
             score = "diverged" if p["val_acc"] is None else f"{mark}{100 * p['val_acc']:.2f}{mark}"
             rows.append([f"{mark}{p['index']}{mark}", f"{mark}{_point_text(p['point'])}{mark}", score, per_seed])
-        lines += [f"### {method}", ""] + _table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
+        lines += [f"### {method}", ""] + markdown_table(["Point", "Options", "Val acc (mean)", "Per seed"], rows) + [""]
 
     if figures:
         lines += ["## Figures", ""]
@@ -255,12 +266,13 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
 
 def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path,
                            wall_seconds: float, slots: int) -> dict:
-    """report.md, results.csv, summary.json and figures in `out`."""
+    """report.md, results.csv, per_seed.csv, summary.json and figures in `out`."""
     summary = summarize(grid, selection, test)
     durations = [d for s in tune + test if (d := run_seconds(s)) is not None]
     timing = {"wall_s": wall_seconds, "train_s": float(sum(durations)), "runs": len(durations), "slots": slots}
     figures = _figures(grid, selection, tune, test, out, summary["weak_modality"])
     atomic_write_text(out / "report.md", _markdown(grid, summary, selection, figures, timing))
     write_results_csv(out / "results.csv", summary)
+    write_per_seed_csv(out / "per_seed.csv", test)
     atomic_write_text(out / "summary.json", json.dumps({**summary, "timing": timing}, indent=2))
     return {**summary, "timing": timing, "figures": figures}

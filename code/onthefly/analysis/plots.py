@@ -30,13 +30,20 @@ def _colors(n: int):
 
 
 def _mean_std_over_runs(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Align (x, y) series on the x values every series has; mean and std (0 for one series)."""
+    """Mean and std (0 for one series) of (x, y) series. Series logged at different x (runs that
+    logged at different steps) are linearly interpolated at every x of any series inside the
+    range all of them cover; series with the same x are taken as they are."""
     common = series[0][0]
     for x, _ in series[1:]:
         common = np.intersect1d(common, x)
-    if len(common) == 0:  # nothing shared: show the first series alone
-        x, y = series[0]
-        return x, y, np.zeros_like(y)
+    if any(len(x) != len(common) for x, _ in series):
+        low, high = max(x.min() for x, _ in series), min(x.max() for x, _ in series)
+        union = np.unique(np.concatenate([x for x, _ in series]))
+        common = union[(union >= low) & (union <= high)]
+        if len(common) == 0:  # no range shared: show the first series alone
+            x, y = series[0]
+            return x, y, np.zeros_like(y)
+        series = [(common, np.interp(common, x, y)) for x, y in series]
     ys = np.stack([y[np.searchsorted(x, common)] for x, y in series])
     std = ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros(len(common))
     return common, ys.mean(axis=0), std
@@ -89,7 +96,8 @@ def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequenc
             x, mean, std = _mean_std_over_runs(series)
             last_epoch = max(last_epoch, int(x.max()))
             ax.plot(x, 100 * mean, marker="o", markersize=3, label=f"{label} (n={len(series)})", **style)
-            ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15, linewidth=0)
+            band = np.clip(100 * (mean - std), 0, 100), np.clip(100 * (mean + std), 0, 100)  # accuracy: [0, 100]
+            ax.fill_between(x, *band, color=style["color"], alpha=0.15, linewidth=0)
         ax.set_title(f"Validation accuracy: {name}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (1 = after the first epoch)")

@@ -19,6 +19,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..fileio import atomic_write_text
+
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SPLITS = ("train", "val", "test")
 
@@ -162,7 +165,7 @@ def probe_checkpoint(
     """Probe every encoder of a checkpoint (a .pt, or a run directory: its best.pt); write probe.json."""
     from ..data.loaders import eval_loader
     from ..data.presets import DevicePreset
-    from ..infer import load_trained_model
+    from ..infer import build_checked_split, load_trained_model
     from ..utils import autocast_dtype, select_device
 
     device = select_device(device_name)
@@ -173,7 +176,7 @@ def probe_checkpoint(
     preset = DevicePreset(info, device)
     features, labels = {}, {}
     for split in SPLITS:
-        dataset = without_augmentation(entry.build(cfg, split))
+        dataset = without_augmentation(build_checked_split(entry, cfg, ckpt, split))
         loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
         features[split], labels[split] = extract_features(model, loader, preset, amp)
 
@@ -183,7 +186,7 @@ def probe_checkpoint(
         modalities[name] = linear_probe(pairs["train"], pairs["val"], pairs["test"], info.num_classes, l2_grid, max_iter)
     result = {
         "checkpoint": ckpt["path"],
-        "epoch": ckpt["epoch"],
+        "epoch": ckpt["epoch"] - 1,  # its last completed epoch, from 0 as in metrics.jsonl
         "dataset": info.name,
         "samples": {s: len(labels[s]) for s in SPLITS},
         "feature_dim": int(next(iter(features["train"].values())).shape[1]),
@@ -191,8 +194,11 @@ def probe_checkpoint(
         "modalities": modalities,
     }
     out_path = Path(out) if out else Path(ckpt["path"]).parent / "probe.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    try:  # atomic: a failed write never leaves a probe.json that --skip_existing would take as done
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_path, json.dumps(result, indent=2))
+    except OSError as e:
+        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
     result["out"] = str(out_path)
     return result
 
@@ -201,7 +207,7 @@ def probe_checkpoint(
 
 
 def get_args_parser():
-    from ..config import ArgumentParser
+    from ..config import ArgumentParser, finite_float
 
     p = ArgumentParser(prog="probe.py", description="Linear probes on the frozen encoders of trained checkpoints.")
     p.add_argument("--checkpoint", required=True, nargs="+",
@@ -214,16 +220,30 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=None)
     p.add_argument("--limit_samples", type=int, default=None, help="probe only the first N samples of each split (smoke tests)")
-    p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2_GRID), help="L2 strengths tried (chosen on val)")
+    p.add_argument("--l2", type=finite_float, nargs="+", default=list(DEFAULT_L2_GRID),
+                   help="L2 strengths tried (chosen on val), each >= 0")
     p.add_argument("--max_iter", type=int, default=100, help="L-BFGS iterations per strength")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..errors import UserError
+def check_args(args) -> None:
+    """Refuse settings that would fail later or give a meaningless probe, naming the option."""
+    for name in ("batch_size", "limit_samples", "max_iter"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be > 0 (got {getattr(args, name)})")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0 (got {args.num_workers})")
+    negative = [v for v in args.l2 if v < 0]
+    if negative:
+        raise UserError(f"--l2 strengths must be >= 0 (got {negative[0]})")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out names a folder, not a file: {args.out}")
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
         args = get_args_parser().parse_args(argv)
+        check_args(args)
         if args.out and len(args.checkpoint) > 1:
             raise UserError("--out takes one --checkpoint; with several, probe.json goes into each run directory")
         for ckpt in args.checkpoint:
@@ -239,3 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each probe.json is written whole or not at all
+        print("probe.py: interrupted; the probes finished before it are written", file=sys.stderr)
+        return 130

@@ -1,9 +1,11 @@
 """Comparison report over run folders: methods x seeds -> report.md, summary.json and PNG figures.
 
-Runs are grouped by (dataset, modality, fusion, modulation) from their config.json; runs of a
-group differ only in their seed and are averaged (mean ± sample std over seeds). Runs trained
-with --modality <m> are the "trained alone" references of modality m (fusion and modulation
-do not apply to them).
+Runs are grouped by every setting of their config.json except the seed (and how a run was
+executed: device, folder, workers, ...: RUN_ONLY_KEYS); runs of a group differ only in their
+seed and are averaged (mean ± sample std over seeds). Groups of one method that differ in other
+settings are labelled with those settings. Runs trained with --modality <m> are the "trained
+alone" references of modality m (fusion and modulation do not apply to them). A run trained on
+the first N samples of each split (--limit_samples) is evaluated (--evaluate) on the same N.
 
 Per group, from each run's files:
   Fused acc, Macro-F1, mAP   test_metrics.json (best.pt, chosen on validation accuracy)
@@ -15,49 +17,33 @@ Per group, from each run's files:
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
+from ..errors import UserError
+from ..fileio import atomic_write_text
 from .runs import Run, confusion_matrix, find_runs, group_label, group_runs, read_predictions
+from .tables import format_stat, markdown_table, mean_std
 
-# Config keys that may differ between the seeds of one group without making them different methods.
-IGNORED_CONFIG_KEYS = {
-    "seed", "run_name", "output_dir", "resume", "explicit", "overwrite", "device", "num_workers", "data",
-    "log_every", "compile", "precision", "channels_last", "eval_test", "deterministic", "config", "sync_bn", "nonfinite",
+# Config keys that say how a run was executed, not what it is: they may differ within a group.
+RUN_ONLY_KEYS = {
+    "run_name", "output_dir", "resume", "explicit", "overwrite", "device", "num_workers", "data", "run_id",
+    "log_every", "compile", "precision", "channels_last", "eval_test", "deterministic", "config", "sync_bn",
+    "nonfinite", "print_config",
 }
+LABEL_SETTINGS = 4  # at most this many differing settings in a group's label (summary.json has all)
 
 
-def stats(values: list[float]) -> dict[str, Any] | None:
-    """Mean and sample standard deviation (None for a single value) of the values present."""
-    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return None
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else None,
-        "n": len(values),
-        "values": values,
-    }
-
-
-def format_stat(s: dict | None, expected_n: int | None = None, scale: float = 100.0, digits: int = 2) -> str:
-    """'mean ± std' in percent; the mean alone for one value; '–' for none; '(n=k)' when values are missing."""
-    if s is None:
-        return "–"
-    text = f"{scale * s['mean']:.{digits}f}"
-    if s["std"] is not None:
-        text += f" ± {scale * s['std']:.{digits}f}"
-    if expected_n is not None and s["n"] < expected_n:
-        text += f" (n={s['n']})"
-    return text
+def _of_best(run: Run, output: dict) -> bool:
+    """`output` (probe.json, an eval's metrics.json) scored the best.pt its test_metrics.json
+    scored: its recorded epoch, when both record one, is the best epoch (both count from 0)."""
+    epoch, best = output.get("epoch"), (run.test or {}).get("best_epoch")
+    return epoch is None or best is None or epoch == best
 
 
 def _probe_acc(run: Run, m: str) -> float | None:
-    if not run.probe:
+    if not run.probe or not _of_best(run, run.probe):
         return None
     if f"acc_{m}" in run.probe:
         return run.probe[f"acc_{m}"]
@@ -72,18 +58,42 @@ def run_values(run: Run, modality_names: list[str]) -> dict[str, float | None]:
     for m in modality_names:
         values[f"head_{m}"] = test.get(f"acc_{m}") if m in own else None
         values[f"probe_{m}"] = _probe_acc(run, m) if m in own else None
-        zeroed = run.evals.get(f"eval_test_zero_{m}")
-        values[f"zero_{m}"] = zeroed.get("acc") if zeroed and not run.is_unimodal else None
-    # The clean accuracy on exactly the samples the zeroed evaluations used (test_metrics.json
-    # may come from a --limit_samples run; inference always uses the whole split).
-    clean = run.evals.get("eval_test")
-    values["clean_acc"] = clean.get("acc") if clean and not run.is_unimodal else None
+        zeroed = _evaluated(run, f"eval_test_zero_{m}") and not run.is_unimodal
+        values[f"zero_{m}"] = run.evals[f"eval_test_zero_{m}"].get("acc") if zeroed else None
+    # The clean accuracy of the inference that also made the zeroed evaluations (same samples, same code path).
+    clean = _evaluated(run, "eval_test") and not run.is_unimodal
+    values["clean_acc"] = run.evals["eval_test"].get("acc") if clean else None
     return values
 
 
-def _config_differences(runs: list[Run]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.config} - IGNORED_CONFIG_KEYS)
-    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+def settings(run: Run) -> dict:
+    """What defines a run besides its seed."""
+    return {k: v for k, v in run.config.items() if k not in RUN_ONLY_KEYS and k != "seed"}
+
+
+def _differing(configs: list[dict]) -> list[str]:
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def group_by_settings(runs: list[Run]) -> list[tuple[tuple, str, dict, list[Run]]]:
+    """(method key, label, settings that set it apart from the method's other groups, runs), in
+    method order: runs that differ only in their seed."""
+    out = []
+    for key, method_runs in group_runs(runs).items():
+        by_settings: dict[str, list[Run]] = {}
+        for run in method_runs:
+            by_settings.setdefault(json.dumps(settings(run), sort_keys=True, default=str), []).append(run)
+        differing = _differing([settings(g[0]) for g in by_settings.values()])
+        for gruns in by_settings.values():
+            apart = {k: settings(gruns[0]).get(k) for k in differing}
+            label = group_label(key)
+            if apart:
+                shown = [f"{k} {v}" for k, v in list(apart.items())[:LABEL_SETTINGS]]
+                more = len(apart) - LABEL_SETTINGS
+                label += f" ({', '.join(shown)}{f', +{more} more' if more > 0 else ''})"
+            out.append((key, label, apart, gruns))
+    return out
 
 
 def _slug(text: str) -> str:
@@ -104,33 +114,29 @@ def summarize(runs: list[Run]) -> list[dict]:
         names: list[str] = []
         for r in sorted(druns, key=lambda r: r.is_unimodal):  # a joint run gives the model order
             names += [m for m in r.modality_names if m not in names]
-        groups = group_runs(druns)
-        alone = {m: stats([r.test.get("acc") for r in druns if r.is_unimodal and r.modality == m and r.test]) for m in names}
+        alone = {m: mean_std([r.test.get("acc") for r in druns if r.is_unimodal and r.modality == m and r.test])
+                 for m in names}
         entries = []
-        for key, gruns in groups.items():
+        for key, label, apart, gruns in group_by_settings(druns):
             finished = [r for r in gruns if r.test]
             per_run = [run_values(r, names) for r in finished]
-            columns = {c: stats([v[c] for v in per_run]) for c in (per_run[0] if per_run else run_values(gruns[0], names))}
+            keys = per_run[0] if per_run else run_values(gruns[0], names)
+            columns = {c: mean_std([v[c] for v in per_run]) for c in keys}
             for m in names:
                 columns[f"alone_{m}"] = alone[m] if (not gruns[0].is_unimodal or gruns[0].modality == m) else None
             entries.append({
                 "key": list(key),
-                "label": group_label(key),
+                "label": label,
+                "settings_apart": apart,
                 "unimodal": gruns[0].is_unimodal,
                 "runs": [str(r.path) for r in gruns],
                 "finished": len(finished),
                 "seeds": [r.seed for r in gruns],
-                "config_differences": _config_differences(gruns),
                 "columns": columns,
                 "_runs": gruns,
             })
         out.append({"dataset": dataset, "modalities": names, "groups": entries})
     return out
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], notes: list[str], total_runs: int) -> str:
@@ -163,7 +169,7 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
             cells = [format_stat(c.get(k), n) for k in cols] + [format_stat(c.get(f"alone_{m}")) for m in names]
             cells += [format_stat(c.get("macro_f1"), n), format_stat(c.get("mAP"), n)]
             rows.append([g["label"], str(n)] + cells)
-        lines += [f"### Test results ({ds['dataset']})", ""] + _table(header, rows) + [""]
+        lines += [f"### Test results ({ds['dataset']})", ""] + markdown_table(header, rows) + [""]
 
         zero_rows = [g for g in groups if not g["unimodal"] and any(g["columns"].get(f"zero_{m}") for m in names)]
         if zero_rows:
@@ -179,7 +185,7 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
             header = ["Method", "Seeds", "Both present"] + [f"{m} zeroed" for m in names]
             rows = [[g["label"], str(g["finished"]), format_stat(g["columns"].get("clean_acc"), g["finished"])]
                     + [format_stat(g["columns"].get(f"zero_{m}"), g["finished"]) for m in names] for g in zero_rows]
-            lines += _table(header, rows) + [""]
+            lines += markdown_table(header, rows) + [""]
 
         lines += [f"### Runs ({ds['dataset']})", ""]
         header = ["Run", "Method", "Seed", "Epochs", "Best epoch", "Best val acc", "Test acc"] + [f"Probe {m}" for m in names]
@@ -192,7 +198,7 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
                 rows.append([f"`{r.path.name}`", g["label"], str(r.seed), str(len(r.epochs)),
                              str(test.get("best_epoch", best.get("epoch", "–"))), pct(best.get("val_acc")),
                              pct(test.get("acc"))] + [pct(_probe_acc(r, m)) for m in names])
-        lines += _table(header, rows) + [""]
+        lines += markdown_table(header, rows) + [""]
 
         figs = figures.get(ds["dataset"], [])
         if figs:
@@ -266,8 +272,22 @@ def _make_figures(ds: dict, out_dir: Path, prefix: str) -> tuple[list[tuple[str,
     return figures, notes
 
 
+def _evaluated(run: Run, folder: str) -> bool:
+    """An inference output of this run, of the checkpoint and on the samples its test_metrics.json scored."""
+    metrics = run.evals.get(folder)
+    return (metrics is not None and metrics.get("limit_samples") == run.config.get("limit_samples")
+            and _of_best(run, metrics))
+
+
+def _stale_outputs(run: Run) -> list[str]:
+    """probe.json and eval_* outputs of another checkpoint than the best.pt test_metrics.json scored."""
+    outputs = {"probe.json": run.probe, **{f"{name}/": m for name, m in run.evals.items()}}
+    return [name for name, output in outputs.items() if output and not _of_best(run, output)]
+
+
 def evaluate_missing(runs: list[Run], device: str = "auto", zero_modalities: bool = True) -> int:
-    """Run inference (clean, and with each modality zeroed) for runs that lack those outputs."""
+    """Run inference (clean, and with each modality zeroed) for runs that lack those outputs, on
+    the samples the run was trained and tested on (its --limit_samples)."""
     from ..infer import get_args_parser as infer_parser
     from ..infer import run_inference
 
@@ -276,13 +296,15 @@ def evaluate_missing(runs: list[Run], device: str = "auto", zero_modalities: boo
         if not (run.path / "best.pt").is_file():
             continue
         todo: list[str | None] = []
-        if not (run.path / "eval_test" / "predictions.csv").is_file():
+        if not (_evaluated(run, "eval_test") and (run.path / "eval_test" / "predictions.csv").is_file()):
             todo.append(None)
         if zero_modalities and not run.is_unimodal:
-            todo += [m for m in run.modality_names if not (run.path / f"eval_test_zero_{m}" / "metrics.json").is_file()]
+            todo += [m for m in run.modality_names if not _evaluated(run, f"eval_test_zero_{m}")]
+        limit = run.config.get("limit_samples")
         for m in todo:
             argv = ["--checkpoint", str(run.path), "--split", "test", "--device", device]
-            run_inference(infer_parser().parse_args(argv + (["--zero_modality", m] if m else [])))
+            argv += (["--zero_modality", m] if m else []) + (["--limit_samples", str(limit)] if limit else [])
+            run_inference(infer_parser().parse_args(argv))
             done += 1
     return done
 
@@ -290,34 +312,52 @@ def evaluate_missing(runs: list[Run], device: str = "auto", zero_modalities: boo
 def write_report(paths: list[str | Path], out_dir: str | Path, evaluate: bool = False, device: str = "auto",
                  plots: bool = True) -> dict:
     """Find runs under `paths`, write report.md, summary.json and figures into `out_dir`."""
-    from ..errors import UserError
-
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out: not a folder: {out_dir}")
     runs = [r for r in find_runs(paths) if out_dir.resolve() not in r.path.parents]
     if not runs:
         raise UserError(f"no run folders (with config.json) under {', '.join(map(str, paths))}")
     if evaluate and evaluate_missing(runs, device):
         runs = find_runs([r.path for r in runs])
     summary = summarize(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _write(summary, out_dir, len(runs), plots)
+    except OSError as e:
+        raise UserError(f"--out: cannot write into {out_dir}: {e.strerror or e}") from None
 
+
+def _write(summary: list[dict], out_dir: Path, total_runs: int, plots: bool) -> dict:
+    """report.md, summary.json and the figures, each file replaced whole."""
     notes, figures = [], {}
     for ds in summary:
         for g in ds["groups"]:
             if g["finished"] < len(g["runs"]):
                 unfinished = [Path(p).name for p, r in zip(g["runs"], g["_runs"]) if not r.test]
-                notes.append(f"{g['label']}: {len(unfinished)} run(s) without test_metrics.json left out: {', '.join(unfinished)}")
-            if g["config_differences"]:
-                notes.append(f"{g['label']}: the seeds' configs also differ in {', '.join(g['config_differences'])}")
+                notes.append(f"{g['label']}: {len(unfinished)} run(s) without test_metrics.json left out: "
+                             f"{', '.join(unfinished)}")
+        for r in (r for g in ds["groups"] for r in g["_runs"]):
+            stale = _stale_outputs(r)
+            if stale:
+                notes.append(f"{r.path.name}: {', '.join(stale)} scored another epoch than its best.pt "
+                             f"(epoch {r.test['best_epoch']}) and are left out; run code/probe.py or this report's "
+                             "--evaluate again")
+        limited = sorted({r.config["limit_samples"] for g in ds["groups"] for r in g["_runs"]
+                          if r.config.get("limit_samples")})
+        if limited:
+            notes.append(f"{ds['dataset']}: some runs used only the first {' / '.join(map(str, limited))} samples "
+                         "of each split (--limit_samples); their numbers are on those samples only, not the whole "
+                         "test split.")
         if plots:
             prefix = f"{ds['dataset']}_" if len(summary) > 1 else ""
             figs, fig_notes = _make_figures(ds, out_dir, prefix)
             figures[ds["dataset"]] = figs
             notes += fig_notes
 
-    (out_dir / "report.md").write_text(_markdown(summary, figures, notes, len(runs)))
+    atomic_write_text(out_dir / "report.md", _markdown(summary, figures, notes, total_runs))
     public = [{**ds, "groups": [{k: v for k, v in g.items() if k != "_runs"} for g in ds["groups"]]} for ds in summary]
-    (out_dir / "summary.json").write_text(json.dumps({"datasets": public, "notes": notes}, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps({"datasets": public, "notes": notes}, indent=2))
     return {"report": str(out_dir / "report.md"), "summary": public, "figures": figures, "notes": notes}
 
 
@@ -336,8 +376,6 @@ def get_args_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import UserError
-
     try:
         args = get_args_parser().parse_args(argv)
         out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
@@ -345,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each inference output and report file is written whole or not at all
+        print("report.py: interrupted; no report written", file=sys.stderr)
+        return 130
     print(Path(result["report"]).read_text().split("### Runs")[0].rstrip())
     print(f"\nwrote {result['report']}, summary.json and {sum(len(f) for f in result['figures'].values())} figure(s) in {out}")
     return 0

@@ -268,8 +268,12 @@ def load_arrays(cfg) -> dict[str, np.ndarray]:
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             print(f"warning: rebuilding unreadable AV-Digits cache {path}: {e}")
     arrays = build_arrays(_build_params(cfg))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except OSError as e:
+        raise UserError(f"--data: cannot write the AV-Digits cache {path}: {e.strerror or e}; "
+                        "choose a writable --data folder") from None
     return arrays
 
 
