@@ -13,6 +13,7 @@ from test_datasets_raw import SMALL_AUDIO, SMALL_FRAMES, index, make_ks_videos, 
 
 from onthefly import runner
 from onthefly.analysis.tb import read_scalars
+from onthefly.config import get_args_parser
 from onthefly.data import avdigits as A
 from onthefly.data.cache import FLOW_HALF
 from onthefly.data.raw.cli import main as preprocess_main
@@ -20,7 +21,7 @@ from onthefly.data.registry import get_dataset_entry
 
 REPO = Path(__file__).resolve().parents[1]
 THREE = "audio,visual,scan"
-METHODS = ("none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM")
+METHODS = tuple(get_args_parser()._option_string_actions["--modulation"].choices)  # every method train.py offers
 
 
 # --------------------------------------------------------------------------- AV-Digits + scans
@@ -101,14 +102,15 @@ def test_three_modality_misuse_is_one_line(tmp_path, capsys, args, message):
 def test_every_method_trains_on_three_modalities(tiny_encoders, avdigits_dir, tmp_path, capsys, method):
     argv = ["--avdigits_modalities", THREE, "--data", str(avdigits_dir), "--modulation", method, "--epochs", "1",
             "--batch_size", "16", "--limit_samples", "48", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv += ["--const_dominant", "audio"] if method == "OGM_CONST" else []  # the modality it scales, by name
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     (run_dir,) = tmp_path.iterdir()
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_acc_audio", "val_acc_visual", "val_acc_scan"} <= set(record)
     # The modulator scored all three modalities, and each method's own statistic is there for each.
     logged = set(read_scalars(run_dir / "tb", "modulation/"))
-    own = {"none": (), "OGM": ("coeff",), "OGM_GE": ("coeff",), "OPM": ("drop_prob",),
-           "OGM_GE_OPM": ("coeff", "drop_prob")}[method]
+    own = {"OGM": ("coeff",), "OGM_GE": ("coeff",), "OPM": ("drop_prob",), "OGM_OPM": ("coeff", "drop_prob"),
+           "OGM_GE_OPM": ("coeff", "drop_prob")}.get(method, ())
     expected = {f"modulation/{what}_{m}" for what in ("score", "ratio", *own) for m in ("audio", "visual", "scan")}
     assert expected <= logged, sorted(logged)
 
