@@ -189,3 +189,24 @@ def test_kinetics_sounds_three_modalities_train_one_epoch(tiny_encoders, ks_flow
     assert {"val_acc_audio", "val_acc_visual", "val_acc_flow"} <= set(record)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "kinetics_sounds" and config["modulation"] != "none"
+
+
+def test_zero_modality_on_three_modalities(tiny_encoders, avdigits_dir, tmp_path, capsys):
+    """--zero_modality scan on a three-modality run: the scans' share sees only zeros, while the
+    audio and visual shares of the concat head (z_m = h_m W_m^T + b/M) are exactly unchanged."""
+    from onthefly.infer import main as inference_main
+
+    argv = ["--avdigits_modalities", THREE, "--data", str(avdigits_dir), "--epochs", "1", "--batch_size", "16",
+            "--limit_samples", "48", "--device", "cpu", "--output_dir", str(tmp_path)]
+    assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    evaluate = ["--checkpoint", str(run_dir), "--split", "val", "--device", "cpu"]
+    assert inference_main(evaluate) == 0
+    assert inference_main([*evaluate, "--zero_modality", "scan"]) == 0
+    plain = json.loads((run_dir / "eval_val" / "metrics.json").read_text())
+    zeroed = json.loads((run_dir / "eval_val_zero_scan" / "metrics.json").read_text())
+    assert zeroed["zero_modality"] == "scan" and zeroed["samples"] == plain["samples"] > 0
+    assert (zeroed["acc_audio"], zeroed["acc_visual"]) == (plain["acc_audio"], plain["acc_visual"])
+    rows = (run_dir / "eval_val_zero_scan" / "predictions.csv").read_text().splitlines()
+    scan_predictions = {line.split(",")[-1] for line in rows[1:]}
+    assert len(scan_predictions) == 1  # every sample's scan input is the same zero tensor
