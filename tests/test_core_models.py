@@ -96,3 +96,16 @@ def test_unimodal_reference_model(tiny_info, tiny_batch, modality):
     compute_loss(out, labels, model.head).backward()
     assert list(model.encoders) == [modality]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_sum_head_loads_two_modality_weights_saved_as_fc_a_and_fc_b():
+    """Checkpoints from before the M-branch sum head keep loading (strictly) into the same weights."""
+    from onthefly.models.fusion import SumFusion
+
+    head = SumFusion(dim=4, num_classes=3)
+    legacy = {f"fc_{m}.{p}": torch.randn_like(getattr(head.branches[i], p))
+              for i, m in enumerate("ab") for p in ("weight", "bias")}
+    head.load_state_dict(legacy, strict=True)
+    for i, m in enumerate("ab"):
+        assert torch.equal(head.branches[i].weight, legacy[f"fc_{m}.weight"])
+        assert torch.equal(head.branches[i].bias, legacy[f"fc_{m}.bias"])
