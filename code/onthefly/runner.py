@@ -33,6 +33,7 @@ from .engine import NonFiniteError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
 from .models import build_model
 from .modulation import Modulator
+from .provenance import ENVIRONMENT_FILE, record_environment
 from .rundir import check_free_space, merge_resume_config, prepare_run_dir
 from .utils import autocast_dtype, print_table, seed_everything, select_device, unwrap_model
 
@@ -302,11 +303,12 @@ def _restore(ckpt: dict, model, optimizer, cfg, where: Placement) -> TrainState:
 
 
 def _start_logging(run_dir: Path, cfg, state: TrainState, where: Placement, loaders: dict):
-    """Rank 0: config.json, the resolved configuration printed; returns a TensorBoard writer."""
+    """Rank 0: config.json and environment.json, the resolved configuration printed; returns a TensorBoard writer."""
     try:
         ckpt_io.atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+        record_environment(run_dir / ENVIRONMENT_FILE, resumed=state.epoch > 0)
     except OSError as e:
-        raise ckpt_io.WriteFailed(f"cannot write {run_dir / 'config.json'}: {e.strerror or e}") from None
+        raise ckpt_io.WriteFailed(f"cannot write {e.filename or run_dir}: {e.strerror or e}") from None
     print(f"resolved configuration (saved in {run_dir / 'config.json'}):\n{format_config(cfg)}", end="", flush=True)
     from torch.utils.tensorboard import SummaryWriter
 

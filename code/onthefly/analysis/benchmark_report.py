@@ -43,7 +43,7 @@ def _p_text(p: float | None) -> str:
     return "–" if p is None else f"{p:.3f}"
 
 
-def _verdict_text(d: dict | None) -> str:
+def verdict_text(d: dict | None) -> str:
     if d is None:
         return "–"
     if not d["survives"]:
@@ -191,7 +191,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
         d = r["diff_to_none"]
         stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
-        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d)]
+        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), verdict_text(d)]
         stats += [_diff_text(d, "boot_low", "boot_high")] + [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
         rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
     lines += markdown_table(header, rows) + [""]
