@@ -281,7 +281,7 @@ def _loaders(datasets: dict, cfg, where: Placement) -> dict:
 
 
 def _model_and_optimizer(cfg, info: DatasetInfo, where: Placement) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = build_model(info, cfg.fusion, cfg.modality, cfg.init).to(where.device)
+    model = build_model(info, cfg.fusion, cfg.modality, cfg.init, cfg.encoder_width).to(where.device)
     if cfg.channels_last and where.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and is_distributed():

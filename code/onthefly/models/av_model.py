@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.spec import DatasetInfo
 from ..modulation.contract import FeatureHook
-from .encoders import ENCODERS, FEATURE_DIM
+from .encoders import ENCODERS, RESNET18_WIDTH, feature_dim
 from .fusion import FUSIONS
 
 # A feature hook (modulation/contract.py) receives the model output so far (features and
@@ -29,7 +29,7 @@ class MultimodalClassifier(nn.Module):
       "sample_weight":   (B,) loss weight per sample, or None (OPM drops samples with no modality)
     """
 
-    def __init__(self, info: DatasetInfo, fusion: str = "concat"):
+    def __init__(self, info: DatasetInfo, fusion: str = "concat", width: int = RESNET18_WIDTH):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
@@ -37,9 +37,9 @@ class MultimodalClassifier(nn.Module):
             raise ValueError(f"a joint model needs two or more modalities; {info.name} has {list(info.modality_names)}")
         self.modality_names = info.modality_names
         self.encoders = nn.ModuleDict(
-            {m.name: ENCODERS[m.kind](in_channels=m.channels) for m in info.modalities}
+            {m.name: ENCODERS[m.kind](in_channels=m.channels, width=width) for m in info.modalities}
         )
-        self.head = FUSIONS[fusion](FEATURE_DIM, info.num_classes, num_modalities=len(info.modalities))
+        self.head = FUSIONS[fusion](feature_dim(width), info.num_classes, num_modalities=len(info.modalities))
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:
         features = tuple(self.encoders[name](inputs[name]) for name in self.modality_names)  # M x (B, 512)
@@ -64,15 +64,15 @@ class UnimodalClassifier(nn.Module):
     Its output has the same keys as MultimodalClassifier's, with one entry per tuple.
     """
 
-    def __init__(self, info: DatasetInfo, modality: str):
+    def __init__(self, info: DatasetInfo, modality: str, width: int = RESNET18_WIDTH):
         super().__init__()
         specs = {m.name: m for m in info.modalities}
         if modality not in specs:
             raise ValueError(f"unknown modality {modality!r}; this dataset has {sorted(specs)}")
         self.modality_names = (modality,)
         spec = specs[modality]
-        self.encoders = nn.ModuleDict({modality: ENCODERS[spec.kind](in_channels=spec.channels)})
-        self.head = nn.Linear(FEATURE_DIM, info.num_classes)
+        self.encoders = nn.ModuleDict({modality: ENCODERS[spec.kind](in_channels=spec.channels, width=width)})
+        self.head = nn.Linear(feature_dim(width), info.num_classes)
         self.head.has_auxiliary_classifiers = False
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:
