@@ -300,7 +300,8 @@ def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
     the protocol moved to onthefly/experiments (selection.json, results.csv, report.md up to its
     timing section). The statistics columns (t-interval, sign-flip p, Holm, bootstrap as secondary)
     were regenerated when they replaced the bootstrap-only interval; every other column and line
-    was checked equal to the file from before the split at that point."""
+    was checked equal to the file from before the split at that point; the best-epoch column and
+    line, and the curves caption (every method), were added since."""
     protocol(tmp_path, write_grid(tmp_path), FakeRuns())
     out = tmp_path / "out"
     assert json.loads((out / "selection.json").read_text()) == json.loads((GOLDEN / "selection.json").read_text())
@@ -626,3 +627,22 @@ def test_compare_verdicts_names_a_changed_one():
         {"method": "OPM", "before": "better", "after": "no difference shown"}
     ]
     assert compare_verdicts(summary(True, -0.02), summary(True, -0.01))[0]["after"] == "worse"
+
+
+def test_best_epoch_and_opm_drop_rates_from_metrics(tmp_path):
+    from onthefly.analysis.benchmark_report import best_epoch, best_epochs, mean_drop_rates
+
+    records = [
+        {"epoch": 0, "val_acc": 0.5, "train_q_audio": 0.4, "train_q_visual": 0.0},
+        {"epoch": 1, "val_acc": 0.7, "train_q_audio": 0.2, "train_q_visual": 0.1},
+        {"epoch": 2, "val_acc": 0.7, "train_q_audio": 0.0, "train_q_visual": 0.2},  # a tie: best.pt stays at 1
+        {"epoch": 3, "val_acc": 0.6},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert best_epoch(run) == (1, 4)
+    spec = runspec.RunSpec("test", "OPM", 0, run, {})
+    assert best_epochs([spec]) == {"per_seed": {0: 1}, "late": 0, "epochs": 4}  # 1 is not among the last two (2, 3)
+    assert mean_drop_rates([spec]) == {"audio": pytest.approx(0.2), "visual": pytest.approx(0.1)}
+    assert best_epoch(tmp_path / "nothing") is None
