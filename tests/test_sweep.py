@@ -630,7 +630,7 @@ def test_compare_verdicts_names_a_changed_one():
 
 
 def test_best_epoch_and_opm_drop_rates_from_metrics(tmp_path):
-    from onthefly.analysis.benchmark_report import best_epoch, best_epochs, mean_drop_rates
+    from onthefly.analysis.benchmark_report import best_epoch, best_epochs, mean_drop_rates, plateau_epoch
 
     records = [
         {"epoch": 0, "val_acc": 0.5, "train_q_audio": 0.4, "train_q_visual": 0.0},
@@ -643,6 +643,8 @@ def test_best_epoch_and_opm_drop_rates_from_metrics(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert best_epoch(run) == (1, 4)
     spec = runspec.RunSpec("test", "OPM", 0, run, {})
-    assert best_epochs([spec]) == {"per_seed": {0: 1}, "late": 0, "epochs": 4}  # 1 is not among the last two (2, 3)
+    # 1 is not among the last two (2, 3); the first epoch within 0.01 of 0.7 is 1 too
+    assert best_epochs([spec]) == {"per_seed": {0: 1}, "plateau": {0: 1}, "late": 0, "epochs": 4}
+    assert plateau_epoch(run, within=0.25) == 0
     assert mean_drop_rates([spec]) == {"audio": pytest.approx(0.2), "visual": pytest.approx(0.1)}
     assert best_epoch(tmp_path / "nothing") is None

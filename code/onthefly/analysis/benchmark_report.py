@@ -31,6 +31,7 @@ from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
 LATE_EPOCHS = 2  # a best epoch among the last two says the schedule may have stopped while still improving
+PLATEAU_WITHIN = 0.01  # one point of validation accuracy (3 samples of AV-Digits' 300)
 
 
 def _diff_text(d: dict | None, low: str = "low", high: str = "high") -> str:
@@ -74,11 +75,22 @@ def best_epoch(run_dir: Path) -> tuple[int, int] | None:
     return values.index(max(values)), len(values)
 
 
+def plateau_epoch(run_dir: Path, within: float = PLATEAU_WITHIN) -> int | None:
+    """The first epoch whose validation accuracy is within `within` of the run's best: where the
+    curve stopped rising, less sensitive than the best epoch to one validation sample more or less."""
+    values = [e["val_acc"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("val_acc") is not None]
+    if not values:
+        return None
+    return next(i for i, v in enumerate(values) if v >= max(values) - within)
+
+
 def best_epochs(specs: list[RunSpec]) -> dict[str, Any]:
-    """Best epochs of the runs: per seed, and how many fall in the last LATE_EPOCHS epochs."""
+    """Best and plateau epochs of the runs, per seed, and how many best epochs fall in the last
+    LATE_EPOCHS epochs."""
     found = {s.seed: b for s in specs if (b := best_epoch(s.run_dir)) is not None}
     return {
         "per_seed": {seed: epoch for seed, (epoch, _) in found.items()},
+        "plateau": {s.seed: p for s in specs if (p := plateau_epoch(s.run_dir)) is not None},
         "late": sum(epoch >= n - LATE_EPOCHS for epoch, n in found.values()),
         "epochs": max((n for _, n in found.values()), default=None),
     }
@@ -184,10 +196,10 @@ def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
 
 
 def _epochs_text(b: dict) -> str:
-    epochs = sorted(b["per_seed"].values())
+    epochs, plateau = sorted(b["per_seed"].values()), sorted(b["plateau"].values())
     if not epochs:
         return "–"
-    return f"{statistics.median(epochs):g} ({epochs[0]}–{epochs[-1]})"
+    return f"{statistics.median(epochs):g} ({epochs[0]}–{epochs[-1]}) / {statistics.median(plateau):g}"
 
 
 def _epochs_of(summary: dict) -> str:
@@ -228,7 +240,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     ]
     header = ["Method", "Seeds", "Accuracy", "Macro-F1", f"Δ vs none [{int(100 * CONFIDENCE)}% t]", "none std",
               "p (sign-flip)", "Holm p", "Verdict", f"Bootstrap [{int(100 * CONFIDENCE)}%]", f"Head {weak}",
-              f"Probe {weak}", "Best epoch", "Selected (val acc)"]
+              f"Probe {weak}", "Best epoch / plateau", "Selected (val acc)"]
     base = summary["baseline_acc"]
     base_std = "–" if base is None or base["std"] is None else f"{100 * base['std']:.2f}"
     rows = []
@@ -246,9 +258,10 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
                   "DROPOUT_UNIFORM's selected drop_prob is to be read against them.", ""]
     late = sum(r["best_epoch"]["late"] for r in summary["rows"])
     runs = sum(len(r["best_epoch"]["per_seed"]) for r in summary["rows"])
-    lines += [f"**Best epoch**: median (min–max) over the test seeds of the epoch best.pt comes from (0-based, of "
-              f"{_epochs_of(summary)}). {late} of {runs} test runs have it in the last {LATE_EPOCHS} epochs "
-              "(a schedule long enough to judge leaves few there).", ""]
+    lines += [f"**Best epoch / plateau**: median (min–max) over the test seeds of the epoch best.pt comes from "
+              f"(0-based, of {_epochs_of(summary)}), then the median of the first epoch within "
+              f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped rising). "
+              f"{late} of {runs} test runs have their best epoch in the last {LATE_EPOCHS} epochs.", ""]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
         lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
