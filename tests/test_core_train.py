@@ -113,4 +113,5 @@ def test_a_narrow_run_is_rebuilt_at_its_width_for_inference(tmp_path):
     assert json.loads((run / "config.json").read_text())["encoder_width"] == 8
     model, *_ = infer.load_trained_model(run, torch.device("cpu"))
     assert model.head.fc.in_features == 2 * 64  # concat of two 8 x 8 = 64-d features
-    assert infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
+    out = str(tmp_path / "e")
+    assert infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", out]) == 0

@@ -254,13 +254,14 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines += markdown_table(header, rows) + [""]
     if summary["opm_drop_rates"]:
         rates = ", ".join(f"q_{m} {q:.3f}" for m, q in summary["opm_drop_rates"].items())
-        lines += [f"OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): {rates}; "
-                  "DROPOUT_UNIFORM's selected drop_prob is to be read against them.", ""]
+        lines += ["OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
+                  f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.", ""]
     late = sum(r["best_epoch"]["late"] for r in summary["rows"])
     runs = sum(len(r["best_epoch"]["per_seed"]) for r in summary["rows"])
     lines += [f"**Best epoch / plateau**: median (min–max) over the test seeds of the epoch best.pt comes from "
               f"(0-based, of {_epochs_of(summary)}), then the median of the first epoch within "
-              f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped rising). "
+              f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped "
+              "rising). "
               f"{late} of {runs} test runs have their best epoch in the last {LATE_EPOCHS} epochs.", ""]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
