@@ -1,4 +1,4 @@
-"""DistributedDataParallel via torchrun (gloo on CPU here; nccl on GPUs is the same code).
+"""DistributedDataParallel via torchrun, three modalities (gloo on CPU here; nccl on GPUs is the same code).
 
     torchrun --standalone --nproc_per_node 2 examples/ddp.py --steps 20
 
@@ -8,7 +8,6 @@ the same k) and OGM-GE's noise, added to gradients DDP has already averaged, is 
 every rank. Without either, the model replicas drift apart; the last line checks they did not.
 """
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -20,13 +19,13 @@ from onthefly.models.fusion import ConcatFusion
 from onthefly.modulation import ModulationConfig, Modulator
 
 
-class TwoMLPs(nn.Module):
-    def __init__(self, in_dim: int, num_classes: int, width: int = 32):
+class MLPStreams(nn.Module):
+    def __init__(self, names: tuple[str, ...], in_dim: int, num_classes: int, width: int = 32):
         super().__init__()
-        self.modality_names = ("a", "b")
+        self.modality_names = names
         self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width))
                                        for n in self.modality_names})
-        self.head = ConcatFusion(width, num_classes, num_modalities=2)
+        self.head = ConcatFusion(width, num_classes, num_modalities=len(names))
 
     def encoder_parameters(self):
         return tuple(list(self.encoders[n].parameters()) for n in self.modality_names)
@@ -51,8 +50,8 @@ def main():
     n, classes = 512, 4
     labels = torch.randint(0, classes, (n,), generator=g)
     signal = F.one_hot(labels, classes).float() @ torch.randn(classes, 10, generator=g)
-    data = {"a": signal * 1.5 + torch.randn(n, 10, generator=g), "b": signal * 0.4 + torch.randn(n, 10, generator=g)}
-    model = DistributedDataParallel(TwoMLPs(10, classes))  # DDP copies rank 0's initial weights
+    data = {name: signal * strength + torch.randn(n, 10, generator=g) for name, strength in zip("abc", (1.5, 0.6, 0.3))}
+    model = DistributedDataParallel(MLPStreams(tuple(data), 10, classes))  # DDP copies rank 0's initial weights
     torch.manual_seed(rank)  # each rank's own random stream, as with per-rank augmentation
     modulator = Modulator.for_ddp(model, ModulationConfig(modulation="OGM_GE", alpha=0.5), seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -72,6 +71,7 @@ def main():
     same = all(torch.equal(r, replicas[0]) for r in replicas)
     if rank == 0:
         print(f"ranks {world}, coeff {modulator.stats['coeff'].tolist()}, replicas identical: {same}", flush=True)
+    del model, modulator, optimizer  # DDP's reducer uses the group: release it first
     dist.barrier()  # every rank is done with the group before any leaves it
     dist.destroy_process_group()
     if not same:

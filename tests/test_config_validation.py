@@ -43,6 +43,9 @@ BAD = [
     (["--warmup_epochs", "5", "--modulation_ends", "2"], "--warmup_epochs (5) must be <= --modulation_ends (2): modulation would never run"),
     (["--crop_size", "-1"], "--crop_size must be > 0 (got -1)"),
     (["--preprocess", "garbage"], "--preprocess: only for preprocessed datasets; --dataset avdigits does not use it"),
+    # AV-Digits has one frame per sample and no crop: these were once recorded in config.json and ignored
+    (["--num_frames", "2"], "--num_frames: only for preprocessed datasets; --dataset avdigits does not use it"),
+    (["--frame_crop", "official"], "--frame_crop: only for preprocessed datasets; --dataset avdigits does not use it"),
     (["--dataset", "cremad", "--image_noise", "0.1"], "--image_noise: only for avdigits; --dataset cremad does not use it"),
     (["--device", "mps"], "--device mps: not supported; use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "--device meta: not supported"),

@@ -117,3 +117,16 @@ def test_narrow_encoder_keeps_resnet18_layout(tiny_info, tiny_batch):
     full = sum(p.numel() for p in build_model(tiny_info(NUM_CLASSES), "concat").encoders.parameters())
     narrow = sum(p.numel() for p in model.encoders.parameters())
     assert 1 / 17 < narrow / full < 1 / 15
+
+
+def test_a_sum_head_loads_two_modality_weights_saved_as_fc_a_and_fc_b():
+    """Checkpoints from before the M-branch sum head keep loading (strictly) into the same weights."""
+    from onthefly.models.fusion import SumFusion
+
+    head = SumFusion(dim=4, num_classes=3)
+    legacy = {f"fc_{m}.{p}": torch.randn_like(getattr(head.branches[i], p))
+              for i, m in enumerate("ab") for p in ("weight", "bias")}
+    head.load_state_dict(legacy, strict=True)
+    for i, m in enumerate("ab"):
+        assert torch.equal(head.branches[i].weight, legacy[f"fc_{m}.weight"])
+        assert torch.equal(head.branches[i].bias, legacy[f"fc_{m}.bias"])

@@ -653,3 +653,56 @@ def test_an_avdigits_cache_that_cannot_be_written_is_one_line(tmp_path, capsys, 
     data.mkdir()
     rc = runner.main([*TINY, "--epochs", "1", "--data", str(data), "--output_dir", str(tmp_path / "out")])
     one_line_error(capsys, rc, "--data: cannot write the AV-Digits cache", "Read-only file system")
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default_named(tiny_encoders, tmp_path, capsys):
+    """A run saved before an option existed lacks it in its config: the resume takes the current
+    default and says so, instead of failing on the missing setting."""
+    assert runner.main([*TINY, "--epochs", "1", "--no-eval_test", "--output_dir", str(tmp_path)]) == 0
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    del ckpt["config"]["opm_ends"], ckpt["config"]["drop_last"]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert runner.main(["--resume", str(last), "--epochs", "2", "--no-eval_test"]) == 0
+    err = capsys.readouterr().err
+    assert "predates" in err and "drop_last" in err and "opm_ends" in err, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["opm_ends"] == -1 and "drop_last" in saved
+
+
+def test_pmr_prototypes_travel_in_the_checkpoint(tiny_encoders, tmp_path, monkeypatch):
+    """PMR with momentum blends each epoch's prototypes with the previous ones (from epoch 2):
+    a run interrupted after epoch 1 and resumed trains exactly as an uninterrupted one."""
+    args = [*TINY, "--epochs", "3", "--modulation", "PMR", "--pmr_momentum", "0.5", "--no-eval_test"]
+    assert runner.main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    real, calls = runner.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "train_one_epoch", interrupted_in_epoch_2)
+    assert runner.main([*args, "--output_dir", str(tmp_path / "split")]) == 130
+    monkeypatch.undo()
+    assert runner.main(["--resume", str(tmp_path / "split" / "run" / "last.pt")]) == 0
+    assert metrics(tmp_path / "split" / "run") == metrics(tmp_path / "whole" / "run")
+
+
+def test_labels_outside_the_classes_are_one_line_before_training(tiny_encoders, tmp_path, capsys, monkeypatch):
+    """A dataset whose labels leave [0, num_classes) is refused naming the split, before any step."""
+    from onthefly.data import avdigits
+
+    real_init = avdigits.AVDigits.__init__
+
+    def with_a_bad_label(self, cfg, split):
+        real_init(self, cfg, split)
+        if split == "val":
+            self.labels = self.labels.clone()
+            self.labels[0] = 10
+
+    monkeypatch.setattr(avdigits.AVDigits, "__init__", with_a_bad_label)
+    monkeypatch.setattr(runner, "train_one_epoch", _no_building)
+    one_line_error(capsys, runner.main([*TINY, "--output_dir", str(tmp_path)]), "val split", "[0, 10)")

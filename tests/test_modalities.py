@@ -16,7 +16,7 @@ from torch import nn
 
 from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.models import build_model
-from onthefly.models.encoders import SpectrogramEncoder
+from onthefly.models.encoders import FrameEncoder, SpectrogramEncoder
 from onthefly.modulation import (
     RATIO_REFS, ContractError, ModulatedModel, ModulationConfig, Modulator, discrepancy_ratios, ogm_parameters,
 )
@@ -128,9 +128,9 @@ def test_ogm_scales_the_dominant_mlp_encoder_by_exactly_k():
                 assert torch.equal(p.grad, g0)
 
 
-def test_default_ogm_set_is_the_official_conv_set_on_resnet18():
-    encoder = SpectrogramEncoder(1)
-    params = list(encoder.parameters())
+@pytest.mark.parametrize("encoder", [SpectrogramEncoder, FrameEncoder])
+def test_default_ogm_set_is_the_official_conv_set_on_resnet18(encoder):
+    params = list(encoder().parameters())
     matrices, conv = ogm_parameters(params, "matrices"), ogm_parameters(params, "conv")
     assert [id(p) for p in matrices] == [id(p) for p in conv] and len(conv) == 20  # ResNet18's 20 conv kernels
     assert ModulationConfig().ogm_params == "matrices"
@@ -403,8 +403,8 @@ def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monke
     from onthefly.models.encoders import ENCODERS
 
     monkeypatch.setitem(ENCODERS, "spectrogram", FlatEncoder)
-    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--epochs", "1",
-                             "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
+    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
+                             "--epochs", "1", "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "ogm_params 'conv' selects no trainable parameter of the audio encoder" in err
 
@@ -412,3 +412,61 @@ def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monke
 def test_cli_refuses_modulation_of_one_modality(run_script, tmp_path):
     status, err = run_script("train.py", "--modality", "audio", "--modulation", "OGM", "--output_dir", str(tmp_path))
     assert status == 2 and "takes --modulation none" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the training loop at M = 3
+
+
+class Scalars:
+    """A SummaryWriter stand-in that keeps the tags it was given."""
+
+    def __init__(self):
+        self.tags: set[str] = set()
+
+    def add_scalar(self, tag, value, step):
+        self.tags.add(tag)
+
+
+@pytest.mark.parametrize("method", ["OGM_GE", "OGM_OPM"])
+def test_the_training_loop_logs_and_evaluates_three_modalities(tiny_encoders, method):
+    from types import SimpleNamespace
+
+    from onthefly.data.presets import DevicePreset
+    from onthefly.engine import TrainState, evaluate, train_one_epoch
+
+    info = three_modality_info()
+    torch.manual_seed(0)
+    model = build_model(info, "concat")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"audio": torch.randn(4, 1, 16, 16, generator=g),
+                "visual": torch.randint(0, 256, (4, 3, 2, 16, 16), generator=g, dtype=torch.uint8),
+                "flow": torch.randint(0, 256, (4, 2, 2, 16, 16), generator=g, dtype=torch.uint8),
+                "label": torch.randint(0, NUM_CLASSES, (4,), generator=g), "index": torch.arange(4) + 4 * i}
+               for i in range(3)]
+    cfg = SimpleNamespace(modulation=method, alpha=0.5, p_exe=1.0, nonfinite="stop", log_every=1, seed=0)
+    modulator = Modulator.from_config(cfg, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = Scalars()
+    preset = DevicePreset(info, torch.device("cpu"))
+    stats = train_one_epoch(model, modulator, optimizer, batches, preset, TrainState(), cfg, None, writer)
+    assert math.isfinite(stats["loss"])
+    for name in info.modality_names:
+        assert {f"modulation/ratio_{name}", f"modulation/coeff_{name}"} <= writer.tags
+    metrics = evaluate(model, batches, preset, None)
+    assert {"acc_audio", "acc_visual", "acc_flow"} <= set(metrics)
+
+
+def test_cli_refuses_film_on_three_modalities(run_script, tmp_path, monkeypatch):
+    import dataclasses
+
+    from onthefly import runner
+
+    entry = runner.get_dataset_entry("avdigits")
+    flow = ModalitySpec("flow", "frames", 2, (2, 1, 28, 28), mean=(0.5,) * 2, std=(0.25,) * 2)
+    three = dataclasses.replace(entry, info=lambda cfg: dataclasses.replace(entry.info(cfg), modalities=(
+        *entry.info(cfg).modalities, flow)))
+    monkeypatch.setattr(runner, "get_dataset_entry", lambda name: three)
+    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
+                             "--fusion", "film", "--output_dir", str(tmp_path))
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--fusion film: FiLMFusion is defined for two modalities" in err

@@ -32,7 +32,8 @@ from .modulation import ModulationConfig
 RUN_IDENTITY_KEYS = (
     "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
     "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt",
-    "avdigits_preset", "data_seed", "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
+    "avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed",
+    "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
     "frame_crop", "frame_pick", "encoder_width",
 )
 
@@ -75,12 +76,12 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="avdigits", help=f"one of: {', '.join(dataset_names())}")
     g.add_argument("--data", default=None, help="dataset directory (a preprocessed cache; avdigits: its cache dir)")
-    g.add_argument("--num_frames", type=int, default=3, help="frames per clip (dataset default)")
+    g.add_argument("--num_frames", type=int, default=3, help="preprocessed datasets: frames per clip (dataset default)")
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (dataset default)")
     g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
     g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
     g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
-                   help="fixed: crop_size crops of the stored frame; official: the dataset's official crop "
+                   help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: the dataset's official crop "
                    "(CREMA-D, Kinetics-Sounds: see docs/fidelity.md)")
     g.add_argument("--frame_pick", default="spread", choices=FRAME_PICKS,
                    help="spread: random frames in training, evenly spread in evaluation; official: the dataset's "
@@ -92,6 +93,9 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
                         "refuse a cache made otherwise")
     g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
                    help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
+    g.add_argument("--avdigits_modalities", default=None,
+                   help="avdigits: comma-separated modalities out of audio,visual,scan (scan: sklearn's 8x8 digits) "
+                        "[audio,visual]")
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
     g.add_argument("--audio_noise", type=finite_float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
     g.add_argument("--audio_corrupt", type=finite_float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
@@ -99,6 +103,8 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
     g.add_argument("--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
     g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
+    g.add_argument("--scan_noise", type=finite_float, default=None, help="avdigits scans: Gaussian noise std on [0, 1]")
+    g.add_argument("--scan_corrupt", type=finite_float, default=None, help="avdigits scans: fraction replaced by noise")
     g.add_argument("--data_seed", type=int, default=None, help="avdigits: seed of the split, pairing and degradation")
 
     g = p.add_argument_group("model")
@@ -228,6 +234,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "audio_noise": (lambda v: v >= 0, ">= 0"),
     "image_noise": (lambda v: v >= 0, ">= 0"),
     "image_occlusion": (lambda v: 0 <= v <= 28, "in [0, 28] (0 = off)"),
+    "scan_noise": (lambda v: v >= 0, ">= 0"),
+    "scan_corrupt": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 
@@ -242,9 +250,9 @@ def check_ranges(cfg: argparse.Namespace) -> str | None:
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
 _DATASET_SPECIFIC = {
-    "avdigits": ("avdigits_preset", "audio_frames", "audio_noise", "audio_corrupt", "image_corrupt", "image_downsample",
-                 "image_noise", "image_occlusion", "data_seed"),
-    "preprocessed datasets": ("crop_size", "preprocess", "frame_pick"),
+    "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise",
+                 "audio_corrupt", "image_corrupt", "image_downsample", "image_noise", "image_occlusion", "data_seed"),
+    "preprocessed datasets": ("crop_size", "preprocess", "frame_pick", "num_frames", "frame_crop"),
 }
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ RUN_FILES = ("config.json", "environment.json", "metrics.jsonl", "last.pt", "bes
 LOCK_NAME = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +94,7 @@ def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> 
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
             continue
         pid, holder_host = _read_holder(fd)
-        if pid is not None and holder_host == host and pid != os.getpid() and _pid_alive(pid):
+        if pid is not None and holder_host == host and pid != os.getpid() and pid_alive(pid):
             # Free to lock, yet its process lives: a file system without flock, or a reused pid.
             os.close(fd)
             raise UserError(f"{run_dir} is in use by process {pid} (lock {path}); if that process is "
@@ -174,8 +175,13 @@ def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, di
                             f"not {wanted}; drop these options")
     if "epochs" in cfg.explicit and cfg.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {cfg.epochs}: --resume {ckpt['path']} has already completed {ckpt['epoch']} epochs")
+    # A run saved before an option existed resumes with that option's current default, named.
+    predates = sorted(k for k in vars(cfg) if k not in saved and k not in ("explicit", "resume", "print_config"))
+    if predates:
+        print(f"warning: --resume {ckpt['path']}: the run predates {', '.join(predates)}; "
+              "resuming with their current values", file=sys.stderr)
     merged = argparse.Namespace(**{
-        **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
+        **{k: getattr(cfg, k) for k in predates}, **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
         # the folder as it is now (it may have moved since the run started)
         "output_dir": str(run_dir.parent), "run_name": run_dir.name,
         "resume": ckpt["path"], "explicit": cfg.explicit, "print_config": cfg.print_config,

@@ -32,7 +32,7 @@ from .distributed import (
 from .engine import NonFiniteError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
 from .models import build_model
-from .modulation import Modulator
+from .modulation import Modulator, check_labels
 from .provenance import ENVIRONMENT_FILE, record_environment
 from .rundir import check_free_space, merge_resume_config, prepare_run_dir
 from .utils import autocast_dtype, print_table, seed_everything, select_device, unwrap_model
@@ -134,7 +134,7 @@ def _changed_schedule(saved: dict, cfg) -> list[str]:
 
 
 def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo, splits: dict,
-                    rng_ranks: list | None = None) -> dict:
+                    rng_ranks: list | None = None, modulator: Modulator | None = None) -> dict:
     return {
         "format": ckpt_io.FORMAT,
         "version": ckpt_io.VERSION,
@@ -149,6 +149,7 @@ def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: D
         "rng": ckpt_io.rng_state(),
         "rng_ranks": rng_ranks if rng_ranks is not None else [ckpt_io.rng_state()],
         "splits": splits,
+        "modulator": modulator.state_dict() if modulator is not None else {},  # PMR's prototypes
     }
 
 
@@ -204,6 +205,7 @@ def train(cfg: argparse.Namespace) -> dict:
 def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: Placement) -> dict:
     """train() inside its locked run folder."""
     datasets = {split: get_dataset_entry(cfg.dataset).build(cfg, split) for split in SPLITS}
+    _check_labels(datasets, info, cfg.dataset)
     splits = {split: ckpt_io.split_fingerprint(ds) for split, ds in datasets.items()}
     loaders = _loaders(datasets, cfg, where)
     preset = DevicePreset(info, where.device, cfg.channels_last)
@@ -215,6 +217,8 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
         modulator = Modulator.from_config(cfg, model, reduce_fn=all_reduce_sum if is_distributed() else None)
     except ValueError as e:
         raise UserError(f"--modulation {cfg.modulation}: {e}") from None
+    if ckpt is not None:  # checkpoints written before the modulator had state hold none
+        modulator.load_state_dict(ckpt.get("modulator", {}))
     train_model = model
     if is_distributed():
         device_ids = [where.local_rank] if where.device.type == "cuda" else None
@@ -245,7 +249,8 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
             if is_main_process():
                 record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
                           **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
-                checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, splits, rng_ranks)
+                checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, splits, rng_ranks,
+                                             modulator)
                 saver.save_epoch(record, checkpoint, improved)
                 log_epoch(record, writer, model.modality_names)
 
@@ -270,6 +275,18 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
     return result
 
 
+def _check_labels(datasets: dict, info: DatasetInfo, name: str) -> None:
+    """Every split's labels are class indices of `info` (once, here: the step checks only its first batch)."""
+    for split, dataset in datasets.items():
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            continue
+        try:
+            check_labels(torch.as_tensor(labels), info.num_classes)
+        except ValueError as e:
+            raise UserError(f"--dataset {name}, {split} split: {e}") from None
+
+
 def _loaders(datasets: dict, cfg, where: Placement) -> dict:
     try:
         train = train_loader(datasets["train"], cfg.batch_size, cfg.num_workers, cfg.seed, where.rank,
@@ -281,7 +298,10 @@ def _loaders(datasets: dict, cfg, where: Placement) -> dict:
 
 
 def _model_and_optimizer(cfg, info: DatasetInfo, where: Placement) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = build_model(info, cfg.fusion, cfg.modality, cfg.init, cfg.encoder_width).to(where.device)
+    try:  # e.g. --fusion film on a dataset of three modalities
+        model = build_model(info, cfg.fusion, cfg.modality, cfg.init, cfg.encoder_width).to(where.device)
+    except ValueError as e:
+        raise UserError(f"--fusion {cfg.fusion}: {e}") from None
     if cfg.channels_last and where.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and is_distributed():

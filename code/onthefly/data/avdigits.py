@@ -29,6 +29,20 @@ The knobs (each overrides its preset value):
 Replaced clips and images are drawn independently, so a sample rarely loses both.
 The arrays are cached under data/avdigits/ in one .npz per parameter set, rebuilt only
 when missing.
+
+A third modality, on request (`--avdigits_modalities audio,visual,scan`; the default is
+audio,visual, whose data and cache file do not change):
+
+* Scans: the 1,797 8x8 handwritten digits bundled with scikit-learn
+  (sklearn/datasets/data/digits.csv.gz: the test set of UCI's "Optical Recognition of
+  Handwritten Digits", 13 writers, not MNIST's), block counts 0-16 stored as uint8 0-255.
+
+Scans are paired per class like the images, each split from its own disjoint pool. The pool
+holds about 180 scans per class for 300 clips, so within a split a scan serves about 1.7
+clips (train 240 clips on 144 scans per class, val and test 30 on 18); each copy gets its
+own noise, and no scan is in two splits. Degradations: `--scan_noise` (Gaussian, on a 0-1
+scale) and `--scan_corrupt` (fraction replaced by uniform noise), drawn from a stream of
+their own so the audio and image arrays are those of the two-modality build.
 """
 from __future__ import annotations
 
@@ -59,6 +73,11 @@ PRESETS: dict[str, dict[str, float]] = {
              "image_occlusion": 10, "image_corrupt": 0.0},
 }
 DEFAULT_PRESET = "complementary"
+MODALITIES = ("audio", "visual", "scan")
+DEFAULT_MODALITIES = ("audio", "visual")
+# The scan stream's degradations, part of the build parameters only when scans are requested
+# (so the two-modality parameters, and the cache file they name, stay as they were).
+SCAN_DEFAULTS: dict[str, float] = {"scan_noise": 0.5, "scan_corrupt": 0.2}
 # Build parameters besides the degradations; every parameter is recorded in the cache's file name hash.
 BUILD_DEFAULTS = {
     "audio_frames": 32,
@@ -68,11 +87,24 @@ BUILD_DEFAULTS = {
 }
 
 
-def build_params(preset: str = DEFAULT_PRESET, **overrides) -> dict:
-    """Every build parameter: BUILD_DEFAULTS, then the preset's degradations, then `overrides`."""
+def parse_modalities(text: str | None) -> tuple[str, ...]:
+    """`--avdigits_modalities` as a tuple in the canonical order (audio, visual, scan)."""
+    if text is None:
+        return DEFAULT_MODALITIES
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in MODALITIES]
+    if unknown or len(set(names)) != len(names) or len(names) < 2:
+        raise UserError(f"--avdigits_modalities {text}: give two or more distinct names of {', '.join(MODALITIES)}, "
+                        "comma-separated")
+    return tuple(n for n in MODALITIES if n in names)
+
+
+def build_params(preset: str = DEFAULT_PRESET, modalities: tuple[str, ...] = DEFAULT_MODALITIES, **overrides) -> dict:
+    """Every build parameter: BUILD_DEFAULTS, then the preset's degradations (and the scans'
+    when requested), then `overrides`."""
     if preset not in PRESETS:
         raise UserError(f"--avdigits_preset: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    params = {**BUILD_DEFAULTS, **PRESETS[preset]}
+    params = {**BUILD_DEFAULTS, **PRESETS[preset], **(SCAN_DEFAULTS if "scan" in modalities else {})}
     unknown = set(overrides) - set(params)
     if unknown:
         raise ValueError(f"unknown AV-Digits build parameter(s): {sorted(unknown)}")
@@ -109,6 +141,41 @@ def _degrade_images(images: np.ndarray, params: dict, rng: np.random.Generator) 
         corrupt = rng.random(len(x)) < params["image_corrupt"]
         x[corrupt] = rng.uniform(0, 1, size=x[corrupt].shape)
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _pair_per_split(labels: np.ndarray, split_of_clip: np.ndarray, pool_labels: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Index into the pool for every clip: same class, each split drawing from its own slice of the
+    class's pool (sized in proportion to the split's clips), reused in turn when the slice is short."""
+    pairs = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        pool = rng.permutation(np.flatnonzero(pool_labels == c))
+        clips = [np.flatnonzero((labels == c) & (split_of_clip == s)) for s in range(len(SPLITS))]
+        cuts = np.cumsum([len(pool) * len(cs) // (labels == c).sum() for cs in clips])[:-1]
+        for cs, part in zip(clips, np.split(pool, cuts)):
+            if len(cs) and not len(part):
+                raise RuntimeError(f"class {c}: no scan left for a split of {len(cs)} clips")
+            pairs[cs] = part[np.arange(len(cs)) % max(len(part), 1)]
+    return pairs
+
+
+def _degrade_scans(scans: np.ndarray, params: dict, rng: np.random.Generator) -> np.ndarray:
+    """(N, 8, 8) counts 0-16 -> (N, 8, 8) uint8 after additive noise and replacement by noise."""
+    x = scans.astype(np.float64) / 16.0
+    x = x + rng.normal(0.0, params["scan_noise"], size=x.shape)
+    corrupt = rng.random(len(x)) < params["scan_corrupt"]  # these scans carry no digit at all
+    x[corrupt] = rng.uniform(0, 1, size=x[corrupt].shape)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def build_scans(labels: np.ndarray, split_of_clip: np.ndarray, params: dict) -> dict[str, np.ndarray]:
+    """The scan stream for clips already split: paired and degraded from its own random stream."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng([int(params["data_seed"]), 3])  # independent of the audio and image draws
+    pairs = _pair_per_split(labels, split_of_clip, digits.target.astype(np.int64), rng)
+    return {"scan": _degrade_scans(digits.images[pairs], params, rng), "scan_index": pairs}
 
 
 def build_arrays(params: dict) -> dict[str, np.ndarray]:
@@ -158,18 +225,30 @@ def build_arrays(params: dict) -> dict[str, np.ndarray]:
         audio = (audio + rng.normal(0.0, params["audio_noise"], size=audio.shape)).astype(np.float32)
     corrupt = rng.random(len(audio)) < params["audio_corrupt"]  # these clips carry no digit at all
     audio[corrupt] = rng.normal(0.0, 1.0, size=audio[corrupt].shape)
-    return {
+    arrays = {
         "audio": audio.transpose(0, 2, 1)[:, None].copy(),  # (N, 1, 13, frames)
         "image": paired,  # (N, 28, 28) uint8
         "label": labels,
         "split": split_of_clip,
         "image_index": image_of_clip,
     }
+    if "scan_noise" in params:
+        arrays.update(build_scans(labels, split_of_clip, params))  # (N, 8, 8) uint8
+    return arrays
+
+
+def _modalities(cfg) -> tuple[str, ...]:
+    return parse_modalities(getattr(cfg, "avdigits_modalities", None))
 
 
 def _build_params(cfg) -> dict:
     preset = getattr(cfg, "avdigits_preset", None) or DEFAULT_PRESET
-    return build_params(preset, **{k: getattr(cfg, k, None) for k in build_params(preset)})
+    modalities = _modalities(cfg)
+    stray = [f"--{k}" for k in SCAN_DEFAULTS if getattr(cfg, k, None) is not None and "scan" not in modalities]
+    if stray:
+        raise UserError(f"{', '.join(stray)}: only with scans (--avdigits_modalities ...,scan)")
+    keys = build_params(preset, modalities)
+    return build_params(preset, modalities, **{k: getattr(cfg, k, None) for k in keys})
 
 
 def cache_path(cfg) -> Path:
@@ -198,8 +277,17 @@ def load_arrays(cfg) -> dict[str, np.ndarray]:
     return arrays
 
 
+# Each modality's samples as the loader yields them, from rows of the cached arrays.
+_STREAMS = {
+    "audio": lambda a, rows: torch.from_numpy(a["audio"][rows]),  # (N, 1, 13, T)
+    "visual": lambda a, rows: torch.from_numpy(a["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1),  # grey as RGB
+    "scan": lambda a, rows: torch.from_numpy(a["scan"][rows])[:, None, None],  # (N, 1, 1, 8, 8)
+}
+
+
 class AVDigits(Dataset):
-    """Items: {"audio": (1, 13, T) float32, "visual": (3, 1, 28, 28) uint8, "label", "index"}."""
+    """Items: {"audio": (1, 13, T) float32, "visual": (3, 1, 28, 28) uint8, ["scan": (1, 1, 8, 8) uint8],
+    "label", "index"}: the modalities requested, nothing else."""
 
     def __init__(self, cfg, split: str):
         if split not in SPLITS:
@@ -207,28 +295,33 @@ class AVDigits(Dataset):
         arrays = load_arrays(cfg)
         rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))[: getattr(cfg, "limit_samples", None)]
         self.clip_ids = rows  # rows of the arrays: what identifies the split's samples (see checkpoint.split_fingerprint)
-        self.audio = torch.from_numpy(arrays["audio"][rows])
-        self.visual = torch.from_numpy(arrays["image"][rows])[:, None, None].expand(-1, 3, 1, -1, -1)
+        self.streams = {m: _STREAMS[m](arrays, rows) for m in _modalities(cfg)}
         self.labels = torch.from_numpy(arrays["label"][rows])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"audio": self.audio[i], "visual": self.visual[i], "label": int(self.labels[i]), "index": int(i)}
+        return {**{m: x[i] for m, x in self.streams.items()}, "label": int(self.labels[i]), "index": int(i)}
+
+
+def _specs(frames: int) -> dict[str, ModalitySpec]:
+    return {
+        "audio": ModalitySpec("audio", "spectrogram", 1, (1, 13, frames)),
+        "visual": ModalitySpec("visual", "frames", 3, (3, 1, 28, 28), mean=(0.5,) * 3, std=(0.25,) * 3),
+        "scan": ModalitySpec("scan", "frames", 1, (1, 1, 8, 8), mean=(0.5,), std=(0.25,)),
+    }
 
 
 def avdigits_info(cfg) -> DatasetInfo:
-    frames = int(_build_params(cfg)["audio_frames"])
+    params = _build_params(cfg)
+    specs = _specs(int(params["audio_frames"]))
     return DatasetInfo(
         name="avdigits",
         num_classes=10,
         class_names=tuple(str(d) for d in range(10)),
-        modalities=(
-            ModalitySpec("audio", "spectrogram", 1, (1, 13, frames)),
-            ModalitySpec("visual", "frames", 3, (3, 1, 28, 28), mean=(0.5,) * 3, std=(0.25,) * 3),
-        ),
-        extra={"build": _build_params(cfg)},
+        modalities=tuple(specs[m] for m in _modalities(cfg)),
+        extra={"build": params},
     )
 
 

@@ -19,6 +19,14 @@ from .fusion import FUSIONS
 # weight (B,), or None for "all samples count". OPM is such a hook.
 
 
+def build_encoder(kind: str, in_channels: int, width: int = RESNET18_WIDTH) -> nn.Module:
+    """ENCODERS[kind]; `width` is passed only when it is not ResNet18's, so an encoder registered
+    with `__init__(self, in_channels)` (docs/modalities.md) keeps working at the default."""
+    if width == RESNET18_WIDTH:
+        return ENCODERS[kind](in_channels=in_channels)
+    return ENCODERS[kind](in_channels=in_channels, width=width)
+
+
 class MultimodalClassifier(nn.Module):
     """One encoder per modality (M >= 2) plus a fusion head.
 
@@ -37,7 +45,7 @@ class MultimodalClassifier(nn.Module):
             raise ValueError(f"a joint model needs two or more modalities; {info.name} has {list(info.modality_names)}")
         self.modality_names = info.modality_names
         self.encoders = nn.ModuleDict(
-            {m.name: ENCODERS[m.kind](in_channels=m.channels, width=width) for m in info.modalities}
+            {m.name: build_encoder(m.kind, m.channels, width) for m in info.modalities}
         )
         self.head = FUSIONS[fusion](feature_dim(width), info.num_classes, num_modalities=len(info.modalities))
 
@@ -71,7 +79,7 @@ class UnimodalClassifier(nn.Module):
             raise ValueError(f"unknown modality {modality!r}; this dataset has {sorted(specs)}")
         self.modality_names = (modality,)
         spec = specs[modality]
-        self.encoders = nn.ModuleDict({modality: ENCODERS[spec.kind](in_channels=spec.channels, width=width)})
+        self.encoders = nn.ModuleDict({modality: build_encoder(spec.kind, spec.channels, width)})
         self.head = nn.Linear(feature_dim(width), info.num_classes)
         self.head.has_auxiliary_classifiers = False
 

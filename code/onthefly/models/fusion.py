@@ -82,6 +82,13 @@ class SumFusion(FusionHead):
     def forward(self, *features):
         return sum(fc(h) for fc, h in zip(self.branches, features))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Two-modality checkpoints written before the head took M branches name them fc_a and fc_b.
+        for old, new in (("fc_a.", "branches.0."), ("fc_b.", "branches.1.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def shares(self, features, detach_head):
         # Each branch's full bias: sum_m z_m is the output. (The official evaluation prints
         # per-modality accuracy with bias / 2 for this head; see docs/fidelity.md.)

@@ -64,7 +64,7 @@ def check_model(model: nn.Module, needs_feature_logits: bool = False) -> None:
         missing.append(f"encoder_parameters() with one group per modality ({len(names)}: {', '.join(names)}); "
                        f"it returned {len(model.encoder_parameters())}")
     if not _accepts_feature_hook(model):
-        missing.append("forward(inputs, feature_hook=None): the feature_hook argument (see onthefly.modulation.contract)")
+        missing.append("forward(inputs, feature_hook=None): the feature_hook argument (onthefly.modulation.contract)")
     if needs_feature_logits and not callable(getattr(getattr(model, "head", None), "feature_logits", None)):
         missing.append("head.feature_logits(*features) (needed by opm_grad official)")
     if missing:
@@ -91,7 +91,8 @@ def check_output(out: Any, num_modalities: int, keys: tuple[str, ...]) -> None:
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Integer class indices in [0, num_classes): one host read, so call it once (a dataset, a first batch)."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D integer tensor of class indices; got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(f"labels must be a 1-D integer tensor of class indices; got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")

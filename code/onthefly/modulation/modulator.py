@@ -79,6 +79,7 @@ def _setting(default: Any, help: str, choices: tuple | None = None, low: float |
 
 # A field's annotation (a string under `from __future__ import annotations`) -> the values it takes.
 _KINDS: dict[str, type | tuple[type, ...]] = {"float": (int, float), "int": int, "str": str}
+_KIND_WORDS = {"float": "a number", "int": "an integer", "str": "a string"}
 
 
 @dataclass
@@ -134,8 +135,7 @@ class ModulationConfig:
             value, meta, name = values[f.name], f.metadata, prefix + f.name
             kind = _KINDS[f.type]
             if not isinstance(value, kind) or isinstance(value, bool):
-                return f"{name} must be {'an integer' if kind is int else 'a number' if kind is not str else 'a string'} " \
-                       f"(got {value!r}, a {type(value).__name__})"
+                return f"{name} must be {_KIND_WORDS[f.type]} (got {value!r}, a {type(value).__name__})"
             if kind is not str and not math.isfinite(value):
                 return f"{name} must be a finite number (got {value})"
             if meta["choices"] is not None and value not in meta["choices"]:

@@ -8,6 +8,7 @@ import sys
 from ...errors import UserError
 from ..loaders import available_cpus
 from . import LAYOUTS, get_layout
+from .common import layout_modalities
 from .pool import DEFAULT_CLIP_TIMEOUT
 
 AUDIO_OPTS = ("sample_rate", "duration", "n_fft", "hop_length", "min_audio_seconds", "silence_threshold")
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many frames per clip, evenly spread (0: all) [cremad/ucf101 0, "
                    "kinetics_sounds/ave 10, vggsound 3]")
     g.add_argument("--flow_bound", type=float, default=None,
-                   help="ucf101: optical flow clipped to +-this many pixels before uint8 [20]")
+                   help="ucf101, kinetics_sounds --with_flow: optical flow clipped to +-this many pixels before uint8 [20]")
+    g.add_argument("--with_flow", action="store_true",
+                   help="kinetics_sounds: also store Farneback optical flow, a third modality 'flow' (as ucf101's)")
     a = p.add_argument_group("audio (log-magnitude STFT)")
     a.add_argument("--sample_rate", type=int, default=None, help="[cremad 22050, others 16000]")
     a.add_argument("--duration", type=float, default=None, help="seconds kept, shorter clips tiled [cremad 3, others 10]")
@@ -73,8 +76,12 @@ def _check_applicable(opts: argparse.Namespace, layout) -> None:
         bad = [k for k in AUDIO_OPTS if given(k)]
         if bad:
             raise UserError(f"--{bad[0]}: {layout.NAME} has no audio")
-    if "flow" not in layout.MODALITIES and given("flow_bound"):
-        raise UserError(f"--flow_bound: {layout.NAME} has no optical flow")
+    if opts.with_flow and "flow" not in getattr(layout, "OPTIONAL_MODALITIES", ()):
+        raise UserError(f"--with_flow: applies to kinetics_sounds only "
+                        f"({layout.NAME} has {', '.join(layout.MODALITIES)})")
+    if "flow" not in layout_modalities(layout, opts) and given("flow_bound"):
+        hint = " (add --with_flow)" if "flow" in getattr(layout, "OPTIONAL_MODALITIES", ()) else ""
+        raise UserError(f"--flow_bound: {layout.NAME} has no optical flow{hint}")
     if opts.speaker_independent and layout.NAME != "cremad":
         raise UserError("--speaker_independent applies to cremad only")
     if opts.random_split and layout.NAME != "cremad":

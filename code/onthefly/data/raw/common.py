@@ -100,6 +100,21 @@ CONTAINER_DEFAULTS: dict[str, Any] = {
     "crop_size": 224,
 }
 
+# Farneback optical flow in pixels of the stored frames, clipped to [-20, 20], stored as uint8 0..254:
+# UCF101's second stream, and Kinetics-Sounds' third on request (--with_flow).
+FLOW_DEFAULTS: dict[str, Any] = {
+    "flow_bound": 20.0,
+    "flow_method": "farneback(pyr_scale=0.5,levels=3,winsize=15,iterations=3,poly_n=5,poly_sigma=1.2)",
+}
+
+
+def layout_modalities(layout: Any, opts: Any) -> tuple[str, ...]:
+    """The streams a preprocessing run extracts: the layout's own, plus its OPTIONAL_MODALITIES
+    (Kinetics-Sounds' flow) when asked for with --with_flow."""
+    asked = getattr(opts, "with_flow", False) and "flow" in getattr(layout, "OPTIONAL_MODALITIES", ())
+    return tuple(layout.MODALITIES) + (("flow",) if asked else ())
+
+
 _SPLIT_NAMES = {
     "train": "train",
     "training": "train",

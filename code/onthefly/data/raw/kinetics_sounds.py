@@ -6,6 +6,9 @@
                   the Kinetics CSVs are understood) and the videos anywhere under --videos
                   (default --root), named <id>.mp4, <id>_<start:06d>_<end:06d>.mp4 or
                   <id>_<start:06d>.mp4.
+
+With --with_flow, Farneback optical flow between each kept frame and the next decoded one
+is stored as a third modality ("flow"), extracted as UCF101's.
 """
 from __future__ import annotations
 
@@ -15,17 +18,18 @@ from typing import Any
 
 from ...errors import UserError
 from .common import (
-    CONTAINER_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split, unlisted_note,
-    unlisted_videos,
+    CONTAINER_DEFAULTS, FLOW_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split,
+    unlisted_note, unlisted_videos,
 )
 
 NAME = "kinetics_sounds"
 MODALITIES = ("audio", "visual")
+OPTIONAL_MODALITIES = ("flow",)  # --with_flow
 EXPECTED = (
     "Kinetics-Sounds as class folders (<root>/<class>/<clip>.mp4 or <root>/train|val|test/<class>/<clip>.mp4) "
     "or a CSV of id,label,split in <root> (or --csv) with the videos under <root> (or --videos)"
 )
-DEFAULTS: dict[str, Any] = dict(CONTAINER_DEFAULTS)
+DEFAULTS: dict[str, Any] = {**CONTAINER_DEFAULTS, **FLOW_DEFAULTS}  # flow keys count only with --with_flow
 NUM_CLASSES = 31
 
 _ID_COLS = ("youtube_id", "id", "video_id", "ytid", "clip_id")

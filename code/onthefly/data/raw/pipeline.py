@@ -26,7 +26,7 @@ from ...rundir import acquire_run_lock
 from ..cache.format import INDEX_FILE, META_FILE, SKIPPED_FILE, SPLITS
 from ..cache.reader import CacheReader
 from ..cache.writer import CacheWriter, owned_arrays, read_own_meta, rewrite_index, write_skipped
-from .common import ClipJob, Scan, rel
+from .common import ClipJob, Scan, layout_modalities, rel
 from .media import expected_spectrogram_shape
 from .pool import run_jobs
 from .splits import assign_splits
@@ -51,12 +51,13 @@ SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")
 def processing_params(layout: Any, opts: Any) -> dict[str, Any]:
     """Every parameter that changes what is extracted from a clip (the resume key)."""
     keys: list[str] = []
-    if "audio" in layout.MODALITIES:
+    modalities = layout_modalities(layout, opts)
+    if "audio" in modalities:
         keys += AUDIO_KEYS
     keys += FRAME_KEYS
     if "frame_aspect" in layout.DEFAULTS:  # whole frames (CREMA-D): only there, so other caches stay valid
         keys.append("frame_aspect")
-    if "flow" in layout.MODALITIES:
+    if "flow" in modalities:
         keys += FLOW_KEYS
     p = {}
     for k in keys:
@@ -162,6 +163,7 @@ class Plan:
 
     layout: Any
     opts: Any
+    modalities: tuple[str, ...]  # what is extracted: the layout's streams and the optional ones asked for
     root: str
     out: str
     work: str
@@ -176,7 +178,7 @@ class Plan:
 
 
 def _our_names(layout: Any) -> set[str]:
-    arrays = {f"{m}.npy" for m in layout.MODALITIES}
+    arrays = {f"{m}.npy" for m in (*layout.MODALITIES, *getattr(layout, "OPTIONAL_MODALITIES", ()))}
     return {META_FILE, INDEX_FILE, SKIPPED_FILE, *arrays, *(f"{a}.tmp" for a in arrays)}
 
 
@@ -225,7 +227,8 @@ def plan(layout: Any, opts: Any) -> Plan:
     if scan.jobs:  # an empty val or test split is refused now, not after every clip was decoded
         _index_for([j.clip_id for j in scan.jobs], by_id, ip, root, grouped)
     return Plan(
-        layout=layout, opts=opts, root=root, out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
+        layout=layout, opts=opts, modalities=layout_modalities(layout, opts), root=root,
+        out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
         by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]
                                   + [f"unlisted:{c}" for c in scan.unlisted]),
         grouped=grouped, quiet=quiet,
@@ -317,7 +320,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
         bar = tqdm(total=len(todo), desc=f"{run.layout.NAME}", unit="clip", disable=run.quiet, mininterval=0.5,
                    dynamic_ncols=True)
         try:
-            args = (run.p, tuple(run.layout.MODALITIES), run.work)
+            args = (run.p, run.modalities, run.work)
             timeout = getattr(run.opts, "clip_timeout", None)
             results = run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1), timeout=timeout)
             for clip_id, status, detail in results:
@@ -340,7 +343,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
 
 def _array_layout(run: Plan, infos: dict[str, dict[str, Any]], kept: list[str]):
     """Per-row shapes (every clip must agree) and per-clip frame counts of each array."""
-    modalities = run.layout.MODALITIES
+    modalities = run.modalities
     spec_shape = tuple(expected_spectrogram_shape(run.p)) if "audio" in modalities else None
     row_shape: dict[str, tuple[int, ...]] = {}
     counts_per_clip: dict[str, list[int]] = {m: [] for m in modalities if m != "audio"}
@@ -385,7 +388,7 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "root": run.root,
             "class_names": list(run.scan.class_names),
-            "modalities": list(run.layout.MODALITIES),
+            "modalities": list(run.modalities),
             "params": {**run.p, **run.ip},
             "processing": run.p,
             "num_clips": len(kept),

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, TimeoutError, wait
 from typing import Any, Callable, Iterator
 
-from ...rundir import _pid_alive
+from ...rundir import pid_alive
 from .common import ClipJob
 
 # A clip's decoding normally takes a second or two; a hung decoder (a named pipe, a stalled
@@ -25,7 +25,7 @@ def _exit_with_parent(owner: int, parent: int) -> None:
     workers, and a live worker would also keep multiprocessing's resource tracker alive."""
     while True:
         time.sleep(0.5)
-        if os.getppid() != parent or not _pid_alive(owner):
+        if os.getppid() != parent or not pid_alive(owner):
             os._exit(1)
 
 
