@@ -597,8 +597,8 @@ def test_verify_reproduces_exactly_and_reports_shifts(tmp_path, capsys):
     # Without an environment record the machines cannot be called the same: a shift is reported, exit 0.
     assert _verify(tmp_path, grid, Shifted()) == 0
     text = capsys.readouterr().out
-    # OPM acc: one of three seeds moved by +0.03 -> mean shift +1.00 point; std before = std(0.75, 0.73, 0.80).
-    assert f"OPM | acc | +1.00 | +3.00 | {100 * np.std(TEST['OPM'], ddof=1):.2f}" in text
+    # OPM acc: one of three seeds moved by +0.03 -> mean shift +0.01; std before = std(0.75, 0.73, 0.80).
+    assert f"OPM | acc | +0.0100 | +0.0300 | {np.std(TEST['OPM'], ddof=1):.4f}" in text
     assert "verdict OPM: no difference shown -> no difference shown" in text and "holds" in text
 
     # The same environment recorded in every run: different numbers are a failure to reproduce.

@@ -98,8 +98,9 @@ def _environment(specs: list[RunSpec]) -> dict | None:
     return None
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:+.2f}"
+def _num(x: float | None, sign: str = "+") -> str:
+    """A number in its file's units (accuracies as fractions, the loss as it is)."""
+    return "–" if x is None else f"{x:{sign}.4f}"
 
 
 def verify(grid: Grid, out: Path, scratch: Path, launcher, programs, run_phase) -> int:
@@ -126,11 +127,11 @@ def verify(grid: Grid, out: Path, scratch: Path, launcher, programs, run_phase) 
     differs = same_machine(env_before, env_after) if env_before and env_after else ["unknown"]
     print(f"verify: {len(unequal)} of {len(rows)} numbers differ; environment differs in: "
           f"{', '.join(differs) or 'nothing (same machine and libraries)'}")
-    print("method | number | mean shift (points) | largest shift | seed-to-seed std before")
+    print("method | number | mean shift over seeds | largest shift | seed-to-seed std before (in the file's units)")
     for s in shifts(rows):
         if not s["equal"]:
-            std = "–" if s["std"] is None else f"{100 * s['std']:.2f}"
-            print(f"{s['method']} | {s['key']} | {_pct(s['shift'])} | {_pct(s['max_abs_shift'])} | {std}")
+            spread = _num(s["std"], "")
+            print(f"{s['method']} | {s['key']} | {_num(s['shift'])} | {_num(s['max_abs_shift'])} | {spread}")
     verdicts = compare_verdicts(summarize(grid, selection, original), summarize(grid, selection, again))
     changed = [v for v in verdicts if v["before"] != v["after"]]
     for v in verdicts:
