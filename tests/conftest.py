@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onthefly.data.spec import DatasetInfo, ModalitySpec
-from onthefly.models.encoders import ENCODERS, FEATURE_DIM, FrameEncoder, SpectrogramEncoder
+from onthefly.models.encoders import ENCODERS, RESNET18_WIDTH, FrameEncoder, SpectrogramEncoder, feature_dim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- tiny encoders
 
 
-def _tiny_trunk(in_channels: int) -> nn.Module:
-    """One strided conv, BatchNorm, pooling and a linear map to the encoders' FEATURE_DIM.
+def _tiny_trunk(in_channels: int, width: int = RESNET18_WIDTH) -> nn.Module:
+    """One strided conv, BatchNorm, pooling and a linear map to the encoders' feature size.
 
     The layer names follow ResNet's (conv1, bn1) so code that reaches for the stem finds it.
     """
@@ -36,24 +36,24 @@ def _tiny_trunk(in_channels: int) -> nn.Module:
         relu=nn.ReLU(inplace=True),
         pool=nn.AdaptiveAvgPool2d(1),
         flatten=nn.Flatten(),
-        fc=nn.Linear(8, FEATURE_DIM),
+        fc=nn.Linear(8, feature_dim(width)),
     ))
 
 
 class TinySpectrogramEncoder(SpectrogramEncoder):
     """SpectrogramEncoder's forward on a tiny trunk."""
 
-    def __init__(self, in_channels: int = 1):
+    def __init__(self, in_channels: int = 1, width: int = RESNET18_WIDTH):
         nn.Module.__init__(self)  # not SpectrogramEncoder.__init__: it would build a ResNet18 first
-        self.net = _tiny_trunk(in_channels)
+        self.net = _tiny_trunk(in_channels, width)
 
 
 class TinyFrameEncoder(FrameEncoder):
     """FrameEncoder's forward (frames folded into the batch, features averaged) on a tiny trunk."""
 
-    def __init__(self, in_channels: int = 3):
+    def __init__(self, in_channels: int = 3, width: int = RESNET18_WIDTH):
         nn.Module.__init__(self)  # not FrameEncoder.__init__: it would build a ResNet18 first
-        self.net = _tiny_trunk(in_channels)
+        self.net = _tiny_trunk(in_channels, width)
 
 
 TINY_ENCODERS = {"spectrogram": TinySpectrogramEncoder, "frames": TinyFrameEncoder}

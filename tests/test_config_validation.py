@@ -36,6 +36,7 @@ BAD = [
     (["--modulation_starts", "-1"], "must be >= 0"),
     (["--warmup_epochs", "-1"], "must be >= 0"),
     (["--epochs", "0"], "--epochs must be > 0"),
+    (["--encoder_width", "0"], "--encoder_width must be >= 1"),
     (["--batch_size", "0"], "--batch_size must be >= 2"),
     (["--batch_size", "-8"], "--batch_size must be >= 2"),
     (["--batch_size", "1"], "--batch_size must be >= 2: BatchNorm needs at least 2 samples per batch"),

@@ -98,6 +98,27 @@ def test_unimodal_reference_model(tiny_info, tiny_batch, modality):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_narrow_encoder_keeps_resnet18_layout(tiny_info, tiny_batch):
+    from torchvision.models import resnet18
+
+    from onthefly.models.encoders import _narrow_resnet18, feature_dim
+
+    # At ResNet18's own width the hand-built trunk has exactly torchvision's parameters (less its fc).
+    reference = resnet18(weights=None)
+    expected = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("fc."))
+    assert sum(p.numel() for p in _narrow_resnet18(3, 64).parameters()) == expected
+    torch.manual_seed(0)
+    model = build_model(tiny_info(NUM_CLASSES), "concat", width=16)
+    inputs, _ = tiny_batch(batch=3, num_classes=NUM_CLASSES)
+    out = model(inputs)
+    assert feature_dim(16) == 128 and [h.shape for h in out["features"]] == [(3, 128), (3, 128)]
+    assert out["logits"].shape == (3, NUM_CLASSES)
+    # Convolution weights scale with width^2: a quarter width has about 1/16 of the parameters.
+    full = sum(p.numel() for p in build_model(tiny_info(NUM_CLASSES), "concat").encoders.parameters())
+    narrow = sum(p.numel() for p in model.encoders.parameters())
+    assert 1 / 17 < narrow / full < 1 / 15
+
+
 def test_a_sum_head_loads_two_modality_weights_saved_as_fc_a_and_fc_b():
     """Checkpoints from before the M-branch sum head keep loading (strictly) into the same weights."""
     from onthefly.models.fusion import SumFusion

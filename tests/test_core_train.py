@@ -105,3 +105,13 @@ def test_yaml_config_sets_defaults_and_cli_wins(tmp_path):
 
     with pytest.raises(UserError, match="fuson"):
         resolve_config(["--config", str(yml)])
+
+
+def test_a_narrow_run_is_rebuilt_at_its_width_for_inference(tmp_path):
+    assert train(tmp_path, "--encoder_width", "8", "--epochs", "1") == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["encoder_width"] == 8
+    model, *_ = infer.load_trained_model(run, torch.device("cpu"))
+    assert model.head.fc.in_features == 2 * 64  # concat of two 8 x 8 = 64-d features
+    out = str(tmp_path / "e")
+    assert infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", out]) == 0

@@ -184,6 +184,8 @@ def test_resume_refuses_settings_that_would_break_the_run(reference, capsys):
     assert "fusion: 'concat' -> 'sum'" in err and "modulation: 'OGM_GE' -> 'OPM'" in err
     err = one_line_error(capsys, runner.main(["--resume", last, "--image_noise", "0.1"]), last)
     assert "image_noise" in err
+    err = one_line_error(capsys, runner.main(["--resume", last, "--encoder_width", "16"]), last)
+    assert "encoder_width: 64 -> 16" in err  # the checkpoint's weights have ResNet18's shapes
     # the samples and batches that chose best.pt on validation: data-defining, as the README says
     err = one_line_error(capsys, runner.main(["--resume", last, "--limit_samples", "16", "--batch_size", "8"]), last)
     assert "limit_samples: 8 -> 16" in err and "batch_size: 4 -> 8" in err

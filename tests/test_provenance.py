@@ -9,7 +9,7 @@ import subprocess
 import numpy
 import torch
 
-from onthefly.provenance import UNKNOWN, git_state, library_versions, provenance
+from onthefly.provenance import UNKNOWN, git_state, library_versions, provenance, record_environment, same_machine
 
 
 def _git(cwd, *args):
@@ -55,3 +55,15 @@ def test_versions_and_the_whole_record():
     }
     assert record["cpu"] and record["torch_threads"] == torch.get_num_threads()
     assert len(record["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def test_record_environment_keeps_the_start_and_appends_resumes(tmp_path):
+    path = tmp_path / "environment.json"
+    first = record_environment(path, resumed=False)
+    assert json.loads(path.read_text()) == first and first["resumes"] == []
+    again = record_environment(path, resumed=True)
+    assert again["start"] == first["start"] and len(again["resumes"]) == 1
+    assert record_environment(path, resumed=False)["resumes"] == []  # a fresh start replaces the record
+    assert same_machine(first["start"], again["resumes"][0]) == []
+    other = {**first["start"], "cpu": "another CPU", "libraries": {"numpy": "0.1"}}
+    assert same_machine(first["start"], other) == ["libraries", "cpu"]

@@ -284,6 +284,10 @@ def test_a_real_train_run_counts_as_finished(tmp_path):
     assert runspec.run_state(spec) == "done", jobs[0].log.read_text()
     assert not (spec.run_dir / "test_metrics.json").exists()  # --no-eval_test
     assert runspec.best_val_acc(spec.run_dir) is not None
+    # Where it ran: train.py's environment.json (commit, versions, CPU) beside its config.json.
+    environment = json.loads((spec.run_dir / "environment.json").read_text())
+    assert environment["resumes"] == [] and environment["start"]["libraries"]["torch"]
+    assert environment["start"]["cpu"] and "commit" in environment["start"]["git"]
 
 
 def test_progress_line_counts_and_eta():
@@ -306,7 +310,8 @@ def test_selection_and_report_match_the_protocol_before_the_split(tmp_path):
     the protocol moved to onthefly/experiments (selection.json, results.csv, report.md up to its
     timing section). The statistics columns (t-interval, sign-flip p, Holm, bootstrap as secondary)
     were regenerated when they replaced the bootstrap-only interval; every other column and line
-    was checked equal to the file from before the split at that point."""
+    was checked equal to the file from before the split at that point; the best-epoch column and
+    line, and the curves caption (every method), were added since."""
     protocol(tmp_path, write_grid(tmp_path), FakeRuns())
     out = tmp_path / "out"
     assert json.loads((out / "selection.json").read_text()) == json.loads((GOLDEN / "selection.json").read_text())
@@ -567,3 +572,89 @@ def test_reproduce_script_starts_again_a_run_interrupted_in_its_first_epoch(tmp_
     assert len(calls) == 2
     assert "--run_name none_seed0" in calls[0] and calls[0].endswith("--overwrite --modulation none --seed 0")
     assert "--run_name none_seed1" in calls[1] and "--overwrite" not in calls[1]
+
+
+def _verify(tmp_path: Path, grid: gridfile.Grid, runs: FakeRuns) -> int:
+    launcher = launchers.LocalLauncher(["cpu", "cpu"], spawn=runs, report_every=0.01)
+    return protocol_module.run_verify(grid, tmp_path / "out", tmp_path / "scratch", launcher, PROGRAMS)
+
+
+def test_verify_reproduces_exactly_and_reports_shifts(tmp_path, capsys):
+    grid = write_grid(tmp_path)
+    protocol_module.run_protocol(
+        grid, tmp_path / "out", launchers.LocalLauncher(["cpu"], spawn=FakeRuns(), report_every=0.01), PROGRAMS,
+        publish=tmp_path / "published",
+    )
+    assert (tmp_path / "out" / "environment.json").is_file()
+    published = {p.name for p in (tmp_path / "published").iterdir()}
+    assert {"report.md", "per_seed.csv", "results.csv", "environment.json", "selection.json"} <= published
+    again = FakeRuns()
+    assert _verify(tmp_path, grid, again) == 0
+    assert "reproduced exactly: all 48 numbers of 12 runs" in capsys.readouterr().out  # 12 runs x 4 numbers
+    assert len(again.launches()) == 12 and all("--eval_test" in c for c in again.launches())
+    assert all(str(tmp_path / "scratch") in c[c.index("--output_dir") + 1] for c in again.launches())
+
+    class Shifted(FakeRuns):  # OPM's seed 1 scores 0.03 higher on test
+        def __call__(self, job, argv, env):
+            code = super().__call__(job, argv, env)
+            if job.spec.method == "OPM" and job.spec.seed == 1:
+                path = job.spec.run_dir / "test_metrics.json"
+                path.write_text(json.dumps({**json.loads(path.read_text()), "acc": 0.76}))
+            return code
+
+    for d in (tmp_path / "scratch" / "test").iterdir():
+        (d / runspec.DONE_FILE).unlink()
+    # Without an environment record the machines cannot be called the same: a shift is reported, exit 0.
+    assert _verify(tmp_path, grid, Shifted()) == 0
+    text = capsys.readouterr().out
+    # OPM acc: one of three seeds moved by +0.03 -> mean shift +0.01; std before = std(0.75, 0.73, 0.80).
+    assert f"OPM | acc | +0.0100 | +0.0300 | {np.std(TEST['OPM'], ddof=1):.4f}" in text
+    assert "verdict OPM: no difference shown -> no difference shown" in text and "holds" in text
+
+    # The same environment recorded in every run: different numbers are a failure to reproduce.
+    for d in [*(tmp_path / "scratch" / "test").iterdir(), *(tmp_path / "out" / "test").iterdir()]:
+        (d / "environment.json").write_text(json.dumps({"start": {"cpu": "x", "libraries": {"torch": "1"}}}))
+        (d / runspec.DONE_FILE).unlink(missing_ok=True) if "scratch" in str(d) else None
+    assert _verify(tmp_path, grid, Shifted()) == 1
+    assert "not reproduced" in capsys.readouterr().out
+
+
+def test_verify_without_a_finished_protocol_is_one_line(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    write_grid(tmp_path)
+    assert cli.main(["--grid", str(grid), "--out", str(tmp_path / "none"), "--verify"]) == 2
+    assert "no finished protocol" in capsys.readouterr().err
+
+
+def test_compare_verdicts_names_a_changed_one():
+    from onthefly.experiments.verify import compare_verdicts
+
+    def summary(survives: bool, mean: float) -> dict:
+        return {"rows": [{"method": "none", "diff_to_none": None},
+                         {"method": "OPM", "diff_to_none": {"survives": survives, "mean": mean}}]}
+
+    assert compare_verdicts(summary(True, 0.02), summary(False, 0.01)) == [
+        {"method": "OPM", "before": "better", "after": "no difference shown"}
+    ]
+    assert compare_verdicts(summary(True, -0.02), summary(True, -0.01))[0]["after"] == "worse"
+
+
+def test_best_epoch_and_opm_drop_rates_from_metrics(tmp_path):
+    from onthefly.analysis.benchmark_report import best_epoch, best_epochs, mean_drop_rates, plateau_epoch
+
+    records = [
+        {"epoch": 0, "val_acc": 0.5, "train_q_audio": 0.4, "train_q_visual": 0.0},
+        {"epoch": 1, "val_acc": 0.7, "train_q_audio": 0.2, "train_q_visual": 0.1},
+        {"epoch": 2, "val_acc": 0.7, "train_q_audio": 0.0, "train_q_visual": 0.2},  # a tie: best.pt stays at 1
+        {"epoch": 3, "val_acc": 0.6},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert best_epoch(run) == (1, 4)
+    spec = runspec.RunSpec("test", "OPM", 0, run, {})
+    # 1 is not among the last two (2, 3); the first epoch within 0.01 of 0.7 is 1 too
+    assert best_epochs([spec]) == {"per_seed": {0: 1}, "plateau": {0: 1}, "late": 0, "epochs": 4}
+    assert plateau_epoch(run, within=0.25) == 0
+    assert mean_drop_rates([spec]) == {"audio": pytest.approx(0.2), "visual": pytest.approx(0.1)}
+    assert best_epoch(tmp_path / "nothing") is None

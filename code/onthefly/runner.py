@@ -33,6 +33,7 @@ from .engine import NonFiniteError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
 from .models import build_model
 from .modulation import Modulator, check_labels
+from .provenance import ENVIRONMENT_FILE, record_environment
 from .rundir import check_free_space, merge_resume_config, prepare_run_dir
 from .utils import autocast_dtype, print_table, seed_everything, select_device, unwrap_model
 
@@ -298,7 +299,7 @@ def _loaders(datasets: dict, cfg, where: Placement) -> dict:
 
 def _model_and_optimizer(cfg, info: DatasetInfo, where: Placement) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     try:  # e.g. --fusion film on a dataset of three modalities
-        model = build_model(info, cfg.fusion, cfg.modality, cfg.init).to(where.device)
+        model = build_model(info, cfg.fusion, cfg.modality, cfg.init, cfg.encoder_width).to(where.device)
     except ValueError as e:
         raise UserError(f"--fusion {cfg.fusion}: {e}") from None
     if cfg.channels_last and where.device.type == "cuda":
@@ -322,11 +323,12 @@ def _restore(ckpt: dict, model, optimizer, cfg, where: Placement) -> TrainState:
 
 
 def _start_logging(run_dir: Path, cfg, state: TrainState, where: Placement, loaders: dict):
-    """Rank 0: config.json, the resolved configuration printed; returns a TensorBoard writer."""
+    """Rank 0: config.json and environment.json, the resolved configuration printed; returns a TensorBoard writer."""
     try:
         ckpt_io.atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+        record_environment(run_dir / ENVIRONMENT_FILE, resumed=state.epoch > 0)
     except OSError as e:
-        raise ckpt_io.WriteFailed(f"cannot write {run_dir / 'config.json'}: {e.strerror or e}") from None
+        raise ckpt_io.WriteFailed(f"cannot write {e.filename or run_dir}: {e.strerror or e}") from None
     print(f"resolved configuration (saved in {run_dir / 'config.json'}):\n{format_config(cfg)}", end="", flush=True)
     from torch.utils.tensorboard import SummaryWriter
 

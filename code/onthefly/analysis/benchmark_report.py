@@ -25,12 +25,13 @@ from typing import Any
 from ..experiments.grid import Grid
 from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
 from ..fileio import atomic_write_text, read_json_object
-from .runs import load_run
+from .runs import load_run, read_jsonl
 from .stats import ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, compare_paired, holm_verdicts
 from .tables import format_stat, markdown_table, mean_std
 
 BASELINE = "none"
-CURVE_METHODS = ("none", "OGM_GE", "OPM")  # the first figure of the paper: baseline and the two families
+LATE_EPOCHS = 2  # a best epoch among the last two says the schedule may have stopped while still improving
+PLATEAU_WITHIN = 0.01  # one point of validation accuracy (3 samples of AV-Digits' 300)
 
 
 def _diff_text(d: dict | None, low: str = "low", high: str = "high") -> str:
@@ -43,7 +44,7 @@ def _p_text(p: float | None) -> str:
     return "–" if p is None else f"{p:.3f}"
 
 
-def _verdict_text(d: dict | None) -> str:
+def verdict_text(d: dict | None) -> str:
     if d is None:
         return "–"
     if not d["survives"]:
@@ -63,6 +64,48 @@ def _test_values(specs: list[RunSpec], key: str, source: str = "test") -> dict[i
         if data is not None and data.get(key) is not None:
             out[s.seed] = float(data[key])
     return out
+
+
+def best_epoch(run_dir: Path) -> tuple[int, int] | None:
+    """(the epoch best.pt comes from, the number of epochs) from metrics.jsonl: the first epoch
+    with the highest validation accuracy, as train.py keeps best.pt (strictly better only)."""
+    values = [e["val_acc"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("val_acc") is not None]
+    if not values:
+        return None
+    return values.index(max(values)), len(values)
+
+
+def plateau_epoch(run_dir: Path, within: float = PLATEAU_WITHIN) -> int | None:
+    """The first epoch whose validation accuracy is within `within` of the run's best: where the
+    curve stopped rising, less sensitive than the best epoch to one validation sample more or less."""
+    values = [e["val_acc"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("val_acc") is not None]
+    if not values:
+        return None
+    return next(i for i, v in enumerate(values) if v >= max(values) - within)
+
+
+def best_epochs(specs: list[RunSpec]) -> dict[str, Any]:
+    """Best and plateau epochs of the runs, per seed, and how many best epochs fall in the last
+    LATE_EPOCHS epochs."""
+    found = {s.seed: b for s in specs if (b := best_epoch(s.run_dir)) is not None}
+    return {
+        "per_seed": {seed: epoch for seed, (epoch, _) in found.items()},
+        "plateau": {s.seed: p for s in specs if (p := plateau_epoch(s.run_dir)) is not None},
+        "late": sum(epoch >= n - LATE_EPOCHS for epoch, n in found.values()),
+        "epochs": max((n for _, n in found.values()), default=None),
+    }
+
+
+def mean_drop_rates(specs: list[RunSpec]) -> dict[str, float]:
+    """Per modality m, OPM's drop probability q_m averaged over the epochs (metrics.jsonl's
+    `train_q_<m>`, each an epoch mean) and the runs: the rate DROPOUT_UNIFORM's grid is read against."""
+    sums: dict[str, list[float]] = {}
+    for s in specs:
+        for record in read_jsonl(s.run_dir / "metrics.jsonl"):
+            for key, value in record.items():
+                if key.startswith("train_q_") and value is not None:
+                    sums.setdefault(key.removeprefix("train_q_"), []).append(float(value))
+    return {m: statistics.fmean(v) for m, v in sums.items()}
 
 
 def weak_modality(grid: Grid, test: list[RunSpec]) -> tuple[str | None, dict[str, float]]:
@@ -97,13 +140,15 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
             "diff_to_none": comparisons.get(method),
             "weak_head": None if reference or weak is None else mean_std(list(_test_values(runs, f"acc_{weak}").values())),
             "weak_probe": mean_std(list(_test_values(runs, f"acc_{own}", "probe").values())) if own else None,
+            "best_epoch": best_epochs(runs),
             "selected": selection[method]["point"] if not reference else {},
             "val_acc": selection[method]["val_acc"] if not reference else None,
             "resolved": _resolved_options(runs, selection[method]["point"]) if not reference else {},
         }
         rows.append(row)
+    opm = [s for s in test if s.method == "OPM"]
     return {"weak_modality": weak, "alone_val_acc": alone_val, "baseline_acc": mean_std(list(base.values())),
-            "rows": rows}
+            "opm_drop_rates": mean_drop_rates(opm), "rows": rows}
 
 
 def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
@@ -139,7 +184,7 @@ def write_results_csv(path: Path, summary: dict) -> None:
 def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     """One row per test-phase run: method, seed and every number of its test_metrics.json, so
     each interval of the report can be recomputed from the committed file."""
-    rows = [(s.method, s.seed, data) for s in test
+    rows = [(s.method, s.seed, {**data, "best_epoch": (best_epoch(s.run_dir) or (None,))[0]}) for s in test
             if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
     keys = sorted({k for _, _, data in rows for k, v in data.items() if isinstance(v, (int, float))})
     buf = io.StringIO()
@@ -148,6 +193,18 @@ def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     for method, seed, data in sorted(rows, key=lambda r: (r[0], r[1])):
         w.writerow([method, seed, *("" if data.get(k) is None else f"{data[k]:.10g}" for k in keys)])
     atomic_write_text(path, buf.getvalue())
+
+
+def _epochs_text(b: dict) -> str:
+    epochs, plateau = sorted(b["per_seed"].values()), sorted(b["plateau"].values())
+    if not epochs:
+        return "–"
+    return f"{statistics.median(epochs):g} ({epochs[0]}–{epochs[-1]}) / {statistics.median(plateau):g}"
+
+
+def _epochs_of(summary: dict) -> str:
+    counts = sorted({r["best_epoch"]["epochs"] for r in summary["rows"] if r["best_epoch"]["epochs"]})
+    return " / ".join(map(str, counts)) + " epochs" if counts else "? epochs"
 
 
 def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[str, str]], timing: dict) -> str:
@@ -183,7 +240,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     ]
     header = ["Method", "Seeds", "Accuracy", "Macro-F1", f"Δ vs none [{int(100 * CONFIDENCE)}% t]", "none std",
               "p (sign-flip)", "Holm p", "Verdict", f"Bootstrap [{int(100 * CONFIDENCE)}%]", f"Head {weak}",
-              f"Probe {weak}", "Selected (val acc)"]
+              f"Probe {weak}", "Best epoch / plateau", "Selected (val acc)"]
     base = summary["baseline_acc"]
     base_std = "–" if base is None or base["std"] is None else f"{100 * base['std']:.2f}"
     rows = []
@@ -191,10 +248,21 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
         d = r["diff_to_none"]
         stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
-        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), _verdict_text(d)]
+        stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), verdict_text(d)]
         stats += [_diff_text(d, "boot_low", "boot_high")] + [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
-        rows.append([r["method"], str(len(r["seeds"])), *stats, selected])
+        rows.append([r["method"], str(len(r["seeds"])), *stats, _epochs_text(r["best_epoch"]), selected])
     lines += markdown_table(header, rows) + [""]
+    if summary["opm_drop_rates"]:
+        rates = ", ".join(f"q_{m} {q:.3f}" for m, q in summary["opm_drop_rates"].items())
+        lines += ["OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
+                  f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.", ""]
+    late = sum(r["best_epoch"]["late"] for r in summary["rows"])
+    runs = sum(len(r["best_epoch"]["per_seed"]) for r in summary["rows"])
+    lines += [f"**Best epoch / plateau**: median (min–max) over the test seeds of the epoch best.pt comes from "
+              f"(0-based, of {_epochs_of(summary)}), then the median of the first epoch within "
+              f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped "
+              "rising). "
+              f"{late} of {runs} test runs have their best epoch in the last {LATE_EPOCHS} epochs.", ""]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
         lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
@@ -249,7 +317,7 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
         figures.append(("Sensitivity: validation accuracy of every grid point (mean over tuning seeds, bar = ±1 std)", path.name))
 
     groups = {}
-    for method in [m for m in CURVE_METHODS if m in grid.methods] + [f"{m} alone" for m in grid.references]:
+    for method in [*grid.methods, *(f"{m} alone" for m in grid.references)]:
         runs = [r for s in test if s.method == method and (r := load_run(s.run_dir)) is not None]
         if runs:
             groups[method] = runs
@@ -259,7 +327,7 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
             groups, modalities, out / "modality_curves.png",
             title="Validation accuracy per epoch (test seeds, mean ± std): fused and each modality's head z_m; "
                   "dashed: trained alone")
-        figures.append(("Per-modality validation accuracy over epochs for none / OGM-GE / OPM (selected settings); "
+        figures.append(("Per-modality validation accuracy over epochs for every method (selected settings); "
                         f"dashed: the modality trained alone{'; weak modality: ' + weak if weak else ''}", path.name))
     return figures
 

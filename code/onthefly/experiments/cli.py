@@ -11,7 +11,8 @@ from ..config import ArgumentParser
 from ..errors import UserError
 from .grid import load_grid, with_overrides
 from .launchers import REPO_ROOT, LocalLauncher, SubmititLauncher, check_device, device_slots
-from .protocol import Launcher, RunsFailed, run_protocol
+from .protocol import Launcher, RunsFailed, run_protocol, run_verify
+from .verify import VERIFY_DIR
 
 
 def get_args_parser() -> ArgumentParser:
@@ -30,6 +31,19 @@ def get_args_parser() -> ArgumentParser:
         default=[],
         metavar="OPTION=VALUE",
         help="override or add a common option of every run, e.g. --set epochs=1 limit_samples=128",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="train the test phase of the finished protocol in --out again (into --verify_out) and compare "
+        "every number; exit 0 when reproduced exactly (or, elsewhere, every verdict holds)",
+    )
+    p.add_argument("--verify_out", default=None, help="--verify's scratch folder (default: <out>/verify)")
+    p.add_argument(
+        "--publish",
+        default=None,
+        help="also copy the report, per_seed.csv, results.csv, selection.json, environment.json and figures here "
+        "(e.g. docs/results/benchmark_avdigits)",
     )
     p.add_argument("--methods", nargs="+", default=None, help="only these methods of the grid file (smoke tests)")
     p.add_argument(
@@ -123,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out: not a directory: {out}")
-        run_protocol(grid, out, LAUNCHERS[args.launcher](args))
+        launcher = LAUNCHERS[args.launcher](args)
+        if args.verify:
+            scratch = Path(args.verify_out) if args.verify_out else out / VERIFY_DIR
+            return run_verify(grid, out, scratch, launcher)
+        run_protocol(grid, out, launcher, publish=Path(args.publish) if args.publish else None)
         return 0
     except UserError as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)

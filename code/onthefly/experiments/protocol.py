@@ -35,7 +35,8 @@ from typing import Protocol
 
 from ..analysis.benchmark_report import write_benchmark_report
 from ..errors import UserError
-from ..fileio import atomic_write_text, read_json_object
+from ..fileio import atomic_write, atomic_write_text, read_json_object
+from ..provenance import ENVIRONMENT_FILE, record_environment
 from ..rundir import acquire_run_lock
 from .grid import Grid
 from .launchers import REPO_ROOT, Job, Progress, Settle, minutes
@@ -51,6 +52,7 @@ from .spec import (
     test_runs,
     tuning_runs,
 )
+from .verify import verify
 
 TIE_DECIMALS = 9  # scores equal to 9 decimals are ties (means of accuracies differ by rounding only)
 SELECTION_RULE = "best mean over tuning seeds of each run's best validation accuracy; ties: the earlier grid point"
@@ -248,16 +250,58 @@ def _run_phase(
 
 
 def run_protocol(
-    grid: Grid, out: Path, launcher: Launcher, programs: Programs = Programs(), report: bool = True
+    grid: Grid,
+    out: Path,
+    launcher: Launcher,
+    programs: Programs = Programs(),
+    report: bool = True,
+    publish: Path | None = None,
 ) -> dict:
-    """All four phases, holding the output folder's lock; returns the selection and the report's summary."""
+    """All four phases, holding the output folder's lock; returns the selection and the report's summary.
+
+    The environment (provenance: commit, library versions, CPU/GPU) goes to <out>/environment.json,
+    once per invocation (a resumed protocol appends its own). `publish`: a folder the report's
+    files are copied to as well.
+    """
     check_run_options(grid)
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_run_lock(out, hint="choose another --out")
     try:
-        return _phases(grid, out, launcher, programs, report)
+        record_environment(out / ENVIRONMENT_FILE, resumed=True)
+        result = _phases(grid, out, launcher, programs, report)
+        if report and publish is not None:
+            publish_report(out, publish)
+        return result
     finally:
         lock.release()
+
+
+def run_verify(grid: Grid, out: Path, scratch: Path, launcher: Launcher, programs: Programs = Programs()) -> int:
+    """sweep.py --verify (verify.py), holding the scratch folder's lock; returns the exit status."""
+    check_run_options(grid)
+    scratch.mkdir(parents=True, exist_ok=True)
+    lock = acquire_run_lock(scratch, hint="choose another --verify_out")
+    try:
+        record_environment(scratch / ENVIRONMENT_FILE, resumed=True)
+        return verify(grid, out, scratch, launcher, programs, _run_phase)
+    finally:
+        lock.release()
+
+
+# What --publish copies next to the committed results: everything needed to recompute the report.
+PUBLISHED = ("report.md", "results.csv", "per_seed.csv", "summary.json", "selection.json", ENVIRONMENT_FILE)
+
+
+def publish_report(out: Path, dest: Path) -> list[Path]:
+    """Copy the report's files and figures from `out` to `dest` (atomically, file by file)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for source in [*(out / name for name in PUBLISHED), *sorted(out.glob("*.png"))]:
+        if source.is_file():
+            atomic_write(dest / source.name, lambda f, s=source: f.write(s.read_bytes()))
+            copied.append(dest / source.name)
+    print(f"published {len(copied)} files to {dest}", flush=True)
+    return copied
 
 
 def _phases(grid: Grid, out: Path, launcher: Launcher, programs: Programs, report: bool) -> dict:

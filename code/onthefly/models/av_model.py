@@ -11,12 +11,20 @@ from torch import nn
 
 from ..data.spec import DatasetInfo
 from ..modulation.contract import FeatureHook
-from .encoders import ENCODERS, FEATURE_DIM
+from .encoders import ENCODERS, RESNET18_WIDTH, feature_dim
 from .fusion import FUSIONS
 
 # A feature hook (modulation/contract.py) receives the model output so far (features and
 # unimodal logits, before fusion) and returns the features to fuse plus a per-sample loss
 # weight (B,), or None for "all samples count". OPM is such a hook.
+
+
+def build_encoder(kind: str, in_channels: int, width: int = RESNET18_WIDTH) -> nn.Module:
+    """ENCODERS[kind]; `width` is passed only when it is not ResNet18's, so an encoder registered
+    with `__init__(self, in_channels)` (docs/modalities.md) keeps working at the default."""
+    if width == RESNET18_WIDTH:
+        return ENCODERS[kind](in_channels=in_channels)
+    return ENCODERS[kind](in_channels=in_channels, width=width)
 
 
 class MultimodalClassifier(nn.Module):
@@ -29,7 +37,7 @@ class MultimodalClassifier(nn.Module):
       "sample_weight":   (B,) loss weight per sample, or None (OPM drops samples with no modality)
     """
 
-    def __init__(self, info: DatasetInfo, fusion: str = "concat"):
+    def __init__(self, info: DatasetInfo, fusion: str = "concat", width: int = RESNET18_WIDTH):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
@@ -37,9 +45,9 @@ class MultimodalClassifier(nn.Module):
             raise ValueError(f"a joint model needs two or more modalities; {info.name} has {list(info.modality_names)}")
         self.modality_names = info.modality_names
         self.encoders = nn.ModuleDict(
-            {m.name: ENCODERS[m.kind](in_channels=m.channels) for m in info.modalities}
+            {m.name: build_encoder(m.kind, m.channels, width) for m in info.modalities}
         )
-        self.head = FUSIONS[fusion](FEATURE_DIM, info.num_classes, num_modalities=len(info.modalities))
+        self.head = FUSIONS[fusion](feature_dim(width), info.num_classes, num_modalities=len(info.modalities))
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:
         features = tuple(self.encoders[name](inputs[name]) for name in self.modality_names)  # M x (B, 512)
@@ -64,15 +72,15 @@ class UnimodalClassifier(nn.Module):
     Its output has the same keys as MultimodalClassifier's, with one entry per tuple.
     """
 
-    def __init__(self, info: DatasetInfo, modality: str):
+    def __init__(self, info: DatasetInfo, modality: str, width: int = RESNET18_WIDTH):
         super().__init__()
         specs = {m.name: m for m in info.modalities}
         if modality not in specs:
             raise ValueError(f"unknown modality {modality!r}; this dataset has {sorted(specs)}")
         self.modality_names = (modality,)
         spec = specs[modality]
-        self.encoders = nn.ModuleDict({modality: ENCODERS[spec.kind](in_channels=spec.channels)})
-        self.head = nn.Linear(FEATURE_DIM, info.num_classes)
+        self.encoders = nn.ModuleDict({modality: build_encoder(spec.kind, spec.channels, width)})
+        self.head = nn.Linear(feature_dim(width), info.num_classes)
         self.head.has_auxiliary_classifiers = False
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:

@@ -167,8 +167,8 @@ class Plan:
     root: str
     out: str
     work: str
-    p: dict[str, Any]  # extraction parameters (the resume key)
-    ip: dict[str, Any]  # index parameters (splits, default crop)
+    extraction: dict[str, Any]  # extraction parameters (the resume key)
+    indexing: dict[str, Any]  # index parameters (splits, default crop)
     scan: Scan
     by_id: dict[str, ClipJob]
     digest: str
@@ -228,7 +228,7 @@ def plan(layout: Any, opts: Any) -> Plan:
         _index_for([j.clip_id for j in scan.jobs], by_id, ip, root, grouped)
     return Plan(
         layout=layout, opts=opts, modalities=layout_modalities(layout, opts), root=root,
-        out=out, work=os.path.join(out, WORK_DIR), p=p, ip=ip, scan=scan,
+        out=out, work=os.path.join(out, WORK_DIR), extraction=p, indexing=ip, scan=scan,
         by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]
                                   + [f"unlisted:{c}" for c in scan.unlisted]),
         grouped=grouped, quiet=quiet,
@@ -248,9 +248,9 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
     if old is None:
         return None
     name = run.layout.NAME
-    if old.get("dataset") != name or old.get("processing") != run.p:
+    if old.get("dataset") != name or old.get("processing") != run.extraction:
         what = (f"a {old.get('dataset')} cache" if old.get("dataset") != name
-                else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.p)})")
+                else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.extraction)})")
         raise UserError(f"--out {run.opts.out}: holds {what}; use another --out, or add --fresh to replace it")
     try:
         reader = CacheReader(run.out, verify=False)
@@ -262,16 +262,16 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
     reader.close()
     if old.get("source_ids") != run.digest or not all(i in run.by_id for i in cached_ids):
         return None
-    if {k: old["params"].get(k) for k in run.ip} == run.ip:
+    if {k: old["params"].get(k) for k in run.indexing} == run.indexing:
         counts = old["split_counts"]
         _say(f"{name}: {run.out} is up to date ({len(cached_ids)} clips: train {counts['train']} / "
              f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do", run.quiet)
         return {"status": "up_to_date", "clips": len(cached_ids), "skipped": old["num_skipped"],
                 "reused": len(cached_ids), "processed": 0, "split_counts": counts, "out": run.out}
-    index, splits = _index_for(cached_ids, run.by_id, run.ip, run.root, run.grouped)
+    index, splits = _index_for(cached_ids, run.by_id, run.indexing, run.root, run.grouped)
     index["offsets"] = cached_offsets
     counts = _split_counts(splits)
-    rewrite_index(run.out, {**old, "params": {**run.p, **run.ip}, "split_counts": counts}, index)
+    rewrite_index(run.out, {**old, "params": {**run.extraction, **run.indexing}, "split_counts": counts}, index)
     _say(f"{name}: new splits written to {run.out} (train {counts['train']} / val {counts['val']} / "
          f"test {counts['test']}); frames and audio unchanged", run.quiet)
     return {"status": "resplit", "clips": len(cached_ids), "skipped": old["num_skipped"], "reused":
@@ -283,10 +283,10 @@ def _open_work(run: Plan) -> None:
     if run.fresh and os.path.isdir(run.work):
         shutil.rmtree(run.work)
     os.makedirs(run.work, exist_ok=True)
-    wparams = {"dataset": run.layout.NAME, "processing": run.p}
+    wparams = {"dataset": run.layout.NAME, "processing": run.extraction}
     prev = read_params(run.work)
     if prev is not None and prev != wparams:
-        diff = _differences(prev.get("processing", {}), run.p)
+        diff = _differences(prev.get("processing", {}), run.extraction)
         if prev.get("dataset") != run.layout.NAME:
             diff = f"dataset: {prev.get('dataset')} -> {run.layout.NAME}" + (f"; {diff}" if diff else "")
         raise UserError(
@@ -320,7 +320,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
         bar = tqdm(total=len(todo), desc=f"{run.layout.NAME}", unit="clip", disable=run.quiet, mininterval=0.5,
                    dynamic_ncols=True)
         try:
-            args = (run.p, run.modalities, run.work)
+            args = (run.extraction, run.modalities, run.work)
             timeout = getattr(run.opts, "clip_timeout", None)
             results = run_jobs(process_clip, todo, args, workers, progress=lambda: bar.update(1), timeout=timeout)
             for clip_id, status, detail in results:
@@ -344,7 +344,7 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
 def _array_layout(run: Plan, infos: dict[str, dict[str, Any]], kept: list[str]):
     """Per-row shapes (every clip must agree) and per-clip frame counts of each array."""
     modalities = run.modalities
-    spec_shape = tuple(expected_spectrogram_shape(run.p)) if "audio" in modalities else None
+    spec_shape = tuple(expected_spectrogram_shape(run.extraction)) if "audio" in modalities else None
     row_shape: dict[str, tuple[int, ...]] = {}
     counts_per_clip: dict[str, list[int]] = {m: [] for m in modalities if m != "audio"}
     for cid in kept:
@@ -370,7 +370,7 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
     """Write the arrays from the work files, then index.json and meta.json. Returns the split counts."""
     kept = sorted(infos)
     arrays, offsets = _array_layout(run, infos, kept)
-    index, splits = _index_for(kept, run.by_id, run.ip, run.root, run.grouped)  # may raise: work stays for a rerun
+    index, splits = _index_for(kept, run.by_id, run.indexing, run.root, run.grouped)  # may raise: work stays for a rerun
     index["offsets"] = offsets
     writer = CacheWriter(run.out, arrays)
     try:
@@ -389,14 +389,14 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
             "root": run.root,
             "class_names": list(run.scan.class_names),
             "modalities": list(run.modalities),
-            "params": {**run.p, **run.ip},
-            "processing": run.p,
+            "params": {**run.extraction, **run.indexing},
+            "processing": run.extraction,
             "num_clips": len(kept),
             "num_skipped": len(skipped),
             "split_counts": counts,
             "source_ids": run.digest,
             "split": run.scan.split_record(),
-            "stats": _flow_stats(writer.maps, offsets, splits, run.ip["seed"]),
+            "stats": _flow_stats(writer.maps, offsets, splits, run.indexing["seed"]),
             "notes": list(run.scan.notes),
         }
         writer.commit(meta, index, skipped)
