@@ -17,6 +17,7 @@ training run sees it after its first epoch.
 
 (with onthefly installed by the README's set-up; elsewhere prefix PYTHONPATH=code)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 
 
 def make_media(folder: Path, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -128,8 +128,13 @@ def build_cache(out: Path, wavs: list[str], jpgs: list[str], frames_per_clip: in
         "sources": wavs,
         "offsets": {"visual": list(range(0, n * frames_per_clip + 1, frames_per_clip))},
     }
-    meta = {"dataset": "cremad", "class_names": ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"], "params": p,
-            "split_counts": {"train": n, "val": 0, "test": 0}, "stats": {}}
+    meta = {
+        "dataset": "cremad",
+        "class_names": ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"],
+        "params": p,
+        "split_counts": {"train": n, "val": 0, "test": 0},
+        "stats": {},
+    }
     w.commit(meta, index, [])
 
 
@@ -140,7 +145,7 @@ def timed_loader(dataset, samples: int, batch_size: int) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
     done, start = 0, time.perf_counter()
     while done < samples:
-        for batch in loader:
+        for _batch in loader:
             done += batch_size
             if done >= samples:
                 break
@@ -200,17 +205,35 @@ def main(argv: list[str] | None = None) -> int:
             rounds["cache"].append(timed_loader(cached, args.cache_samples, args.batch_size))
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         audio_ms, frame_ms, off_s, item_s, cache_s = (
-            1e3 * med["audio"], 1e3 * med["frames"], med["official"], med["item"], med["cache"]
+            1e3 * med["audio"],
+            1e3 * med["frames"],
+            med["official"],
+            med["item"],
+            med["cache"],
         )
 
     result = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-                    platform.machine(), "cpus": os.cpu_count()},
-        "setup": {"clips": args.clips, "num_frames": args.num_frames, "batch_size": args.batch_size,
-                  "audio": "2.5 s 16 kHz WAV -> 1x257x188", "frames": "480x360 JPEG -> 224x224",
-                  "threads": 1, "dataloader_workers": 0},
-        "official_style": {"samples_per_s": 1.0 / off_s, "ms_per_sample": 1e3 * off_s,
-                           "audio_ms": audio_ms, "frames_ms": frame_ms},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "setup": {
+            "clips": args.clips,
+            "num_frames": args.num_frames,
+            "batch_size": args.batch_size,
+            "audio": "2.5 s 16 kHz WAV -> 1x257x188",
+            "frames": "480x360 JPEG -> 224x224",
+            "threads": 1,
+            "dataloader_workers": 0,
+        },
+        "official_style": {
+            "samples_per_s": 1.0 / off_s,
+            "ms_per_sample": 1e3 * off_s,
+            "audio_ms": audio_ms,
+            "frames_ms": frame_ms,
+        },
         "cache": {"samples_per_s": 1.0 / cache_s, "ms_per_sample": 1e3 * cache_s, "getitem_ms": 1e3 * item_s},
         "rounds_s_per_sample": rounds,
     }
@@ -218,19 +241,28 @@ def main(argv: list[str] | None = None) -> int:
     result["speedup_per_core"] = speedup
     result["projected_16_cores_samples_per_s"] = 16.0 / cache_s
     rows = [
-        ("official-style (librosa + PIL/torchvision)", result["official_style"]["samples_per_s"],
-         result["official_style"]["ms_per_sample"]),
+        (
+            "official-style (librosa + PIL/torchvision)",
+            result["official_style"]["samples_per_s"],
+            result["official_style"]["ms_per_sample"],
+        ),
         ("cache loader (memory-mapped arrays)", result["cache"]["samples_per_s"], result["cache"]["ms_per_sample"]),
     ]
-    print(f"CREMA-D-shaped samples (audio 1x257x188 + {args.num_frames} frame(s) 224x224), one core, "
-          f"batch {args.batch_size}, collated")
+    print(
+        f"CREMA-D-shaped samples (audio 1x257x188 + {args.num_frames} frame(s) 224x224), one core, "
+        f"batch {args.batch_size}, collated"
+    )
     print(f"{'path':<45} {'samples/s':>10} {'ms/sample':>10}")
     for name, sps, ms in rows:
         print(f"{name:<45} {sps:>10.0f} {ms:>10.3f}")
-    print(f"official-style parts: audio {audio_ms:.2f} ms, frames {frame_ms:.2f} ms per sample; "
-          f"cache __getitem__ alone {1e3 * item_s:.3f} ms")
-    print(f"speed-up per core: {speedup:.1f}x; 16 cores at this rate: {16.0 / cache_s:,.0f} samples/s "
-          "(before inter-process transfer)")
+    print(
+        f"official-style parts: audio {audio_ms:.2f} ms, frames {frame_ms:.2f} ms per sample; "
+        f"cache __getitem__ alone {1e3 * item_s:.3f} ms"
+    )
+    print(
+        f"speed-up per core: {speedup:.1f}x; 16 cores at this rate: {16.0 / cache_s:,.0f} samples/s "
+        "(before inter-process transfer)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -33,6 +33,7 @@ default `none` row. A variant that fails to build or run is reported and left ou
 Work per step is counted once per shape with torch.utils.flop_counter.FlopCounterMode
 (forward + backward of the fp32 model); TFLOP/s = that count x steps per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,17 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
+import official_style as off  # bench/ is the script's own directory, hence on the path
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import official_style as off  # bench/ is the script's own directory, hence on the path
 from onthefly.data.presets import DevicePreset
 from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.engine import TrainState, compute_loss, train_one_epoch
@@ -77,6 +79,7 @@ OURS_METHODS = ("none", "OGM", "OGM_GE", "OPM")
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def synthetic_info(shape: str, small: bool = False) -> DatasetInfo:
     """A DatasetInfo with the shapes of `shape` (see SHAPES): audio spectrogram + RGB frames."""
     if shape not in SHAPES:
@@ -95,7 +98,9 @@ def synthetic_info(shape: str, small: bool = False) -> DatasetInfo:
     )
 
 
-def make_batches(info: DatasetInfo, batch_size: int, count: int, seed: int, device: torch.device, source: str = "device"):
+def make_batches(
+    info: DatasetInfo, batch_size: int, count: int, seed: int, device: torch.device, source: str = "device"
+):
     """`count` batches, each as ours (dict: float audio, uint8 frames, label) and as the
     official step sees it (float audio, float frames normalised as DevicePreset does, label).
 
@@ -125,6 +130,7 @@ def make_batches(info: DatasetInfo, batch_size: int, count: int, seed: int, devi
 
 
 # ----------------------------------------------------------------------------- stems
+
 
 class PaddedStem(nn.Module):
     """A stem conv whose input (and weight) are zero-padded to `channels` input channels.
@@ -186,6 +192,7 @@ def apply_stem(model: nn.Module, stem: str, channels_last: bool) -> None:
 
 # ----------------------------------------------------------------------------- variants
 
+
 @dataclass
 class Variant:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16
@@ -207,8 +214,11 @@ class Variant:
         if self.stem:
             parts.append(self.stem)
         if self.compile:
-            parts.append({"default": "compile", "reduce-overhead": "compile-ro",
-                          "max-autotune-no-cudagraphs": "compile-max"}[self.compile])
+            parts.append(
+                {"default": "compile", "reduce-overhead": "compile-ro", "max-autotune-no-cudagraphs": "compile-max"}[
+                    self.compile
+                ]
+            )
         if self.fused_sgd:
             parts.append("fusedsgd")
         if self.graph:
@@ -234,7 +244,11 @@ def parse_variant(text: str) -> Variant:
         elif tok in STEMS:
             v.stem = tok
         elif tok in ("compile", "compile-ro", "compile-max"):
-            v.compile = {"compile": "default", "compile-ro": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}[tok]
+            v.compile = {
+                "compile": "default",
+                "compile-ro": "reduce-overhead",
+                "compile-max": "max-autotune-no-cudagraphs",
+            }[tok]
         elif tok == "fusedsgd":
             v.fused_sgd = True
         elif tok == "graph":
@@ -245,6 +259,7 @@ def parse_variant(text: str) -> Variant:
 
 
 # ----------------------------------------------------------------------------- our step
+
 
 def build_ours(base: nn.Module, info: DatasetInfo, device: torch.device, variant: Variant, method: str, alpha: float):
     """Our model (a copy of `base`), optimizer, Modulator and DevicePreset for one configuration."""
@@ -331,6 +346,7 @@ class GraphedStep:
 
 # ----------------------------------------------------------------------------- configurations
 
+
 @dataclass
 class Config:
     impl: str  # official | ours
@@ -405,6 +421,7 @@ def make_ours_config(base, info, device, variant: Variant, method: str, alpha: f
 
 
 # ----------------------------------------------------------------------------- measuring
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -495,9 +512,12 @@ def profile_config(cfg: Config, pairs, device: torch.device, steps: int) -> tupl
         "sync_calls_per_step": syncs / steps,
         "note": "measured under the profiler (its overhead included in wall time)",
     }
-    lines = [f"== {cfg.label}: {steps} steps; wall {summary['wall_ms_per_step']:.2f} ms/step, "
-             f"device kernels {summary['device_ms_per_step']:.2f} ms/step ({summary['kernels_per_step']:.0f} launches), sync calls {summary['sync_calls_per_step']:.1f}/step",
-             "top device kernels (ms per step, launches per step):"]
+    lines = [
+        f"== {cfg.label}: {steps} steps; wall {summary['wall_ms_per_step']:.2f} ms/step, "
+        f"device kernels {summary['device_ms_per_step']:.2f} ms/step ({summary['kernels_per_step']:.0f} launches), "
+        f"sync calls {summary['sync_calls_per_step']:.1f}/step",
+        "top device kernels (ms per step, launches per step):",
+    ]
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]:
         lines.append(f"  {us / 1e3 / steps:8.3f} ms  {n / steps:6.1f}  {name[:150]}")
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -508,8 +528,16 @@ def profile_config(cfg: Config, pairs, device: torch.device, steps: int) -> tupl
     return summary, "\n".join(lines)
 
 
-def measure(configs: list[Config], pairs, iters: int, rounds: int, batch_size: int, device, on_round=None,
-            failed: dict | None = None) -> None:
+def measure(
+    configs: list[Config],
+    pairs,
+    iters: int,
+    rounds: int,
+    batch_size: int,
+    device,
+    on_round=None,
+    failed: dict | None = None,
+) -> None:
     batches = [pairs[i % len(pairs)] for i in range(iters)]
     live = list(configs)
     for r in range(rounds):
@@ -552,6 +580,7 @@ def warm(configs: list[Config], pairs, warmup: int, device, failed: dict) -> lis
 
 # ----------------------------------------------------------------------------- report
 
+
 def environment(device: torch.device) -> dict:
     env = {
         "torch": torch.__version__,
@@ -576,18 +605,30 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def summarize(configs: list[Config], flops_per_step: int, batch_size: int, default_variant: Variant,
-              ops_per_step: dict | None = None) -> dict:
+def summarize(
+    configs: list[Config],
+    flops_per_step: int,
+    batch_size: int,
+    default_variant: Variant,
+    ops_per_step: dict | None = None,
+) -> dict:
     rows = []
     for c in configs:
         if not c.rounds:
             continue
         sps = statistics.median(c.rounds)
-        rows.append({
-            "impl": c.impl, "variant": c.variant, "method": c.method, "phase": c.phase,
-            "samples_per_s": sps, "rounds": c.rounds, "step_ms": 1e3 * batch_size / sps,
-            "tflops": flops_per_step * sps / batch_size / 1e12,
-        })
+        rows.append(
+            {
+                "impl": c.impl,
+                "variant": c.variant,
+                "method": c.method,
+                "phase": c.phase,
+                "samples_per_s": sps,
+                "rounds": c.rounds,
+                "step_ms": 1e3 * batch_size / sps,
+                "tflops": flops_per_step * sps / batch_size / 1e12,
+            }
+        )
         counted = (ops_per_step or {}).get(c.label) if c.phase == 1 else None
         if isinstance(counted, dict):
             rows[-1].update(ops_per_step=counted["ops"], host_reads_per_step=counted["host_reads"])
@@ -612,19 +653,31 @@ def summarize(configs: list[Config], flops_per_step: int, batch_size: int, defau
 def print_table(result: dict) -> None:
     m = result["meta"]
     print()
-    print(f"shape {m['shape']}{' (small)' if m['small'] else ''}  batch {m['batch_size']}  device {m['env']['device']}  "
-          f"torch {m['env']['torch']}  loop {m['loop']}  source {m['source']}")
-    print(f"work per step {result['flops_per_step'] / 1e12:.3f} TFLOP ({result['flops_per_step'] / m['batch_size'] / 1e9:.2f} GFLOP per sample, fwd+bwd)")
-    head = (f"{'impl':<9} {'variant':<22} {'method':<7} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'vs none':>8} "
-            f"{'ours/off':>8} {'ops/step':>8} {'host rd':>7}")
+    print(
+        f"shape {m['shape']}{' (small)' if m['small'] else ''}  batch {m['batch_size']}  device {m['env']['device']}  "
+        f"torch {m['env']['torch']}  loop {m['loop']}  source {m['source']}"
+    )
+    print(
+        f"work per step {result['flops_per_step'] / 1e12:.3f} TFLOP "
+        f"({result['flops_per_step'] / m['batch_size'] / 1e9:.2f} GFLOP per sample, fwd+bwd)"
+    )
+    head = (
+        f"{'impl':<9} {'variant':<22} {'method':<7} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'vs none':>8} "
+        f"{'ours/off':>8} {'ops/step':>8} {'host rd':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
-        vs_none = f"{100 * r['vs_own_none']:+.1f}%" if r.get("vs_own_none") is not None and r["method"] != "none" else ""
+        vs_none = (
+            f"{100 * r['vs_own_none']:+.1f}%" if r.get("vs_own_none") is not None and r["method"] != "none" else ""
+        )
         vs_off = f"x{r['vs_official']:.2f}" if r.get("vs_official") is not None else ""
         variant = r["variant"] + (" (p2)" if r["phase"] == 2 else "")
-        print(f"{r['impl']:<9} {variant:<22} {r['method']:<7} {r['samples_per_s']:>10.1f} {r['step_ms']:>9.2f} "
-              f"{r['tflops']:>8.3g} {vs_none:>8} {vs_off:>8} {r.get('ops_per_step', ''):>8} {r.get('host_reads_per_step', ''):>7}")
+        print(
+            f"{r['impl']:<9} {variant:<22} {r['method']:<7} {r['samples_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+            f"{r['tflops']:>8.3g} {vs_none:>8} {vs_off:>8} {r.get('ops_per_step', ''):>8} "
+            f"{r.get('host_reads_per_step', ''):>7}"
+        )
     if result.get("host_syncs_per_step"):
         print("host syncs per step (cuda sync debug mode):", result["host_syncs_per_step"])
     print(f"rounds: {m['rounds']} x {m['iters']} steps after {m['warmup']} warm-up steps; median round shown")
@@ -634,33 +687,69 @@ def print_table(result: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="cremad", choices=sorted(SHAPES))
-    p.add_argument("--small", action="store_true", help=f"reduced sizes for CPU runs: audio {SMALL_AUDIO}, frames {SMALL_SIDE}x{SMALL_SIDE}")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help=f"reduced sizes for CPU runs: audio {SMALL_AUDIO}, frames {SMALL_SIDE}x{SMALL_SIDE}",
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--iters", type=int, default=20, help="timed steps per configuration per round")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per configuration first (cudnn.benchmark, compile)")
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps per configuration first (cudnn.benchmark, compile)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median is reported")
     p.add_argument("--pool", type=int, default=4, help="distinct batches cycled through")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="ours: auto = bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="ours: auto = bf16 autocast on CUDA, fp32 elsewhere",
+    )
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the encoders (default variant)")
-    p.add_argument("--audio_stem", default="plain", choices=("plain", "pad4", "pad8", "fp32"), help="ours: audio stem conv variant (default variant)")
-    p.add_argument("--variants", default="", help="extra variants of ours, e.g. 'fp32,bf16+apad8,bf16+compile,bf16+graph@all' "
-                   "(@all or @none/OGM_GE: methods for that variant; else --variant_methods)")
-    p.add_argument("--variant_methods", default="none", help="methods measured for the extra variants ('all' = --methods)")
+    p.add_argument(
+        "--audio_stem",
+        default="plain",
+        choices=("plain", "pad4", "pad8", "fp32"),
+        help="ours: audio stem conv variant (default variant)",
+    )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="extra variants of ours, e.g. 'fp32,bf16+apad8,bf16+compile,bf16+graph@all' "
+        "(@all or @none/OGM_GE: methods for that variant; else --variant_methods)",
+    )
+    p.add_argument(
+        "--variant_methods", default="none", help="methods measured for the extra variants ('all' = --methods)"
+    )
     p.add_argument("--methods", default=",".join(OURS_METHODS))
     p.add_argument("--no_official", action="store_true", help="skip the official-style rows")
-    p.add_argument("--loop", default="engine", choices=("engine", "step"), help="ours: engine.train_one_epoch or the bare step")
-    p.add_argument("--source", default="device", choices=("device", "host"), help="batches already on the device, or copied from host memory each step")
+    p.add_argument(
+        "--loop", default="engine", choices=("engine", "step"), help="ours: engine.train_one_epoch or the bare step"
+    )
+    p.add_argument(
+        "--source",
+        default="device",
+        choices=("device", "host"),
+        help="batches already on the device, or copied from host memory each step",
+    )
     p.add_argument("--alpha", type=float, default=modulation_defaults()["alpha"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true", help="profile the `none` rows (and official OGM_GE): kernel time vs wall, top kernels")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the `none` rows (and official OGM_GE): kernel time vs wall, top kernels",
+    )
     p.add_argument("--profile_steps", type=int, default=5)
     p.add_argument("--no_sync_check", action="store_true", help="skip counting host syncs per step (CUDA only)")
     p.add_argument("--no_count_ops", action="store_true", help="skip counting operators and host reads per step")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadiest on a shared CPU")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadiest on a shared CPU"
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here (profile tables beside it)")
     return p.parse_args(argv)
 
@@ -677,10 +766,15 @@ def main(argv=None) -> dict:
     for m in methods:
         if m not in OURS_METHODS:
             raise SystemExit(f"--methods: unknown {m!r}; choose from {', '.join(OURS_METHODS)}")
-    variant_methods = methods if args.variant_methods == "all" else [m.strip() for m in args.variant_methods.split(",") if m.strip()]
+    variant_methods = (
+        methods if args.variant_methods == "all" else [m.strip() for m in args.variant_methods.split(",") if m.strip()]
+    )
 
-    default = Variant(precision=args.precision, stem={"plain": "", "pad4": "apad4", "pad8": "apad8", "fp32": "astem32"}[args.audio_stem],
-                      compile="default" if args.compile else "")
+    default = Variant(
+        precision=args.precision,
+        stem={"plain": "", "pad4": "apad4", "pad8": "apad8", "fp32": "astem32"}[args.audio_stem],
+        compile="default" if args.compile else "",
+    )
     variants, own_methods = [default], {default.name: methods}
     for text in filter(None, (t.strip() for t in args.variants.split(","))):
         spec, _, which = text.partition("@")  # "bf16+graph@none/OGM_GE": this variant's own methods
@@ -703,10 +797,18 @@ def main(argv=None) -> dict:
 
     result: dict[str, Any] = {
         "meta": {
-            "shape": args.shape, "small": args.small, "batch_size": args.batch_size, "iters": args.iters,
-            "warmup": args.warmup, "rounds": args.rounds, "loop": args.loop, "source": args.source,
-            "alpha": args.alpha, "input_shapes": {m.name: list(m.shape) for m in info.modalities},
-            "num_classes": info.num_classes, "variants": [asdict(v) | {"name": v.name} for v in variants],
+            "shape": args.shape,
+            "small": args.small,
+            "batch_size": args.batch_size,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "loop": args.loop,
+            "source": args.source,
+            "alpha": args.alpha,
+            "input_shapes": {m.name: list(m.shape) for m in info.modalities},
+            "num_classes": info.num_classes,
+            "variants": [asdict(v) | {"name": v.name} for v in variants],
             "env": environment(device),
         },
     }
@@ -733,12 +835,16 @@ def main(argv=None) -> dict:
                 add(f"official/{m}", lambda m=m: make_official_config(base, device, m, args.alpha, args.source))
     for v in variants:
         for m in own_methods[v.name]:
-            add(f"ours/{v.name}/{m}", lambda v=v, m=m: make_ours_config(base, info, device, v, m, args.alpha, args.loop))
+            add(
+                f"ours/{v.name}/{m}", lambda v=v, m=m: make_ours_config(base, info, device, v, m, args.alpha, args.loop)
+            )
 
     out_path = Path(args.out) if args.out else None
 
     def write(_round=None):
-        result.update(summarize(configs, result["flops_per_step"], args.batch_size, default, result.get("ops_per_step")))
+        result.update(
+            summarize(configs, result["flops_per_step"], args.batch_size, default, result.get("ops_per_step"))
+        )
         if out_path:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2))
@@ -783,8 +889,12 @@ def main(argv=None) -> dict:
     if args.profile:
         texts = []
         result["profile"] = {}
-        chosen = [c for c in configs if c.rounds and ((c.impl == "ours" and c.method == "none")
-                                                    or (c.impl == "official" and c.method in ("none", "OGM_GE")))]
+        chosen = [
+            c
+            for c in configs
+            if c.rounds
+            and ((c.impl == "ours" and c.method == "none") or (c.impl == "official" and c.method in ("none", "OGM_GE")))
+        ]
         for c in chosen:
             try:
                 summary, text = profile_config(c, pairs, device, args.profile_steps)

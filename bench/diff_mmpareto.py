@@ -64,8 +64,8 @@ class SeparateHeads(FusionHead):
     def shares(self, features, detach_head):
         heads = (self.head_audio, self.head_video)
         return tuple(
-            nn.functional.linear(h, *((l.weight.detach(), l.bias.detach()) if detach_head else (l.weight, l.bias)))
-            for h, l in zip(features, heads)
+            nn.functional.linear(h, *((fc.weight.detach(), fc.bias.detach()) if detach_head else (fc.weight, fc.bias)))
+            for h, fc in zip(features, heads)
         )
 
 

@@ -13,9 +13,10 @@ Everything here is deliberately as the official step does it:
 The network itself is the project's (the same ResNet18 encoders and concat head, with the
 same weights), so a comparison measures the training step, not a different architecture.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,6 +14,7 @@ so kills land during start-up, training steps, evaluation and checkpoint writes 
 report counts how many interrupted a checkpoint write (a temporary file was left behind).
 Exit status 0 when the runs match, 1 otherwise. Not run by the test suite (minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_cmd(args, out: Path) -> list[str]:
-    return [sys.executable, str(REPO / "code" / "train.py"), "--device", "cpu", "--deterministic",
-            "--limit_samples", str(args.limit_samples), "--batch_size", str(args.batch_size),
-            "--epochs", str(args.epochs), "--modulation", args.modulation, "--log_every", "1",
-            "--output_dir", str(out), "--run_name", "run"]
+    return [
+        sys.executable,
+        str(REPO / "code" / "train.py"),
+        "--device",
+        "cpu",
+        "--deterministic",
+        "--limit_samples",
+        str(args.limit_samples),
+        "--batch_size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--modulation",
+        args.modulation,
+        "--log_every",
+        "1",
+        "--output_dir",
+        str(out),
+        "--run_name",
+        "run",
+    ]
 
 
 def env() -> dict:
@@ -63,7 +81,7 @@ def interrupted_run(args, out: Path, rng: random.Random) -> dict:
     kills = mid_write = restarts = 0
     while True:
         cmd = ["--resume", str(run / "last.pt")] if (run / "last.pt").exists() else None
-        full = ([sys.executable, str(REPO / "code" / "train.py"), *cmd] if cmd else train_cmd(args, out))
+        full = [sys.executable, str(REPO / "code" / "train.py"), *cmd] if cmd else train_cmd(args, out)
         if not cmd and kills:
             restarts += 1  # killed before the first checkpoint: start again
         log = out.parent / "interrupted.log"  # a file, not a pipe: a full pipe would stall the run
@@ -81,7 +99,10 @@ def interrupted_run(args, out: Path, rng: random.Random) -> dict:
                 epoch = "none"
                 if (run / "last.pt").exists():
                     epoch = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["epoch"]
-                print(f"kill {kills:3d}: last.pt epoch {epoch}{'  (during a checkpoint write)' if left else ''}", flush=True)
+                print(
+                    f"kill {kills:3d}: last.pt epoch {epoch}{'  (during a checkpoint write)' if left else ''}",
+                    flush=True,
+                )
                 continue
         else:
             proc.wait()
@@ -102,7 +123,10 @@ def compare(a: Path, b: Path) -> list[str]:
             problems += [f"{name}: optimizer state {i}.{k} differs" for k in s if not torch.equal(s[k], t[k])]
 
     def records(d: Path):
-        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
 
     if records(a) != records(b):
         problems.append("metrics.jsonl differs")

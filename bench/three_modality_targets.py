@@ -8,6 +8,7 @@ a markdown table per seed and the mean, and writes it to <out>/targets.md (numbe
     python bench/three_modality_targets.py                      # 3 seeds, ~15 trainings on a CPU
     python bench/three_modality_targets.py --seeds 0 --set epochs=2 --out /tmp/t   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,18 @@ METHODS = ("none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM")
 def train(out: Path, name: str, args: list[str]) -> Path:
     run_dir = out / name
     if not (run_dir / "test_metrics.json").exists():
-        cmd = [sys.executable, str(REPO / "code" / "train.py"), "--avdigits_modalities", ",".join(MODALITIES),
-               "--output_dir", str(out), "--run_name", name, "--overwrite", *args]
+        cmd = [
+            sys.executable,
+            str(REPO / "code" / "train.py"),
+            "--avdigits_modalities",
+            ",".join(MODALITIES),
+            "--output_dir",
+            str(out),
+            "--run_name",
+            name,
+            "--overwrite",
+            *args,
+        ]
         print("+", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return run_dir
@@ -33,8 +44,11 @@ def train(out: Path, name: str, args: list[str]) -> Path:
 
 def probe(run_dir: Path) -> dict:
     if not (run_dir / "probe.json").exists():
-        subprocess.run([sys.executable, str(REPO / "code" / "probe.py"), "--checkpoint", str(run_dir)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(REPO / "code" / "probe.py"), "--checkpoint", str(run_dir)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return json.loads((run_dir / "probe.json").read_text())
 
 
@@ -69,9 +83,11 @@ def table(rows: list[dict], with_probe: bool) -> str:
     lines = ["| seed | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in [*rows, {"seed": "mean", **mean}]:
         lines.append(f"| {r['seed']} | " + " | ".join(pct(r[c]) for c in cols) + " |")
-    gaps = [f"{m}: alone - head {100 * (mean[f'alone_{m}'] - mean[f'head_{m}']):+.1f}"
-            + (f", alone - probe {100 * (mean[f'alone_{m}'] - mean[f'probe_{m}']):+.1f}" if with_probe else "")
-            for m in MODALITIES]
+    gaps = [
+        f"{m}: alone - head {100 * (mean[f'alone_{m}'] - mean[f'head_{m}']):+.1f}"
+        + (f", alone - probe {100 * (mean[f'alone_{m}'] - mean[f'probe_{m}']):+.1f}" if with_probe else "")
+        for m in MODALITIES
+    ]
     return "\n".join(lines) + "\n\nMean gaps (points): " + "; ".join(gaps) + "\n"
 
 
@@ -82,8 +98,9 @@ def methods_table(out: Path, seed: int, extra: list[str], methods: list[str]) ->
         best = best_epoch(train(out, name, ["--seed", str(seed), "--modulation", method, *extra]))
         rows.append({"method": method, "val_acc": best["val_acc"], **{m: best[f"val_acc_{m}"] for m in MODALITIES}})
     lines = ["| method | fused | " + " | ".join(f"head {m}" for m in MODALITIES) + " |", "|---" * 5 + "|"]
-    lines += [f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in MODALITIES) + " |"
-              for r in rows]
+    lines += [
+        f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in MODALITIES) + " |" for r in rows
+    ]
     return "\n".join(lines) + "\n", rows
 
 

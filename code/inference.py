@@ -1,4 +1,5 @@
 """Evaluate a trained checkpoint on a split. See README.md or --help."""
+
 import sys
 
 from onthefly.infer import main

@@ -4,6 +4,7 @@
 
 Datasets: cremad, kinetics_sounds, ucf101, ave, vggsound. See docs/datasets.md.
 """
+
 import sys
 
 if __name__ == "__main__":

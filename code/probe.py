@@ -1,4 +1,5 @@
 """Linear probes on the frozen encoders of trained checkpoints. See docs/analysis.md or --help."""
+
 import sys
 
 from onthefly.analysis.probe import main

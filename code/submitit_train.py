@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import submitit
+
 from onthefly.config import ArgumentParser, get_args_parser, resolve_config
 from onthefly.errors import UserError
 from onthefly.experiments.launchers import REPO_ROOT, TrainCommand, under_torchrun

@@ -1,4 +1,5 @@
 """Train an audio-visual classifier with on-the-fly modulation. See README.md or --help."""
+
 import sys
 
 from onthefly.runner import main

@@ -8,6 +8,7 @@ once before `optimizer.step()`; the scores s_m are summed over the micro-batches
 forward pass, so it uses each micro-batch's own ratio. z_m stay float32 under autocast: the package's
 fusion heads compute them outside it (a bf16 product near a tie can flip the dominant modality).
 """
+
 import argparse
 
 import torch
@@ -22,8 +23,12 @@ class TwoMLPs(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, width: int = 32):
         super().__init__()
         self.modality_names = ("a", "b")
-        self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
-                                       for n in self.modality_names})
+        self.encoders = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
+                for n in self.modality_names
+            }
+        )
         self.head = SumFusion(width, num_classes, num_modalities=2)  # z_m = W_m h_m + b_m
 
     def encoder_parameters(self):
@@ -52,7 +57,7 @@ def main():
     model = TwoMLPs(10, classes)
     modulator = Modulator.for_model(model, ModulationConfig(modulation="OGM_OPM", alpha=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(args.steps):
+    for _step in range(args.steps):
         optimizer.zero_grad()
         for _ in range(args.micro_batches):
             idx = torch.randint(0, n, (args.micro_batch_size,))

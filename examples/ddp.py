@@ -7,6 +7,7 @@ needs: the scores s_m are summed over ranks (every rank computes the global batc
 the same k) and OGM-GE's noise, added to gradients DDP has already averaged, is drawn alike on
 every rank. Without either, the model replicas drift apart; the last line checks they did not.
 """
+
 import argparse
 
 import torch
@@ -23,8 +24,12 @@ class MLPStreams(nn.Module):
     def __init__(self, names: tuple[str, ...], in_dim: int, num_classes: int, width: int = 32):
         super().__init__()
         self.modality_names = names
-        self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width))
-                                       for n in self.modality_names})
+        self.encoders = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width))
+                for n in self.modality_names
+            }
+        )
         self.head = ConcatFusion(width, num_classes, num_modalities=len(names))
 
     def encoder_parameters(self):
@@ -56,8 +61,8 @@ def main():
     modulator = Modulator.for_ddp(model, ModulationConfig(modulation="OGM_GE", alpha=0.5), seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     share = args.global_batch // world
-    for step in range(args.steps):
-        idx = torch.randint(0, n, (args.global_batch,), generator=g)[rank * share:(rank + 1) * share]  # rank's shard
+    for _step in range(args.steps):
+        idx = torch.randint(0, n, (args.global_batch,), generator=g)[rank * share : (rank + 1) * share]  # rank's shard
         inputs, y = {k: v[idx] for k, v in data.items()}, labels[idx]
         out = model(inputs, feature_hook=modulator.feature_hook(y, epoch=0))
         loss = F.cross_entropy(out["logits"], y)

@@ -7,6 +7,7 @@ forward(inputs, feature_hook=None) returning features, unimodal_logits (float32,
 and sample_weight. The fusion here is a weighted sum of per-modality linear heads, so each
 modality's share z_m of the fused logits is its own head's output.
 """
+
 import argparse
 
 import torch
@@ -20,11 +21,14 @@ class OwnModel(nn.Module):
     def __init__(self, vec_dim: int, seq_channels: int, num_classes: int, width: int = 32):
         super().__init__()
         self.modality_names = ("vector", "sequence")
-        self.encoders = nn.ModuleDict({
-            "vector": nn.Sequential(nn.Linear(vec_dim, width), nn.ReLU(), nn.Linear(width, width)),
-            "sequence": nn.Sequential(nn.Conv1d(seq_channels, width, 5, padding=2), nn.ReLU(),
-                                      nn.AdaptiveAvgPool1d(1), nn.Flatten()),  # (B, C, T) -> (B, width)
-        })
+        self.encoders = nn.ModuleDict(
+            {
+                "vector": nn.Sequential(nn.Linear(vec_dim, width), nn.ReLU(), nn.Linear(width, width)),
+                "sequence": nn.Sequential(
+                    nn.Conv1d(seq_channels, width, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()
+                ),  # (B, C, T) -> (B, width)
+            }
+        )
         self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in self.modality_names)
         self.mix = nn.Parameter(torch.ones(len(self.modality_names)))  # the fusion's own weights
 
@@ -50,13 +54,15 @@ def main():
     torch.manual_seed(0)
     n, classes = 256, 4
     labels = torch.randint(0, classes, (n,))
-    data = {"vector": F.one_hot(labels, classes).float() @ torch.randn(classes, 8) + 0.3 * torch.randn(n, 8),
-            "sequence": labels.view(-1, 1, 1).float() * 0.2 + torch.randn(n, 3, 20)}  # the weaker modality
+    data = {
+        "vector": F.one_hot(labels, classes).float() @ torch.randn(classes, 8) + 0.3 * torch.randn(n, 8),
+        "sequence": labels.view(-1, 1, 1).float() * 0.2 + torch.randn(n, 3, 20),
+    }  # the weaker modality
     check_labels(labels, classes)  # once, on the whole dataset
     model = OwnModel(8, 3, classes)
     modulator = Modulator.for_model(model, ModulationConfig(modulation=args.modulation, alpha=0.5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(args.steps):
+    for _step in range(args.steps):
         idx = torch.randint(0, n, (32,))
         inputs, y = {k: v[idx] for k, v in data.items()}, labels[idx]
         out = model(inputs, feature_hook=modulator.feature_hook(y, epoch=0))

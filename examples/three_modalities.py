@@ -6,6 +6,7 @@ With M > 2 modalities the discrepancy ratio compares each modality with the othe
 rho_m = s_m / (mean | min | sum of the other modalities' scores), chosen by `ratio_ref`
 (docs/modalities.md). OGM scales every modality with rho_m > 1; OPM drops them with q_m.
 """
+
 import argparse
 
 import torch
@@ -20,8 +21,9 @@ class ThreeStreams(nn.Module):
     def __init__(self, in_dims: dict[str, int], num_classes: int, width: int = 16):
         super().__init__()
         self.modality_names = tuple(in_dims)
-        self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width))
-                                       for n, d in in_dims.items()})
+        self.encoders = nn.ModuleDict(
+            {n: nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width)) for n, d in in_dims.items()}
+        )
         # z_m = h_m W_m^T + b / M: the shares add up to the fused logits
         self.head = ConcatFusion(width, num_classes, num_modalities=len(in_dims))
 
@@ -47,13 +49,15 @@ def main():
     n, classes = 300, 5
     labels = torch.randint(0, classes, (n,))
     signal = F.one_hot(labels, classes).float()
-    data = {name: signal @ torch.randn(classes, 6) * strength + torch.randn(n, 6)  # strong, medium, weak
-            for name, strength in (("audio", 2.0), ("visual", 0.8), ("text", 0.3))}
+    data = {
+        name: signal @ torch.randn(classes, 6) * strength + torch.randn(n, 6)  # strong, medium, weak
+        for name, strength in (("audio", 2.0), ("visual", 0.8), ("text", 0.3))
+    }
     model = ThreeStreams({k: 6 for k in data}, classes)
     config = ModulationConfig(modulation=args.modulation, alpha=0.5, ratio_ref=args.ratio_ref)
     modulator = Modulator.for_model(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(args.steps):
+    for _step in range(args.steps):
         idx = torch.randint(0, n, (30,))
         inputs, y = {k: v[idx] for k, v in data.items()}, labels[idx]
         out = model(inputs, feature_hook=modulator.feature_hook(y, epoch=0))

@@ -3,14 +3,15 @@
 `onthefly` is imported as installed by the README's set-up (requirements.txt installs it,
 editable); without installing, run pytest with PYTHONPATH=code.
 """
+
 from __future__ import annotations
 
 import contextlib
 import runpy
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -30,14 +31,16 @@ def _tiny_trunk(in_channels: int, width: int = RESNET18_WIDTH) -> nn.Module:
 
     The layer names follow ResNet's (conv1, bn1) so code that reaches for the stem finds it.
     """
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(in_channels, 8, kernel_size=3, stride=2, padding=1, bias=False),
-        bn1=nn.BatchNorm2d(8),
-        relu=nn.ReLU(inplace=True),
-        pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(),
-        fc=nn.Linear(8, feature_dim(width)),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(in_channels, 8, kernel_size=3, stride=2, padding=1, bias=False),
+            bn1=nn.BatchNorm2d(8),
+            relu=nn.ReLU(inplace=True),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(8, feature_dim(width)),
+        )
+    )
 
 
 class TinySpectrogramEncoder(SpectrogramEncoder):
@@ -113,7 +116,10 @@ def tiny_batch() -> Callable[..., tuple[dict, torch.Tensor]]:
     def make(batch: int = 4, num_classes: int = 3, seed: int = 0) -> tuple[dict, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         return (
-            {"audio": torch.randn(batch, 1, 16, 16, generator=g), "visual": torch.randn(batch, 3, 2, 16, 16, generator=g)},
+            {
+                "audio": torch.randn(batch, 1, 16, 16, generator=g),
+                "visual": torch.randn(batch, 3, 2, 16, 16, generator=g),
+            },
             torch.randint(0, num_classes, (batch,), generator=g),
         )
 

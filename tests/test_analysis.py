@@ -1,5 +1,6 @@
 """Analysis: linear probe accuracy on data with a known answer, the comparison report on
 hand-written run folders, and missing-modality inference on a tiny trained checkpoint."""
+
 import argparse
 import csv
 import errno
@@ -20,9 +21,9 @@ from onthefly.analysis.probe import linear_probe, probe_checkpoint
 from onthefly.analysis.probe import main as probe_main
 from onthefly.analysis.report import main as report_main
 from onthefly.analysis.report import write_report
-from onthefly.metrics import classification_metrics
-from onthefly.infer import ZeroModality
 from onthefly.errors import UserError
+from onthefly.infer import ZeroModality
+from onthefly.metrics import classification_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,12 +77,29 @@ def test_probe_on_noise_is_at_chance():
 # --------------------------------------------------------------------------- report on hand-written runs
 
 
-def write_run(root: Path, name: str, config: dict, test: dict | None, probe: dict | None = None,
-              epochs: list[dict] | None = None, zero: dict | None = None, predictions=None, tb: dict | None = None) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    config: dict,
+    test: dict | None,
+    probe: dict | None = None,
+    epochs: list[dict] | None = None,
+    zero: dict | None = None,
+    predictions=None,
+    tb: dict | None = None,
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    base = {"dataset": "avdigits", "modality": "both", "fusion": "concat", "modulation": "none", "seed": 0,
-            "lr": 0.01, "run_name": name, "output_dir": str(root)}
+    base = {
+        "dataset": "avdigits",
+        "modality": "both",
+        "fusion": "concat",
+        "modulation": "none",
+        "seed": 0,
+        "lr": 0.01,
+        "run_name": name,
+        "output_dir": str(root),
+    }
     (run / "config.json").write_text(json.dumps({**base, **config}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (epochs or [])))
     if test is not None:
@@ -125,24 +143,42 @@ def fake_runs(tmp_path):
     }
     for (method, seed), (acc, a, b, f1, ap, pa, pb) in v.items():
         write_run(
-            root, f"{method}_seed{seed}", {"modulation": method, "seed": seed},
+            root,
+            f"{method}_seed{seed}",
+            {"modulation": method, "seed": seed},
             {"best_epoch": 1, "acc": acc, "macro_f1": f1, "mAP": ap, "acc_audio": a, "acc_visual": b, "loss": 1.0},
             # OGM seed 1 has no probe: its probe cells average one seed
             probe=None if (method, seed) == ("OGM", 1) else {"acc_audio": pa, "acc_visual": pb},
             epochs=epochs_of([acc - 0.1, acc]),
             zero={"audio": acc / 4, "visual": acc - 0.1},
             predictions=[("0", "0"), ("1", "1"), ("2", "1"), ("1", "1")] if seed == 0 else None,
-            tb={"modulation/ratio_audio": [2.0, 3.0, 2.5], "modulation/ratio_visual": [0.5, 0.33, 0.4],
-                "modulation/score_audio": [5, 6, 7], "modulation/score_visual": [2, 2, 3],
-                **({"modulation/coeff_audio": [0.5, 0.4, 0.45], "modulation/coeff_visual": [1, 1, 1]} if method == "OGM" else {})},
+            tb={
+                "modulation/ratio_audio": [2.0, 3.0, 2.5],
+                "modulation/ratio_visual": [0.5, 0.33, 0.4],
+                "modulation/score_audio": [5, 6, 7],
+                "modulation/score_visual": [2, 2, 3],
+                **(
+                    {"modulation/coeff_audio": [0.5, 0.4, 0.45], "modulation/coeff_visual": [1, 1, 1]}
+                    if method == "OGM"
+                    else {}
+                ),
+            },
         )
     for seed, acc in ((0, 0.88), (1, 0.92)):
-        write_run(root, f"audio-alone_seed{seed}", {"modality": "audio", "seed": seed},
-                  {"acc": acc, "macro_f1": acc, "mAP": acc, "acc_audio": acc},
-                  epochs=[{"epoch": 0, "val_acc": acc, "val_acc_audio": acc}])
-    write_run(root, "visual-alone_seed0", {"modality": "visual"},
-              {"acc": 0.62, "macro_f1": 0.6, "mAP": 0.7, "acc_visual": 0.62},
-              epochs=[{"epoch": 0, "val_acc": 0.62, "val_acc_visual": 0.62}])
+        write_run(
+            root,
+            f"audio-alone_seed{seed}",
+            {"modality": "audio", "seed": seed},
+            {"acc": acc, "macro_f1": acc, "mAP": acc, "acc_audio": acc},
+            epochs=[{"epoch": 0, "val_acc": acc, "val_acc_audio": acc}],
+        )
+    write_run(
+        root,
+        "visual-alone_seed0",
+        {"modality": "visual"},
+        {"acc": 0.62, "macro_f1": 0.6, "mAP": 0.7, "acc_visual": 0.62},
+        epochs=[{"epoch": 0, "val_acc": 0.62, "val_acc_visual": 0.62}],
+    )
     write_run(root, "OGM_unfinished", {"modulation": "OGM", "seed": 2}, test=None)  # no test_metrics.json
     return root, v
 
@@ -175,9 +211,17 @@ def test_report_table_and_figures(fake_runs, tmp_path):
         # mean ± std of every column, in table order
         probe_a = [v[(method, s)][5] for s in (0, 1) if (method, s) != ("OGM", 1)]
         probe_b = [v[(method, s)][6] for s in (0, 1) if (method, s) != ("OGM", 1)]
-        expected = [fmt(vals[:, 0]), fmt(vals[:, 1]), fmt(vals[:, 2]),
-                    fmt(probe_a) + (" (n=1)" if method == "OGM" else ""), fmt(probe_b) + (" (n=1)" if method == "OGM" else ""),
-                    fmt([0.88, 0.92]), fmt([0.62]), fmt(vals[:, 3]), fmt(vals[:, 4])]
+        expected = [
+            fmt(vals[:, 0]),
+            fmt(vals[:, 1]),
+            fmt(vals[:, 2]),
+            fmt(probe_a) + (" (n=1)" if method == "OGM" else ""),
+            fmt(probe_b) + (" (n=1)" if method == "OGM" else ""),
+            fmt([0.88, 0.92]),
+            fmt([0.62]),
+            fmt(vals[:, 3]),
+            fmt(vals[:, 4]),
+        ]
         assert rows[method] == f"| {method} | 2 | " + " | ".join(expected) + " |"
     assert c["probe_audio"]["n"] == 1 and c["probe_audio"]["std"] is None
     assert groups["audio alone"]["columns"]["acc"]["mean"] == pytest.approx(0.90)
@@ -189,8 +233,13 @@ def test_report_table_and_figures(fake_runs, tmp_path):
     assert fmt([0.80 / 4, 0.84 / 4]) in none_zero and fmt([0.80 - 0.1, 0.84 - 0.1]) in none_zero
     assert "OGM_unfinished" in md  # listed as left out
 
-    for name in ("val_acc_per_modality.png", "modulation_over_steps.png", "modality_accuracy.png",
-                 "confusion_none.png", "confusion_ogm.png"):
+    for name in (
+        "val_acc_per_modality.png",
+        "modulation_over_steps.png",
+        "modality_accuracy.png",
+        "confusion_none.png",
+        "confusion_ogm.png",
+    ):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC), name
         import matplotlib.image
@@ -214,7 +263,9 @@ def test_report_reads_tensorboard_scalars(fake_runs):
 
     from onthefly.analysis.plots import modulation_series
 
-    per_method = {m: [read_scalars(root / f"{m}_seed{s}" / "tb", prefix="modulation/") for s in (0, 1)] for m in ("none", "OGM")}
+    per_method = {
+        m: [read_scalars(root / f"{m}_seed{s}" / "tb", prefix="modulation/") for s in (0, 1)] for m in ("none", "OGM")
+    }
     drawn = modulation_series(per_method, ["audio", "visual"])
     assert [(e["label"], e["modality"], e["n"]) for e in drawn["ratio"]] == [("none", "audio", 2), ("OGM", "audio", 2)]
     assert [(e["label"], e["modality"]) for e in drawn["coeff"]] == [("OGM", "audio"), ("OGM", "visual")]
@@ -224,15 +275,31 @@ def test_report_reads_tensorboard_scalars(fake_runs):
     assert modulation_series({"OGM": [old]}, ["audio", "visual"])["coeff"][0]["mean"] == pytest.approx([0.3, 0.6])
 
 
-# --------------------------------------------------------------------------- missing modality, probe on a real checkpoint
+# ---------------------------------------------------------------- missing modality, probe on a real checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_encoders_within):
     """A one-epoch run on tiny encoders: tests that use it request `tiny_encoders` to load it."""
     root = tmp_path_factory.mktemp("tiny")
-    argv = ["--epochs", "1", "--limit_samples", "64", "--batch_size", "16", "--device", "cpu", "--log_every", "1",
-            "--modulation", "OGM_GE", "--output_dir", str(root), "--run_name", "run"]
+    argv = [
+        "--epochs",
+        "1",
+        "--limit_samples",
+        "64",
+        "--batch_size",
+        "16",
+        "--device",
+        "cpu",
+        "--log_every",
+        "1",
+        "--modulation",
+        "OGM_GE",
+        "--output_dir",
+        str(root),
+        "--run_name",
+        "run",
+    ]
     with tiny_encoders_within():
         assert runner.main(argv) == 0
     return root / "run"
@@ -259,7 +326,9 @@ def test_inference_with_a_modality_zeroed(tiny_encoders, tiny_run):
         assert len({r[f"pred_{m}"] for r in rows}) == 1
         assert metrics[f"acc_{m}"] == pytest.approx(sum(r["label"] == r[f"pred_{m}"] for r in rows) / len(rows))
     with pytest.raises(UserError, match="--zero_modality"):
-        infer.run_inference(infer.get_args_parser().parse_args(["--checkpoint", str(tiny_run), "--zero_modality", "depth"]))
+        infer.run_inference(
+            infer.get_args_parser().parse_args(["--checkpoint", str(tiny_run), "--zero_modality", "depth"])
+        )
 
 
 def test_probe_of_a_trained_checkpoint(tiny_encoders, tiny_run):
@@ -322,9 +391,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_encoders, tiny_run, tmp_path, caps
 
     monkeypatch.setattr(infer, "predict", interrupt)
     monkeypatch.setattr(probe_module, "extract_features", interrupt)
-    argv = {infer.main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "e")],
-            probe_main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "p.json")],
-            report_main: [str(tiny_run), "--evaluate", "--device", "cpu", "--out", str(tmp_path / "r")]}[main]
+    argv = {
+        infer.main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "e")],
+        probe_main: ["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(tmp_path / "p.json")],
+        report_main: [str(tiny_run), "--evaluate", "--device", "cpu", "--out", str(tmp_path / "r")],
+    }[main]
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 130 and len(err.splitlines()) == 1 and "interrupted" in err, err
@@ -348,13 +419,16 @@ def test_probe_refuses_a_dataset_split_differently(tiny_encoders, tiny_run, tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--l2", "nan"], "argument --l2: must be a finite number"),
-    (["--l2", "0.1", "-1"], "--l2 strengths must be >= 0"),
-    (["--max_iter", "0"], "--max_iter must be > 0"),
-    (["--limit_samples", "0"], "--limit_samples must be > 0"),
-    (["--batch_size", "0"], "--batch_size must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--l2", "nan"], "argument --l2: must be a finite number"),
+        (["--l2", "0.1", "-1"], "--l2 strengths must be >= 0"),
+        (["--max_iter", "0"], "--max_iter must be > 0"),
+        (["--limit_samples", "0"], "--limit_samples must be > 0"),
+        (["--batch_size", "0"], "--batch_size must be > 0"),
+    ],
+)
 def test_bad_probe_options_are_one_line(tmp_path, capsys, args, message):
     rc = probe_main(["--checkpoint", str(tmp_path), *args])
     err = capsys.readouterr().err.strip()
@@ -367,8 +441,20 @@ def test_a_failed_probe_write_leaves_no_probe_json(tiny_encoders, tiny_run, tmp_
 
     monkeypatch.setattr(os, "fsync", full)
     out = tmp_path / "probe.json"
-    rc = probe_main(["--checkpoint", str(tiny_run), "--device", "cpu", "--out", str(out), "--limit_samples", "16",
-                     "--max_iter", "5"])
+    rc = probe_main(
+        [
+            "--checkpoint",
+            str(tiny_run),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--limit_samples",
+            "16",
+            "--max_iter",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
     assert not out.exists() and not list(tmp_path.glob(".probe.json.*"))
@@ -424,6 +510,7 @@ def test_a_report_that_cannot_be_written_is_one_line(fake_runs, tmp_path, capsys
     if where == "a file":
         out.write_text("keep")
     else:
+
         def full(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -460,8 +547,10 @@ def test_the_accuracy_band_stays_within_0_and_100(monkeypatch, tmp_path):
 
     monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", recording)
     # accuracies near 100% with a large spread over seeds: mean ± std leaves [0, 100]
-    runs = [Run(tmp_path / f"s{s}", {"modality": "both"}, epochs=[{"epoch": 0, "val_acc": a, "val_acc_audio": a}])
-            for s, a in enumerate((1.0, 0.6))]
+    runs = [
+        Run(tmp_path / f"s{s}", {"modality": "both"}, epochs=[{"epoch": 0, "val_acc": a, "val_acc_audio": a}])
+        for s, a in enumerate((1.0, 0.6))
+    ]
     plots.plot_validation_curves({"OGM": runs}, ["audio"], tmp_path / "curves.png")
     assert bands and all(low.min() >= 0 and high.max() <= 100 for low, high in bands)
     assert any(high.max() == 100 for _, high in bands)  # clipped, not dropped
@@ -471,8 +560,14 @@ def test_outputs_of_another_epoch_than_best_pt_are_left_out(tmp_path):
     """A run extended after its probe and evaluations: they scored the former best.pt."""
     root = tmp_path / "runs"
     test = {"best_epoch": 4, "acc": 0.5, "macro_f1": 0.5, "mAP": 0.5, "acc_audio": 0.5, "acc_visual": 0.5}
-    run = write_run(root, "OGM_seed0", {"modulation": "OGM"}, test,
-                    probe={"epoch": 1, "acc_audio": 0.9, "acc_visual": 0.9}, zero={"audio": 0.3})
+    run = write_run(
+        root,
+        "OGM_seed0",
+        {"modulation": "OGM"},
+        test,
+        probe={"epoch": 1, "acc_audio": 0.9, "acc_visual": 0.9},
+        zero={"audio": 0.3},
+    )
     metrics = json.loads((run / "eval_test_zero_audio" / "metrics.json").read_text())
     (run / "eval_test_zero_audio" / "metrics.json").write_text(json.dumps({**metrics, "epoch": 1}))
     result = write_report([root], tmp_path / "report", plots=False)

@@ -388,8 +388,12 @@ def test_pmr_under_ddp_sums_the_prototype_sums_and_counts_over_ranks():
     torch.manual_seed(0)
     model = TinyDoubleModel()
     g = torch.Generator().manual_seed(3)
-    batches = [({"a": torch.randn(6, 3, generator=g, dtype=D), "b": torch.randn(6, 4, generator=g, dtype=D)},
-                torch.tensor([0, 1, 2, 0, 1, 2]))]
+    batches = [
+        (
+            {"a": torch.randn(6, 3, generator=g, dtype=D), "b": torch.randn(6, 4, generator=g, dtype=D)},
+            torch.tensor([0, 1, 2, 0, 1, 2]),
+        )
+    ]
     single = Modulator.for_model(model, ModulationConfig(modulation="PMR"))
     # Two ranks that saw the same shard: every sum and count doubles, the class means do not.
     reduced = []
@@ -398,8 +402,13 @@ def test_pmr_under_ddp_sums_the_prototype_sums_and_counts_over_ranks():
         reduced.append(t.shape)
         return t + t
 
-    ddp = Modulator(ModulationConfig(modulation="PMR"), model.encoder_parameters(), reduce_fn=two_ranks,
-                    modality_names=model.modality_names, head=model.head)
+    ddp = Modulator(
+        ModulationConfig(modulation="PMR"),
+        model.encoder_parameters(),
+        reduce_fn=two_ranks,
+        modality_names=model.modality_names,
+        head=model.head,
+    )
     for modulator in (single, ddp):
         modulator.begin_epoch(model, batches, lambda batch: batch, 0)
     assert reduced == [(3, 2), (3, 2), (3,)]  # each modality's sums, then the counts

@@ -1,6 +1,7 @@
 """Every bad setting is refused before any work, in one line naming the option, exit status 2;
 a YAML file's values are parsed as the same options on the command line; the modulation
 settings have one source (ModulationConfig)."""
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,10 @@ BAD = [
     (["--weight_decay", "-0.001"], "--weight_decay must be >= 0"),
     (["--lr_step", "0"], "--lr_step must be > 0"),
     (["--lr_gamma", "0"], "--lr_gamma must be > 0"),
-    (["--modulation_starts", "5", "--modulation_ends", "2"], "--modulation_starts (5) must be <= --modulation_ends (2)"),
+    (
+        ["--modulation_starts", "5", "--modulation_ends", "2"],
+        "--modulation_starts (5) must be <= --modulation_ends (2)",
+    ),
     (["--modulation_starts", "-1"], "must be >= 0"),
     (["--warmup_epochs", "-1"], "must be >= 0"),
     (["--epochs", "0"], "--epochs must be > 0"),
@@ -40,13 +44,19 @@ BAD = [
     (["--batch_size", "0"], "--batch_size must be >= 2"),
     (["--batch_size", "-8"], "--batch_size must be >= 2"),
     (["--batch_size", "1"], "--batch_size must be >= 2: BatchNorm needs at least 2 samples per batch"),
-    (["--warmup_epochs", "5", "--modulation_ends", "2"], "--warmup_epochs (5) must be <= --modulation_ends (2): modulation would never run"),
+    (
+        ["--warmup_epochs", "5", "--modulation_ends", "2"],
+        "--warmup_epochs (5) must be <= --modulation_ends (2): modulation would never run",
+    ),
     (["--crop_size", "-1"], "--crop_size must be > 0 (got -1)"),
     (["--preprocess", "garbage"], "--preprocess: only for preprocessed datasets; --dataset avdigits does not use it"),
     # AV-Digits has one frame per sample and no crop: these were once recorded in config.json and ignored
     (["--num_frames", "2"], "--num_frames: only for preprocessed datasets; --dataset avdigits does not use it"),
     (["--frame_crop", "official"], "--frame_crop: only for preprocessed datasets; --dataset avdigits does not use it"),
-    (["--dataset", "cremad", "--image_noise", "0.1"], "--image_noise: only for avdigits; --dataset cremad does not use it"),
+    (
+        ["--dataset", "cremad", "--image_noise", "0.1"],
+        "--image_noise: only for avdigits; --dataset cremad does not use it",
+    ),
     (["--device", "mps"], "--device mps: not supported; use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "--device meta: not supported"),
     (["--alpha", "abc"], "argument --alpha: invalid float value: 'abc'"),
@@ -131,12 +141,37 @@ def test_a_yaml_value_out_of_range_is_refused_like_the_option(tmp_path, capsys):
 
 def test_yaml_values_mean_what_the_same_options_mean_on_the_command_line(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("output_dir: 5\nlr: 1e-3\ncompile: no\neval_test: false\nchannels_last: false\n"
-                      "deterministic: yes\noptimizer: adamw\nscheduler: none\nalpha: null\n")
+    config.write_text(
+        "output_dir: 5\nlr: 1e-3\ncompile: no\neval_test: false\nchannels_last: false\n"
+        "deterministic: yes\noptimizer: adamw\nscheduler: none\nalpha: null\n"
+    )
     from_file = resolve_config(["--config", str(config)])
-    from_cli = resolve_config(["--output_dir", "5", "--lr", "1e-3", "--no-eval_test", "--no-channels_last",
-                               "--deterministic", "--optimizer", "adamw", "--scheduler", "none"])
-    keys = ("output_dir", "lr", "compile", "eval_test", "channels_last", "deterministic", "optimizer", "scheduler", "alpha")
+    from_cli = resolve_config(
+        [
+            "--output_dir",
+            "5",
+            "--lr",
+            "1e-3",
+            "--no-eval_test",
+            "--no-channels_last",
+            "--deterministic",
+            "--optimizer",
+            "adamw",
+            "--scheduler",
+            "none",
+        ]
+    )
+    keys = (
+        "output_dir",
+        "lr",
+        "compile",
+        "eval_test",
+        "channels_last",
+        "deterministic",
+        "optimizer",
+        "scheduler",
+        "alpha",
+    )
     assert {k: getattr(from_file, k) for k in keys} == {k: getattr(from_cli, k) for k in keys}
     assert (from_file.output_dir, from_file.lr, from_file.compile, from_file.eval_test) == ("5", 1e-3, False, False)
     assert from_file.alpha == 0.5  # null leaves it unset: the dataset's default
@@ -175,8 +210,14 @@ def test_the_option_and_the_field_share_names():
     assert names <= {a.dest for a in get_args_parser()._actions}
 
 
-@pytest.mark.parametrize("module,forbidden", [("infer.py", ("runner", "analysis")), ("analysis/probe.py", ("runner",)),
-                                              ("modulation/modulator.py", ("runner", "engine", "config"))])
+@pytest.mark.parametrize(
+    "module,forbidden",
+    [
+        ("infer.py", ("runner", "analysis")),
+        ("analysis/probe.py", ("runner",)),
+        ("modulation/modulator.py", ("runner", "engine", "config")),
+    ],
+)
 def test_evaluation_does_not_import_training(module, forbidden):
     """Read the imports (lazy ones included) instead of importing: infer and the probes stand
     below the runner, and nothing below analysis imports it."""
@@ -186,11 +227,14 @@ def test_evaluation_does_not_import_training(module, forbidden):
     assert not [m for m in imported for bad in forbidden if bad in m.split(".")], imported
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--batch_size", "0"], "--batch_size must be > 0 (got 0)"),
-    (["--num_workers", "-1"], "--num_workers must be >= 0 (got -1)"),
-    (["--device", "mps"], "--device mps: not supported"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch_size", "0"], "--batch_size must be > 0 (got 0)"),
+        (["--num_workers", "-1"], "--num_workers must be >= 0 (got -1)"),
+        (["--device", "mps"], "--device mps: not supported"),
+    ],
+)
 def test_bad_inference_options_are_one_line(tmp_path, capsys, args, message):
     rc = infer.main(["--checkpoint", str(tmp_path / "none.pt"), *args])
     err = capsys.readouterr().err.strip()
@@ -206,23 +250,52 @@ def test_inference_out_naming_a_file_is_refused_and_the_file_kept(tmp_path, caps
 
 
 def test_good_settings_pass():
-    cfg = resolve_config(["--alpha", "0", "--q_base", "1", "--p_exe", "0", "--modulation_starts", "3",
-                          "--modulation_ends", "3", "--image_downsample", "28", "--image_occlusion", "0"])
+    cfg = resolve_config(
+        [
+            "--alpha",
+            "0",
+            "--q_base",
+            "1",
+            "--p_exe",
+            "0",
+            "--modulation_starts",
+            "3",
+            "--modulation_ends",
+            "3",
+            "--image_downsample",
+            "28",
+            "--image_occlusion",
+            "0",
+        ]
+    )
     assert (cfg.alpha, cfg.q_base, cfg.modulation_starts, cfg.modulation_ends) == (0.0, 1.0, 3, 3)
 
 
-@pytest.mark.parametrize("args,warning", [
-    (["--epochs", "4", "--scheduler", "step", "--lr_step", "20"],
-     "--lr_step 20 is past the last epoch (3, 0-based) of --epochs 4"),
-    (["--epochs", "4", "--scheduler", "none", "--modulation", "OGM", "--modulation_ends", "80"],
-     "--modulation_ends 80 is past the last epoch (3) of --epochs 4"),
-    (["--epochs", "1", "--scheduler", "none", "--modulation", "OGM", "--modulation_starts", "5"],
-     "--modulation OGM: its window starts at epoch 5, past the last epoch (0) of --epochs 1: this run is the baseline"),
-    (["--epochs", "3", "--scheduler", "cosine", "--modulation", "OPM", "--warmup_epochs", "6"],
-     "its window starts at epoch 6"),
-])
-def test_settings_that_do_nothing_within_the_epochs_are_warned_in_one_line(tmp_path, capsys, monkeypatch, args,
-                                                                           warning):
+@pytest.mark.parametrize(
+    "args,warning",
+    [
+        (
+            ["--epochs", "4", "--scheduler", "step", "--lr_step", "20"],
+            "--lr_step 20 is past the last epoch (3, 0-based) of --epochs 4",
+        ),
+        (
+            ["--epochs", "4", "--scheduler", "none", "--modulation", "OGM", "--modulation_ends", "80"],
+            "--modulation_ends 80 is past the last epoch (3) of --epochs 4",
+        ),
+        (
+            ["--epochs", "1", "--scheduler", "none", "--modulation", "OGM", "--modulation_starts", "5"],
+            "--modulation OGM: its window starts at epoch 5, past the last epoch (0) of --epochs 1: this "
+            "run is the baseline",
+        ),
+        (
+            ["--epochs", "3", "--scheduler", "cosine", "--modulation", "OPM", "--warmup_epochs", "6"],
+            "its window starts at epoch 6",
+        ),
+    ],
+)
+def test_settings_that_do_nothing_within_the_epochs_are_warned_in_one_line(
+    tmp_path, capsys, monkeypatch, args, warning
+):
     def stop(cfg):
         raise UserError("stopped before the run folder")
 

@@ -1,4 +1,5 @@
 """AV-Digits: real packaged data, same-digit pairing, distinct images, disjoint pools, seeded splits."""
+
 import argparse
 
 import numpy as np

@@ -2,6 +2,7 @@
 
 The training test checks the wiring of heads and methods, so it runs on tiny encoders
 (conftest's `tiny_encoders`); the others build the real ResNet18s."""
+
 import pytest
 import torch
 
@@ -124,8 +125,11 @@ def test_a_sum_head_loads_two_modality_weights_saved_as_fc_a_and_fc_b():
     from onthefly.models.fusion import SumFusion
 
     head = SumFusion(dim=4, num_classes=3)
-    legacy = {f"fc_{m}.{p}": torch.randn_like(getattr(head.branches[i], p))
-              for i, m in enumerate("ab") for p in ("weight", "bias")}
+    legacy = {
+        f"fc_{m}.{p}": torch.randn_like(getattr(head.branches[i], p))
+        for i, m in enumerate("ab")
+        for p in ("weight", "bias")
+    }
     head.load_state_dict(legacy, strict=True)
     for i, m in enumerate("ab"):
         assert torch.equal(head.branches[i].weight, legacy[f"fc_{m}.weight"])

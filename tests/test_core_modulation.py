@@ -1,4 +1,5 @@
 """The paper's formulas, each checked against an independent float64 computation by hand."""
+
 import math
 
 import pytest

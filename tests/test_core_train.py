@@ -1,4 +1,5 @@
 """End to end: train.py on a tiny AV-Digits subset, exact resume, inference, CLI errors."""
+
 import csv
 import json
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
     lines = (tmp_path / "split" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
 
 
 def test_run_outputs_and_inference(tmp_path):
@@ -45,14 +46,17 @@ def test_run_outputs_and_inference(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["modulation"] == "OGM" and config["dataset"] == "avdigits" and config["alpha"] == 0.5
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-    epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # best.pt is the epoch with the best *validation* accuracy
     assert best["epoch"] - 1 == max(epochs, key=lambda r: r["val_acc"])["epoch"]
     assert best["config"]["fusion"] == "concat" and best["dataset_info"]["num_classes"] == 10
     for key in ("train_loss", "val_acc", "val_macro_f1", "val_mAP", "val_acc_audio", "val_acc_visual"):
         assert key in epochs[0]
 
-    assert infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        infer.main(["--checkpoint", str(run), "--split", "val", "--device", "cpu", "--out", str(tmp_path / "eval")])
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
     assert metrics["samples"] == len(rows) == 300

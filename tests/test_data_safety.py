@@ -1,6 +1,7 @@
 """Files and processes on the data side: the atomic-write helper (content, mode, clean-up),
 the AV-Digits cache's file mode, one meaning of the batch field "index", the loader's worker
 count, and the preprocessing pool leaving nothing alive after a SIGKILL."""
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,9 @@ def test_drop_last_says_what_it_drops_and_off_keeps_every_clip(capsys):
     seen = [i for b in off for i in b["index"].tolist()]
     assert sorted(seen) == list(range(60))  # the official loaders' behaviour: nothing dropped
     with pytest.raises(ValueError, match="1 of 33 samples"):  # a batch of one: BatchNorm cannot train on it
-        loaders.train_loader(data[:33], 32, num_workers=0, seed=0, rank=0, world_size=1, pin_memory=False,
-                             drop_last=False)
+        loaders.train_loader(
+            data[:33], 32, num_workers=0, seed=0, rank=0, world_size=1, pin_memory=False, drop_last=False
+        )
 
 
 # --------------------------------------------------------------------------- SIGKILL of the pool's owner

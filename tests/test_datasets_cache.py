@@ -1,5 +1,6 @@
 """The cache format and training Datasets on synthetic arrays (no media decoding here):
 frame picking, shared crop and flip, flow under a flip, splits, pickling for workers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,14 @@ from onthefly.errors import UserError
 SIDE, CROP = 16, 12
 
 
-def write_synthetic(out: Path, n: int = 6, frames_per_clip=(5, 1, 3, 4, 2, 5), flow: bool = False,
-                    dataset: str = "ucf101", spec: tuple[int, ...] = (1, 5, 7)) -> None:
+def write_synthetic(
+    out: Path,
+    n: int = 6,
+    frames_per_clip=(5, 1, 3, 4, 2, 5),
+    flow: bool = False,
+    dataset: str = "ucf101",
+    spec: tuple[int, ...] = (1, 5, 7),
+) -> None:
     """Frames whose pixel (y, x) holds x (channel 0), y (channel 1) and the frame number
     within the clip (channel 2), so a crop's position, a flip and the picked frames can
     be read back from the output."""
@@ -123,8 +130,9 @@ def test_shared_crop_flip_and_frame_order(tmp_path):
 
 def test_official_rule_shares_its_draw_between_frames_and_flow(tmp_path):
     write_synthetic(tmp_path, flow=True, dataset="kinetics_sounds")
-    ds = get_dataset_entry("kinetics_sounds").build(ns(tmp_path, num_frames=3, frame_crop="official",
-                                                       frame_pick="official"), "train")
+    ds = get_dataset_entry("kinetics_sounds").build(
+        ns(tmp_path, num_frames=3, frame_crop="official", frame_pick="official"), "train"
+    )
     flips = set()
     for seed in range(30):
         torch.manual_seed(seed)

@@ -6,6 +6,7 @@ has them, deliberately broken files), then the preprocessing runs on it and the 
 is checked: shapes, labels, splits, the skip report, resume, and refusal of a cache
 that does not match.
 """
+
 from __future__ import annotations
 
 import csv
@@ -74,8 +75,15 @@ def write_cv2_video(path: Path, fourcc: str, seconds: float = 2.0, fps: int = 10
     writer.release()
 
 
-def write_mp4(path: Path, seconds: float = 2.0, fps: int = 10, sr: int = 16000, freq: float = 440.0,
-              audio: bool = True, seed: int = 0) -> None:
+def write_mp4(
+    path: Path,
+    seconds: float = 2.0,
+    fps: int = 10,
+    sr: int = 16000,
+    freq: float = 440.0,
+    audio: bool = True,
+    seed: int = 0,
+) -> None:
     """H.264 video with (optionally) a stereo AAC audio track, muxed by PyAV."""
     with av.open(str(path), "w") as c:
         vs = c.add_stream("libx264", rate=fps)
@@ -92,7 +100,9 @@ def write_mp4(path: Path, seconds: float = 2.0, fps: int = 10, sr: int = 16000, 
             y = tone(seconds, sr, freq, seed=seed)
             y = np.stack([y, 0.5 * y])
             for k in range(0, y.shape[1], 1024):
-                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(y[:, k : k + 1024]), format="fltp", layout="stereo")
+                fr = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(y[:, k : k + 1024]), format="fltp", layout="stereo"
+                )
                 fr.sample_rate, fr.pts = sr, k
                 for pkt in ast.encode(fr):
                     c.mux(pkt)
@@ -459,7 +469,7 @@ def test_ucf101_rgb_and_flow(ucf_root, tmp_path):
     split_of = dict(zip(idx["clip_ids"], idx["splits"]))
     assert all(split_of[c] == "test" for c in split_of if "_g01_" in c)  # official split 1
     groups = {}
-    for cid, g, s in zip(idx["clip_ids"], idx["groups"], idx["splits"]):
+    for _cid, g, s in zip(idx["clip_ids"], idx["groups"], idx["splits"]):
         groups.setdefault(g, set()).add(s)
     assert all(len(s) == 1 for s in groups.values())  # val carved by whole gXX groups
     assert "val" in set(idx["splits"])
@@ -544,7 +554,9 @@ def test_vggsound(tmp_path):
 
 
 def test_cli_errors_are_one_line(run_script, tmp_path, capsys):
-    status, err = run_script("preprocess.py", "--dataset", "cremad", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    status, err = run_script(
+        "preprocess.py", "--dataset", "cremad", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
+    )
     assert status == 2 and "Traceback" not in err
     assert err.strip().count("\n") == 0 and "no such directory" in err
     (tmp_path / "wrong").mkdir()
@@ -624,7 +636,9 @@ def test_output_that_cannot_be_written_is_one_line(cremad_root, tmp_path, capsys
     assert a_file.read_text() == "keep"
 
 
-@pytest.mark.parametrize("option", [["--fps", "inf"], ["--fps", "nan"], ["--duration", "nan"], ["--val_fraction", "nan"]])
+@pytest.mark.parametrize(
+    "option", [["--fps", "inf"], ["--fps", "nan"], ["--duration", "nan"], ["--val_fraction", "nan"]]
+)
 def test_non_finite_options_are_refused(cremad_root, tmp_path, capsys, option):
     out = tmp_path / "o"
     code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), *option])
@@ -679,8 +693,24 @@ def test_help_and_cache_side_import_no_media_libraries():
 
 def test_train_one_epoch_from_cache(tiny_encoders, cremad_cache, tmp_path, capsys):
     """train.py's main runs one short epoch from a preprocessed cache."""
-    argv = ["--dataset", "cremad", "--data", str(cremad_cache), "--epochs", "1", "--batch_size", "2", "--device", "cpu",
-            "--num_workers", "0", "--limit_samples", "4", "--output_dir", str(tmp_path / "runs")]
+    argv = [
+        "--dataset",
+        "cremad",
+        "--data",
+        str(cremad_cache),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--limit_samples",
+        "4",
+        "--output_dir",
+        str(tmp_path / "runs"),
+    ]
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     out = capsys.readouterr().out
     assert "epoch   0" in out
@@ -757,8 +787,22 @@ def test_a_second_preprocess_on_one_out_is_refused_in_one_line(cremad_root, tmp_
     out.mkdir()
     held = acquire_run_lock(out)  # another preprocess.py working in --out
     try:
-        code = cli_main(["--dataset", "cremad", "--root", str(cremad_root), "--out", str(out), "--workers", "0",
-                         "--random_split", "--quiet", *SMALL_AUDIO, *SMALL_FRAMES])
+        code = cli_main(
+            [
+                "--dataset",
+                "cremad",
+                "--root",
+                str(cremad_root),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--random_split",
+                "--quiet",
+                *SMALL_AUDIO,
+                *SMALL_FRAMES,
+            ]
+        )
     finally:
         held.release()
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,6 +13,7 @@ encoders, conftest's `tiny_encoders`: the distributed plumbing is under test, no
     0 writes, and the final test uses best.pt's weights on every rank; its weights match a
     one-process run at twice the batch. An unwritable run directory stops both ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,21 @@ STEPS = 3
 RUN_BATCH = 8  # train.py's global batch: one step per epoch on 8 samples
 # (modulation, fusion, steps): each fusion head and each method once under DDP (in float32)
 REPLICA_CASES = [("OPM", "sum", 2), ("OGM_GE", "film", 1), ("OGM_OPM", "gated", 1)]
-RUN_ARGS = ["--limit_samples", "8", "--device", "cpu", "--deterministic", "--modulation", "OGM", "--scheduler", "none",
-            "--log_every", "1", "--run_name", "run"]
+RUN_ARGS = [
+    "--limit_samples",
+    "8",
+    "--device",
+    "cpu",
+    "--deterministic",
+    "--modulation",
+    "OGM",
+    "--scheduler",
+    "none",
+    "--log_every",
+    "1",
+    "--run_name",
+    "run",
+]
 
 
 class Recorder:
@@ -68,7 +82,9 @@ def fixed_data(steps: int):
 
 def preset(batch):
     """DevicePreset's job, in the default dtype (float64 for the step-by-step comparison)."""
-    return {"audio": batch["audio"], "visual": (batch["visual"].to(torch.get_default_dtype()) - 127.5) / 64}, batch["label"]
+    return {"audio": batch["audio"], "visual": (batch["visual"].to(torch.get_default_dtype()) - 127.5) / 64}, batch[
+        "label"
+    ]
 
 
 def train_steps(modulation: str, fusion: str, steps: int, rank: int, world: int) -> dict:
@@ -82,7 +98,9 @@ def train_steps(modulation: str, fusion: str, steps: int, rank: int, world: int)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     data, share = fixed_data(steps), BATCH // world
-    batches = [{k: v[t * BATCH + rank * share: t * BATCH + (rank + 1) * share] for k, v in data.items()} for t in range(steps)]
+    batches = [
+        {k: v[t * BATCH + rank * share : t * BATCH + (rank + 1) * share] for k, v in data.items()} for t in range(steps)
+    ]
     recorder = Recorder()
     train_one_epoch(train_model, modulator, optimizer, batches, preset, TrainState(), cfg, None, recorder)
     return {"scalars": recorder.scalars, "weights": model.state_dict()}
@@ -103,8 +121,9 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def _init_group(rank: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
 
 
 def _worker(rank: int, tmp: str, encoders: dict) -> None:
@@ -116,8 +135,13 @@ def _worker(rank: int, tmp: str, encoders: dict) -> None:
     _init_group(rank, str(tmp_path / "group0"))
     ogm = train_steps("OGM", "concat", STEPS, rank, WORLD)
     single = torch.load(tmp_path / "single_ogm.pt", weights_only=False, mmap=True)
-    out = {"OGM": {"scalars": ogm["scalars"], "weights": fingerprint(ogm["weights"]),
-                   "diff_to_single": max_diff(ogm["weights"], single)}}
+    out = {
+        "OGM": {
+            "scalars": ogm["scalars"],
+            "weights": fingerprint(ogm["weights"]),
+            "diff_to_single": max_diff(ogm["weights"], single),
+        }
+    }
     del ogm, single
     torch.set_default_dtype(default_dtype)
     for modulation, fusion, steps in REPLICA_CASES:
@@ -144,11 +168,25 @@ def _worker(rank: int, tmp: str, encoders: dict) -> None:
     runner.evaluate = evaluate_spy
     # an unwritable run directory: rank 0 finds out, and every rank stops (none waits forever)
     _init_group(rank, str(tmp_path / "group_unwritable"))  # runner joins the existing group
-    out["rc_unwritable"] = runner.main([*RUN_ARGS, "--batch_size", "4", "--epochs", "1",
-                                        "--output_dir", str(tmp_path / "blocker" / "sub")])
+    out["rc_unwritable"] = runner.main(
+        [*RUN_ARGS, "--batch_size", "4", "--epochs", "1", "--output_dir", str(tmp_path / "blocker" / "sub")]
+    )
     _init_group(rank, str(tmp_path / "group1"))
-    rcs = [runner.main([*RUN_ARGS, "--batch_size", str(RUN_BATCH // WORLD), "--epochs", "1", "--sync_bn", "--no-eval_test",
-                        "--output_dir", str(tmp_path / "ddp")])]
+    rcs = [
+        runner.main(
+            [
+                *RUN_ARGS,
+                "--batch_size",
+                str(RUN_BATCH // WORLD),
+                "--epochs",
+                "1",
+                "--sync_bn",
+                "--no-eval_test",
+                "--output_dir",
+                str(tmp_path / "ddp"),
+            ]
+        )
+    ]
     assert not is_distributed()  # runner.main leaves the group
     _init_group(rank, str(tmp_path / "group2"))
     rcs.append(runner.main(["--resume", str(tmp_path / "ddp" / "run" / "last.pt"), "--epochs", "2", "--eval_test"]))
@@ -173,7 +211,12 @@ def ddp(tmp_path_factory, tiny_encoders_within):
             torch.save(single["weights"], tmp / "single_ogm.pt")  # each rank compares its weights with these
             (tmp / "blocker").write_text("a file where the run directory's parent should be")
             mp.spawn(_worker, args=(str(tmp), dict(ENCODERS)), nprocs=WORLD, join=True)
-            assert runner.main([*RUN_ARGS, "--batch_size", str(RUN_BATCH), "--epochs", "2", "--output_dir", str(tmp / "single")]) == 0
+            assert (
+                runner.main(
+                    [*RUN_ARGS, "--batch_size", str(RUN_BATCH), "--epochs", "2", "--output_dir", str(tmp / "single")]
+                )
+                == 0
+            )
     finally:
         torch.set_num_threads(threads)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -186,8 +229,12 @@ def test_ogm_under_ddp_follows_one_process_at_the_global_batch(ddp):
         k_single = single["scalars"][f"modulation/coeff_{m}"]
         assert len(k_single) == STEPS
         for r in ranks:
-            assert r["OGM"]["scalars"][f"modulation/coeff_{m}"] == pytest.approx(k_single, abs=1e-6)  # scores are float32
-    assert any(k < 1 for k in single["scalars"]["modulation/coeff_audio"] + single["scalars"]["modulation/coeff_visual"])  # OGM acted
+            assert r["OGM"]["scalars"][f"modulation/coeff_{m}"] == pytest.approx(
+                k_single, abs=1e-6
+            )  # scores are float32
+    assert any(
+        k < 1 for k in single["scalars"]["modulation/coeff_audio"] + single["scalars"]["modulation/coeff_visual"]
+    )  # OGM acted
     for r in ranks:
         # float64 weights, but k comes from float32 scores: they agree to k's float32 rounding times the update
         assert r["OGM"]["diff_to_single"] < 1e-7

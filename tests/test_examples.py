@@ -1,6 +1,7 @@
 """Every script in examples/ runs, on its small built-in data, as a user would start it: the
 single-process ones in this process (runpy, as `python examples/X.py` runs it, without a new
 interpreter to start), the DDP one under torchrun."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,11 @@ RUNS = {
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "code"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "code"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -38,7 +42,18 @@ def test_example_runs(script, monkeypatch, capsys):
 
 
 def test_ddp_example_keeps_the_replicas_identical():
-    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(EXAMPLES / "ddp.py"), "--steps", "4"])
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLES / "ddp.py"),
+            "--steps",
+            "4",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replicas identical: True" in done.stdout

@@ -3,15 +3,16 @@
 bench/official_style.py is the reference step (per-sample score loop, host branch, per-
 parameter loop); bench/bench_step.py drives our step (Modulator, compute_loss, model).
 """
+
 import copy
 import json
 
+import bench_step as bs  # bench/ is on pytest's pythonpath (pyproject.toml)
+import official_style as off
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bench_step as bs  # bench/ is on pytest's pythonpath (pyproject.toml)
-import official_style as off
 from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.models import build_model
 from onthefly.modulation import discrepancy_ratios, ogm_coefficients, unimodal_scores
@@ -51,7 +52,9 @@ def official_and_ours(method: str, seed: int = 0, frames: int = 1):
     net.train()
     out_a, out_b, *_ = off.official_forward_backward(net, *official_batch)
 
-    model, optimizer, modulator, preset = bs.build_ours(base, info, torch.device("cpu"), bs.Variant("fp32"), method, ALPHA)
+    model, optimizer, modulator, preset = bs.build_ours(
+        base, info, torch.device("cpu"), bs.Variant("fp32"), method, ALPHA
+    )
     model.train()
     out, labels, _ = bs.ours_forward_backward(model, modulator, optimizer, preset, ours_batch, None)
     return net, (out_a, out_b, official_batch[2]), model, modulator, (out, labels)
@@ -65,7 +68,7 @@ def grads(module: torch.nn.Module) -> dict:
 def test_coefficients_match_the_official_branch_for_either_dominant_modality():
     g = torch.Generator().manual_seed(0)
     hits = set()
-    for trial in range(40):
+    for _trial in range(40):
         b, k = 16, 6
         label = torch.randint(0, k, (b,), generator=g)
         out_a = torch.randn(b, k, generator=g) * (0.2 + 3 * torch.rand((), generator=g))
@@ -157,7 +160,9 @@ def test_stem_variants_keep_the_function_and_the_gradient(stem, channels_last):
         y = new(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         y.backward(grad_out.float())
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5 * w64.grad.abs().max().item())
+        torch.testing.assert_close(
+            conv.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5 * w64.grad.abs().max().item()
+        )
     ((batch, _),) = bs.make_batches(info, 4, 1, 0, torch.device("cpu"))
     inputs, labels = bs.DevicePreset(info, torch.device("cpu"))(batch)
     bs.compute_loss(model(inputs), labels, model.head).backward()  # the whole model still trains
@@ -168,11 +173,32 @@ def test_bench_runs_every_row_and_writes_json(tiny_encoders, tmp_path, monkeypat
     monkeypatch.setattr(bs, "SMALL_AUDIO", (1, 16, 12))
     monkeypatch.setattr(bs, "SMALL_SIDE", 16)
     out = tmp_path / "r.json"
-    result = bs.main([
-        "--device", "cpu", "--small", "--shape", "kinetics_sounds", "--batch_size", "2", "--iters", "1",
-        "--warmup", "1", "--rounds", "2", "--pool", "2", "--variants", "fp32+apad8,fp32+stem32",
-        "--profile", "--profile_steps", "1", "--out", str(out),
-    ])
+    result = bs.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--shape",
+            "kinetics_sounds",
+            "--batch_size",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "--pool",
+            "2",
+            "--variants",
+            "fp32+apad8,fp32+stem32",
+            "--profile",
+            "--profile_steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["failed"] == {}
     rows = {(r["impl"], r["variant"], r["method"]) for r in saved["rows"]}
@@ -234,13 +260,16 @@ def test_the_host_read_detector_sees_item_and_bool():
 
 def modality_info(m: int) -> DatasetInfo:
     extra = (ModalitySpec("flow", "frames", 2, (2, 1, 16, 16), (0.5, 0.5), (0.25, 0.25)),)
-    return DatasetInfo(name=f"tiny{m}", num_classes=4, class_names=tuple("abcd"),
-                       modalities=(*tiny_info().modalities, *extra[: m - 2]))
+    return DatasetInfo(
+        name=f"tiny{m}", num_classes=4, class_names=tuple("abcd"), modalities=(*tiny_info().modalities, *extra[: m - 2])
+    )
 
 
 @pytest.mark.parametrize("m", [2, 3])
-@pytest.mark.parametrize("method", ["none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM", "OGM_CONST", "DROPOUT_UNIFORM",
-                                    "UNIMODAL_AUX", "MMPARETO", "PMR"])
+@pytest.mark.parametrize(
+    "method",
+    ["none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM", "OGM_CONST", "DROPOUT_UNIFORM", "UNIMODAL_AUX", "MMPARETO", "PMR"],
+)
 def test_our_step_reads_nothing_on_the_host_for_any_number_of_modalities(tiny_encoders, method, m):
     """The engine's step (forward with the OPM hook, loss, backward, modulation, finiteness flag,
     SGD step) on a CPU: no host read after the first step (whose labels are checked once)."""
@@ -250,8 +279,9 @@ def test_our_step_reads_nothing_on_the_host_for_any_number_of_modalities(tiny_en
     info = modality_info(m)
     torch.manual_seed(0)
     model = build_model(info, "concat")
-    modulator = Modulator.for_model(model, ModulationConfig(modulation=method, alpha=ALPHA, p_exe=1.0,
-                                                            const_dominant="audio"))
+    modulator = Modulator.for_model(
+        model, ModulationConfig(modulation=method, alpha=ALPHA, p_exe=1.0, const_dominant="audio")
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     inputs = {s.name: torch.randn(4, *s.shape) for s in info.modalities}
     labels = torch.tensor([0, 1, 2, 3])

@@ -12,6 +12,7 @@
 (Option validation: tests/test_config_validation.py. A longer random kill/resume soak:
 bench/soak_kill_resume.py.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,14 @@ with runpy.run_path(conftest)["swap_in_tiny_encoders"]():
 
 def train(*args: str, die: str = "never") -> subprocess.CompletedProcess:
     """Training (CHILD) in a subprocess; its exit status and output (stdout and stderr)."""
-    return subprocess.run([sys.executable, "-c", CHILD, str(CONFTEST), die, *args], env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, str(CONFTEST), die, *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 def temporaries(run: Path) -> list[Path]:
@@ -149,7 +156,9 @@ def test_kill_mid_epoch_and_mid_checkpoint_then_resume_is_exact(reference, tmp_p
         for a, b in zip(got["optimizer"]["state"].values(), want["optimizer"]["state"].values()):
             assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert metrics(run_dir) == metrics(reference)  # each epoch logged once, redone epochs included
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == json.loads((reference / "test_metrics.json").read_text())
+    assert json.loads((run_dir / "test_metrics.json").read_text()) == json.loads(
+        (reference / "test_metrics.json").read_text()
+    )
 
 
 def one_line_error(capsys, rc: int, *needles: str) -> str:
@@ -216,8 +225,20 @@ class Injection:
 
 def test_nan_loss_stops_naming_the_step_and_the_checkpoint(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=3, what="nan loss")  # epoch 1, its second step
-    rc = runner.main([*TINY, "--epochs", "3", "--modulation", "OGM", "--log_every", "20", "--no-eval_test",
-                      "--output_dir", str(tmp_path)])
+    rc = runner.main(
+        [
+            *TINY,
+            "--epochs",
+            "3",
+            "--modulation",
+            "OGM",
+            "--log_every",
+            "20",
+            "--no-eval_test",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     last = tmp_path / "run" / "last.pt"
     assert rc == 3
@@ -243,8 +264,20 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tiny_encoders, tmp_p
 
 def test_nonfinite_skip_drops_only_the_bad_batch(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=1, what="inf gradient")
-    rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
-                      "--output_dir", str(tmp_path)])
+    rc = runner.main(
+        [
+            *TINY,
+            "--epochs",
+            "1",
+            "--modulation",
+            "OGM",
+            "--nonfinite",
+            "skip",
+            "--no-eval_test",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "skipped a batch with a non-finite loss or gradient (epoch 0, step 1)" in err
     (record,) = metrics(tmp_path / "run")
@@ -256,15 +289,22 @@ def test_nonfinite_skip_drops_only_the_bad_batch(tiny_encoders, tmp_path, capsys
 def test_zero_scores_give_finite_coefficients():
     for scores in ([0.0, 0.0], [0.0, 3.0], [3.0, 0.0], [1e-30, 5.0]):
         ratios = discrepancy_ratios(torch.tensor(scores))
-        for values in (ratios, ogm_coefficients(ratios, 0.5), ogm_coefficients(ratios, 0.5, "continuous"),
-                       opm_drop_probabilities(ratios, 0.5, 0.5)):
+        for values in (
+            ratios,
+            ogm_coefficients(ratios, 0.5),
+            ogm_coefficients(ratios, 0.5, "continuous"),
+            opm_drop_probabilities(ratios, 0.5, 0.5),
+        ):
             assert values.isfinite().all(), (scores, values)
     # through the Modulator: logits that give the true classes probability exactly 0
     encoders = (torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1))
     for enc in encoders:
         enc.weight.grad = torch.ones_like(enc.weight)
-    model = argparse.Namespace(encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders),
-                               modality_names=("audio", "visual"), forward=lambda inputs, feature_hook=None: None)
+    model = argparse.Namespace(
+        encoder_parameters=lambda: tuple(list(e.parameters()) for e in encoders),
+        modality_names=("audio", "visual"),
+        forward=lambda inputs, feature_hook=None: None,
+    )
     cfg = argparse.Namespace(modulation="OGM_OPM", alpha=0.5)
     modulator = Modulator.from_config(cfg, model)
     labels = torch.tensor([0, 1])
@@ -419,7 +459,9 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tiny_encoders, tmp_path, cap
 
 def test_resume_only_from_a_runs_own_last_pt(reference, tmp_path, capsys):
     before = _snapshot(reference)
-    err = one_line_error(capsys, runner.main(["--resume", str(reference / "best.pt")]), "resume only from a run's last.pt")
+    err = one_line_error(
+        capsys, runner.main(["--resume", str(reference / "best.pt")]), "resume only from a run's last.pt"
+    )
     assert str(reference / "best.pt") in err
     # last.pt copied into another run's folder: that folder is not touched
     other = tmp_path / "other"
@@ -437,7 +479,9 @@ def test_resume_only_from_a_runs_own_last_pt(reference, tmp_path, capsys):
     # a folder other than its own, or --overwrite, with --resume
     last = str(reference / "last.pt")
     one_line_error(capsys, runner.main(["--resume", last, "--run_name", "elsewhere"]), "continues in its own folder")
-    one_line_error(capsys, runner.main(["--resume", last, "--output_dir", str(tmp_path)]), "continues in its own folder")
+    one_line_error(
+        capsys, runner.main(["--resume", last, "--output_dir", str(tmp_path)]), "continues in its own folder"
+    )
     one_line_error(capsys, runner.main(["--resume", last, "--overwrite"]), "--overwrite with --resume")
     one_line_error(capsys, runner.main(["--resume", last, "--optimizer", "adamw"]), "optimizer: 'sgd' -> 'adamw'")
     one_line_error(capsys, runner.main(["--resume", last, "--epochs", "2"]), "has already completed 3 epochs")
@@ -447,8 +491,23 @@ def test_resume_only_from_a_runs_own_last_pt(reference, tmp_path, capsys):
 def test_options_given_with_resume_are_applied(tiny_encoders, tmp_path, monkeypatch):
     """A finished 1-epoch cosine run (its lr is 0 at the end) continued to 3 epochs with other
     optimiser values: each new epoch trains with the rebuilt schedule's rate, never 0."""
-    assert runner.main([*TINY, "--epochs", "1", "--scheduler", "cosine", "--lr", "0.01", "--no-eval_test",
-                        "--output_dir", str(tmp_path)]) == 0
+    assert (
+        runner.main(
+            [
+                *TINY,
+                "--epochs",
+                "1",
+                "--scheduler",
+                "cosine",
+                "--lr",
+                "0.01",
+                "--no-eval_test",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     seen = []
     real = runner.train_one_epoch
 
@@ -458,8 +517,24 @@ def test_options_given_with_resume_are_applied(tiny_encoders, tmp_path, monkeypa
 
     monkeypatch.setattr(runner, "train_one_epoch", recording)
     last = tmp_path / "run" / "last.pt"
-    assert runner.main(["--resume", str(last), "--epochs", "3", "--lr", "0.05", "--momentum", "0.5",
-                        "--weight_decay", "0.001", "--no-eval_test"]) == 0
+    assert (
+        runner.main(
+            [
+                "--resume",
+                str(last),
+                "--epochs",
+                "3",
+                "--lr",
+                "0.05",
+                "--momentum",
+                "0.5",
+                "--weight_decay",
+                "0.001",
+                "--no-eval_test",
+            ]
+        )
+        == 0
+    )
     cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
     assert [s["lr"] for s in seen] == pytest.approx(cosine, rel=1e-12)
     assert all(s["momentum"] == 0.5 and s["weight_decay"] == 0.001 for s in seen)
@@ -471,10 +546,13 @@ def test_options_given_with_resume_are_applied(tiny_encoders, tmp_path, monkeypa
 # --------------------------------------------------------------------------- stops and interruptions
 
 
-@pytest.mark.parametrize("overflow,message", [
-    ("inf weight", "the weights became non-finite during epoch 0"),
-    ("huge head", "the model's outputs became non-finite after epoch 0"),  # finite weights, inf logits
-])
+@pytest.mark.parametrize(
+    "overflow,message",
+    [
+        ("inf weight", "the weights became non-finite during epoch 0"),
+        ("huge head", "the model's outputs became non-finite after epoch 0"),  # finite weights, inf logits
+    ],
+)
 def test_weights_that_overflow_on_an_epochs_last_step_stop_the_run(tmp_path, capsys, monkeypatch, overflow, message):
     real = runner.build_optimizer
 
@@ -508,8 +586,20 @@ def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tiny_encoders, tmp
         next(p for group in modulator.groups for p in group).grad[0].fill_(float("inf"))
 
     monkeypatch.setattr(Modulator, "modulate_gradients", always_inf)
-    rc = runner.main([*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test",
-                      "--output_dir", str(tmp_path)])
+    rc = runner.main(
+        [
+            *TINY,
+            "--epochs",
+            "1",
+            "--modulation",
+            "OGM",
+            "--nonfinite",
+            "skip",
+            "--no-eval_test",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3 and "every batch of epoch 0 had a non-finite loss or gradient and was skipped" in err[-1], err
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -529,7 +619,10 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tiny_encoders, tmp_path,
     err = capsys.readouterr().err.strip()
     last = tmp_path / "run" / "last.pt"
     assert rc == 130 and "Traceback" not in err, err
-    assert err.splitlines()[-1] == f"train.py: interrupted during epoch 1; resume with: python code/train.py --resume {last}"
+    assert (
+        err.splitlines()[-1]
+        == f"train.py: interrupted during epoch 1; resume with: python code/train.py --resume {last}"
+    )
     monkeypatch.undo()
     assert runner.main(["--resume", str(last)]) == 0  # the folder was unlocked
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1]
@@ -610,8 +703,9 @@ def test_extending_a_finished_run_drops_its_test_metrics_until_it_is_tested_agai
 # --------------------------------------------------------------------------- a full disk, signals, a read-only --data
 
 
-def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_the_run_resumes(tiny_encoders, tmp_path, capsys,
-                                                                           monkeypatch):
+def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_the_run_resumes(
+    tiny_encoders, tmp_path, capsys, monkeypatch
+):
     real, writes = ckpt_io.atomic_torch_save, []
 
     def full_on_the_third_write(obj, path):  # epoch 0: best.pt, last.pt; epoch 1: best.pt or last.pt fails

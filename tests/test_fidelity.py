@@ -11,14 +11,14 @@
 * the CREMA-D official split (744 test clips, val carved from the train list) and the
   official whole-frame crop.
 """
+
 from __future__ import annotations
 
 import copy
-import shutil
 import math
 import os
+import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,8 +27,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
 
 from onthefly import runner
 from onthefly.config import resolve_config
@@ -41,24 +39,83 @@ from onthefly.errors import UserError
 from onthefly.models import build_model
 from onthefly.modulation import ModulationConfig, Modulator
 
+REPO = Path(__file__).resolve().parents[1]
+
 # --------------------------------------------------------------------------- recipes
 
 # OGM-GE_CVPR2022: main.py lines 34-43 (epochs, window 0-50), README line 151 (alpha 0.8 for CREMA-D);
 # dataset/CramedDataset.py line 88 (the first listed frame); main.py line 265 (no drop_last).
-CVPR2022_CREMAD = dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=64, epochs=100,
-                       scheduler="step", lr_step=70, lr_gamma=0.1, alpha=0.8, modulation_starts=0,
-                       modulation_ends=50, num_frames=1, frame_crop="official", frame_pick="official")
+CVPR2022_CREMAD = dict(
+    optimizer="sgd",
+    lr=1e-3,
+    momentum=0.9,
+    weight_decay=1e-4,
+    batch_size=64,
+    epochs=100,
+    scheduler="step",
+    lr_step=70,
+    lr_gamma=0.1,
+    alpha=0.8,
+    modulation_starts=0,
+    modulation_ends=50,
+    num_frames=1,
+    frame_crop="official",
+    frame_pick="official",
+)
 # BML_TPAMI2024: code/main.py line 91 (warm-up in epochs 0-5, whatever the dataset), line 154
 # (modulation_ends limits OGM only: OPM to the last epoch).
-TPAMI2024_CREMAD = dict(optimizer="adamw", lr=1e-3, batch_size=32, epochs=100, scheduler="step", lr_step=20,
-                        lr_gamma=0.1, alpha=2.6, modulation_starts=0, modulation_ends=80, warmup_epochs=6,
-                        num_frames=1, frame_crop="official", frame_pick="official")
+TPAMI2024_CREMAD = dict(
+    optimizer="adamw",
+    lr=1e-3,
+    batch_size=32,
+    epochs=100,
+    scheduler="step",
+    lr_step=20,
+    lr_gamma=0.1,
+    alpha=2.6,
+    modulation_starts=0,
+    modulation_ends=80,
+    warmup_epochs=6,
+    num_frames=1,
+    frame_crop="official",
+    frame_pick="official",
+)
 # code/dataset/KS.py line 134 (first, middle, last frame), spatial_transforms.py lines 230-283 (crops).
-TPAMI2024_KS = dict(optimizer="adamw", lr=5e-5, weight_decay=0.01, batch_size=32, epochs=100, scheduler="step",
-                    lr_step=40, lr_gamma=0.1, warmup_epochs=6, alpha=0.8, q_base=0.5, lam=0.5, p_exe=0.7,
-                    num_frames=3, crop_size=112, frame_crop="official", frame_pick="official")
-OPTIMISATION = ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "epochs", "scheduler", "lr_step",
-                "lr_gamma", "num_frames", "crop_size", "frame_crop", "frame_pick", "drop_last")
+TPAMI2024_KS = dict(
+    optimizer="adamw",
+    lr=5e-5,
+    weight_decay=0.01,
+    batch_size=32,
+    epochs=100,
+    scheduler="step",
+    lr_step=40,
+    lr_gamma=0.1,
+    warmup_epochs=6,
+    alpha=0.8,
+    q_base=0.5,
+    lam=0.5,
+    p_exe=0.7,
+    num_frames=3,
+    crop_size=112,
+    frame_crop="official",
+    frame_pick="official",
+)
+OPTIMISATION = (
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "batch_size",
+    "epochs",
+    "scheduler",
+    "lr_step",
+    "lr_gamma",
+    "num_frames",
+    "crop_size",
+    "frame_crop",
+    "frame_pick",
+    "drop_last",
+)
 # Both official training loaders keep the last incomplete batch (OGM-GE main.py line 265,
 # BML code/main.py line 254): every recipe file says drop_last false.
 LOADER = {"drop_last": False}
@@ -70,21 +127,33 @@ def _only(values: dict, keys) -> dict:
 
 RECIPES = {
     "cremad_cvpr2022_ogm_ge.yaml": ("cremad", {**CVPR2022_CREMAD, **LOADER, "modulation": "OGM_GE"}),
-    "cremad_cvpr2022_baseline.yaml": ("cremad", {**_only(CVPR2022_CREMAD, OPTIMISATION), **LOADER,
-                                                 "modulation": "none"}),
+    "cremad_cvpr2022_baseline.yaml": (
+        "cremad",
+        {**_only(CVPR2022_CREMAD, OPTIMISATION), **LOADER, "modulation": "none"},
+    ),
     # The journal code's OGM run has the GE noise on (its --modulation defaults to OGM_GE).
     "cremad_tpami2024_ogm.yaml": ("cremad", {**TPAMI2024_CREMAD, **LOADER, "modulation": "OGM_GE"}),
     # OPM runs on every epoch after the warm-up in the journal code (no end of window).
-    "cremad_tpami2024_opm.yaml": ("cremad", {**TPAMI2024_CREMAD, **LOADER, "modulation": "OPM", "modulation_ends": 99,
-                                             "opm_grad": "official"}),
-    "cremad_tpami2024_baseline.yaml": ("cremad", {**_only(TPAMI2024_CREMAD, OPTIMISATION), **LOADER,
-                                                  "modulation": "none"}),
-    "ks_tpami2024_ogm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, **LOADER, "modulation": "OGM_GE",
-                                                  "modulation_ends": 60}),
-    "ks_tpami2024_opm.yaml": ("kinetics_sounds", {**TPAMI2024_KS, **LOADER, "modulation": "OPM", "modulation_ends": 99,
-                                                  "opm_grad": "official"}),
-    "ks_tpami2024_baseline.yaml": ("kinetics_sounds", {**_only(TPAMI2024_KS, OPTIMISATION), **LOADER,
-                                                       "modulation": "none"}),
+    "cremad_tpami2024_opm.yaml": (
+        "cremad",
+        {**TPAMI2024_CREMAD, **LOADER, "modulation": "OPM", "modulation_ends": 99, "opm_grad": "official"},
+    ),
+    "cremad_tpami2024_baseline.yaml": (
+        "cremad",
+        {**_only(TPAMI2024_CREMAD, OPTIMISATION), **LOADER, "modulation": "none"},
+    ),
+    "ks_tpami2024_ogm.yaml": (
+        "kinetics_sounds",
+        {**TPAMI2024_KS, **LOADER, "modulation": "OGM_GE", "modulation_ends": 60},
+    ),
+    "ks_tpami2024_opm.yaml": (
+        "kinetics_sounds",
+        {**TPAMI2024_KS, **LOADER, "modulation": "OPM", "modulation_ends": 99, "opm_grad": "official"},
+    ),
+    "ks_tpami2024_baseline.yaml": (
+        "kinetics_sounds",
+        {**_only(TPAMI2024_KS, OPTIMISATION), **LOADER, "modulation": "none"},
+    ),
 }
 
 
@@ -122,8 +191,9 @@ def _script_then_train(tmp_path: Path, capsys, name: str, *args: str) -> str:
     record, python = tmp_path / f"{name}.argv", tmp_path / "python"
     python.write_text(f"#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > {record}\n")
     python.chmod(0o755)
-    subprocess.run(["bash", str(REPO / "scripts" / name), *args], env={**os.environ, "PYTHON": str(python)},
-                   check=True, timeout=60)
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / name), *args], env={**os.environ, "PYTHON": str(python)}, check=True, timeout=60
+    )
     script, *argv = record.read_text().split("\0")[:-1]
     assert script == "code/train.py"
     capsys.readouterr()
@@ -134,8 +204,9 @@ def _script_then_train(tmp_path: Path, capsys, name: str, *args: str) -> str:
 def test_scripts_run_the_recipe_and_print_config(tmp_path, capsys):
     """A recipe's method is not overridden by the script; --print_config prints YAML and exits 0."""
     recipe = str(REPO / "configs" / "cremad_tpami2024_opm.yaml")
-    shown = _script_then_train(tmp_path, capsys, "train_ogm.sh", "--config", recipe, "--data", str(tmp_path),
-                               "--print_config")
+    shown = _script_then_train(
+        tmp_path, capsys, "train_ogm.sh", "--config", recipe, "--data", str(tmp_path), "--print_config"
+    )
     printed = yaml.safe_load(shown)
     assert printed["modulation"] == "OPM" and printed["lr_step"] == 20 and printed["batch_size"] == 32
     plain = yaml.safe_load(_script_then_train(tmp_path, capsys, "train_ogm.sh", "--print_config"))
@@ -154,15 +225,22 @@ NUM_CLASSES = 5
 
 def tiny_info() -> DatasetInfo:
     return DatasetInfo(
-        name="tiny", num_classes=NUM_CLASSES, class_names=tuple("abcde"),
-        modalities=(ModalitySpec("audio", "spectrogram", 1, (1, 16, 16)),
-                    ModalitySpec("visual", "frames", 3, (3, 2, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)),
+        name="tiny",
+        num_classes=NUM_CLASSES,
+        class_names=tuple("abcde"),
+        modalities=(
+            ModalitySpec("audio", "spectrogram", 1, (1, 16, 16)),
+            ModalitySpec("visual", "frames", 3, (3, 2, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
+        ),
     )
 
 
 def tiny_batch(batch: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    inputs = {"audio": torch.randn(batch, 1, 16, 16, generator=g), "visual": torch.randn(batch, 3, 2, 16, 16, generator=g)}
+    inputs = {
+        "audio": torch.randn(batch, 1, 16, 16, generator=g),
+        "visual": torch.randn(batch, 3, 2, 16, 16, generator=g),
+    }
     return inputs, torch.randint(0, NUM_CLASSES, (batch,), generator=g)
 
 
@@ -296,8 +374,9 @@ def _reference_opm_step(ref, inputs, labels, official_grad: bool, p_exe: float, 
         perf_a, perf_v = perf_a.detach(), perf_v.detach()
     ratio_a, ratio_v = torch.tanh(F.relu(perf_a / perf_v - 1)), torch.tanh(F.relu(perf_v / perf_a - 1))
     zero = torch.zeros(())
-    q = torch.stack([Q_BASE * (1 + LAM * ratio_a) if ratio_a > 0 else zero,
-                     Q_BASE * (1 + LAM * ratio_v) if ratio_v > 0 else zero]).clip(0.0, 1.0)
+    q = torch.stack(
+        [Q_BASE * (1 + LAM * ratio_a) if ratio_a > 0 else zero, Q_BASE * (1 + LAM * ratio_v) if ratio_v > 0 else zero]
+    ).clip(0.0, 1.0)
     torch.manual_seed(seed)
     executed = bool(torch.rand(()) < p_exe)
     keep = torch.rand(len(labels), 2) >= q.detach()  # the same draws, in the same order, as the project
@@ -449,7 +528,6 @@ def test_official_crop_refuses_centre_squares(listed_cremad, tmp_path):
         get_dataset_entry("cremad").build(Namespace(data=str(square), num_frames=1, frame_crop="official"), "train")
 
 
-
 def test_a_stray_clip_keeps_the_official_lists_and_is_counted(tmp_path):
     """The reproduction of the published-split loss: every official clip as empty files plus one
     clip in no list. The lists stay (744 test clips) and the stray clip is counted."""
@@ -474,8 +552,10 @@ def test_a_stray_clip_keeps_the_official_lists_and_is_counted(tmp_path):
     assert Counter(j.split for j in found.jobs) == {"test": 744, "train": 6698 - 4}
     assert all(j.split == lists[j.clip_id] for j in found.jobs)
     assert found.unlisted == ["1092_XYZ_ANG_XX"] and found.listed_absent == ["1001_WSI_HAP_XX", "1001_WSI_SAD_XX"]
-    assert {s[0]: s[1] for s in found.skipped} == {"1001_IOM_SAD_XX": "missing audio AudioWAV/1001_IOM_SAD_XX.wav",
-                                                    "1001_TSI_FEA_XX": "missing video VideoFlash/1001_TSI_FEA_XX.flv"}
+    assert {s[0]: s[1] for s in found.skipped} == {
+        "1001_IOM_SAD_XX": "missing audio AudioWAV/1001_IOM_SAD_XX.wav",
+        "1001_TSI_FEA_XX": "missing video VideoFlash/1001_TSI_FEA_XX.flv",
+    }
     assert found.split_record() == {"source": "lists", "unlisted": 1, "listed_absent": 2}
     assert any("1 clip(s) in neither official list are ignored" in n for n in found.notes)
     seeded = cremad.scan(str(root), argparse.Namespace(speaker_independent=False, random_split=True))
@@ -512,8 +592,9 @@ def test_official_frame_choice_and_kinetics_sounds_crops(listed_cremad):
     visual = np.load(out / "visual.npy", mmap_mode="r")
     entry = get_dataset_entry("cremad")
     for split in ("train", "test"):
-        ds = entry.build(Namespace(data=str(out), num_frames=1, crop_size=28, frame_crop="fixed",
-                                   frame_pick="official"), split)
+        ds = entry.build(
+            Namespace(data=str(out), num_frames=1, crop_size=28, frame_crop="fixed", frame_pick="official"), split
+        )
         first = int(ds.offsets["visual"][ds.rows[0]])
         centre = np.array(visual[first])[:, 2:30, 7:35]  # the first stored frame (evaluation: centre crop)
         item = ds[0]["visual"][:, 0].numpy()
@@ -557,11 +638,28 @@ def test_a_recipe_run_logs_its_frame_rule_and_drop_last(tiny_encoders, listed_cr
     from onthefly import runner
 
     _, _, out, _ = listed_cremad
-    argv = ["--config", str(REPO / "configs" / "cremad_tpami2024_ogm.yaml"), "--data", str(out), "--epochs", "1",
-            "--batch_size", "5", "--device", "cpu", "--num_workers", "0", "--crop_size", "28",
-            "--output_dir", str(tmp_path / "runs")]
+    argv = [
+        "--config",
+        str(REPO / "configs" / "cremad_tpami2024_ogm.yaml"),
+        "--data",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "5",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--crop_size",
+        "28",
+        "--output_dir",
+        str(tmp_path / "runs"),
+    ]
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     printed = capsys.readouterr().out
-    assert "frame rule: 1 frame(s) of 28 px; pick official (the first stored frame, training and evaluation); " \
-           "crop official (RandomResizedCrop(area 0.08-1) of the whole frame" in printed
+    assert (
+        "frame rule: 1 frame(s) of 28 px; pick official (the first stored frame, training and evaluation); "
+        "crop official (RandomResizedCrop(area 0.08-1) of the whole frame" in printed
+    )
     assert "drop_last off: every training clip is used each epoch" in printed

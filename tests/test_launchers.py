@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from onthefly.experiments import launchers
 from onthefly.experiments.grid import load_grid
 from onthefly.experiments.protocol import Programs, run_protocol
@@ -33,8 +34,9 @@ def _protocol(tmp_path: Path, name: str, launcher) -> Path:
     return tmp_path / name
 
 
-def test_submitit_protocol_requeues_a_preempted_run_and_reports_as_the_local_one(tmp_path, monkeypatch,
-                                                                                  no_report_figures):
+def test_submitit_protocol_requeues_a_preempted_run_and_reports_as_the_local_one(
+    tmp_path, monkeypatch, no_report_figures
+):
     local = _protocol(tmp_path, "local", launchers.LocalLauncher(["cpu", "cpu"]))
 
     monkeypatch.setenv("FAKE_PREEMPT", PREEMPTED)

@@ -4,6 +4,7 @@ M = 3 against the formulas of docs/modalities.md computed by hand in float64, an
 The hand computations use numpy on the logits the model produced; the Modulator computes in
 float32 on the device, hence the 1e-6 relative tolerances where the two meet.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,13 @@ from onthefly.data.spec import DatasetInfo, ModalitySpec
 from onthefly.models import build_model
 from onthefly.models.encoders import FrameEncoder, SpectrogramEncoder
 from onthefly.modulation import (
-    RATIO_REFS, ContractError, ModulatedModel, ModulationConfig, Modulator, discrepancy_ratios, ogm_parameters,
+    RATIO_REFS,
+    ContractError,
+    ModulatedModel,
+    ModulationConfig,
+    Modulator,
+    discrepancy_ratios,
+    ogm_parameters,
 )
 
 NUM_CLASSES = 4
@@ -31,8 +38,12 @@ class MLPModel(nn.Module):
     def __init__(self, dims=DIMS, width: int = 8, dtype=torch.float64):
         super().__init__()
         self.modality_names = tuple(f"m{i}" for i in range(len(dims)))
-        self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width))
-                                       for n, d in zip(self.modality_names, dims)})
+        self.encoders = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width))
+                for n, d in zip(self.modality_names, dims)
+            }
+        )
         self.heads = nn.ModuleList(nn.Linear(width, NUM_CLASSES) for _ in dims)
         self.to(dtype)
 
@@ -146,8 +157,9 @@ def test_three_modality_ogm_follows_the_formula(ref, form):
     model = MLPModel()
     inputs, labels = batch(seed=2)
     alpha = 0.9
-    modulator = Modulator.for_model(model, ModulationConfig(modulation="OGM", alpha=alpha, ratio_ref=ref,
-                                                             ogm_form=form, ogm_params="all"))
+    modulator = Modulator.for_model(
+        model, ModulationConfig(modulation="OGM", alpha=alpha, ratio_ref=ref, ogm_form=form, ogm_params="all")
+    )
     out = forward_backward(model, inputs, labels)
     before = [[p.grad.clone() for p in g] for g in model.encoder_parameters()]
     modulator.modulate_gradients(out, labels, epoch=0)
@@ -226,7 +238,9 @@ def test_three_modality_opm_drops_with_the_formulas_q_and_rescales_by_theta(ref)
 
 def three_modality_info() -> DatasetInfo:
     return DatasetInfo(
-        name="tiny3", num_classes=NUM_CLASSES, class_names=tuple("abcd"),
+        name="tiny3",
+        num_classes=NUM_CLASSES,
+        class_names=tuple("abcd"),
         modalities=(
             ModalitySpec("audio", "spectrogram", 1, (1, 16, 16)),
             ModalitySpec("visual", "frames", 3, (3, 2, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
@@ -240,8 +254,11 @@ def test_three_modality_model_shares_add_up_to_the_output(tiny_encoders, fusion)
     torch.manual_seed(0)
     model = build_model(three_modality_info(), fusion).eval()
     g = torch.Generator().manual_seed(0)
-    inputs = {"audio": torch.randn(5, 1, 16, 16, generator=g), "visual": torch.randn(5, 3, 2, 16, 16, generator=g),
-              "flow": torch.randn(5, 2, 2, 16, 16, generator=g)}
+    inputs = {
+        "audio": torch.randn(5, 1, 16, 16, generator=g),
+        "visual": torch.randn(5, 3, 2, 16, 16, generator=g),
+        "flow": torch.randn(5, 2, 2, 16, 16, generator=g),
+    }
     out = model(inputs)
     assert len(out["features"]) == len(out["unimodal_logits"]) == 3
     torch.testing.assert_close(sum(out["unimodal_logits"]), out["logits"], rtol=1e-5, atol=1e-5)
@@ -329,8 +346,9 @@ def test_an_output_without_unimodal_logits_is_named():
     with pytest.raises(ContractError, match="unimodal_logits"):
         modulator.modulate_gradients({"logits": out["logits"]}, labels, epoch=0)
     with pytest.raises(ContractError, match="float32"):
-        modulator.modulate_gradients({**out, "unimodal_logits": tuple(z.double() for z in out["unimodal_logits"])},
-                                     labels, epoch=0)
+        modulator.modulate_gradients(
+            {**out, "unimodal_logits": tuple(z.double() for z in out["unimodal_logits"])}, labels, epoch=0
+        )
 
 
 def test_an_ogm_set_that_selects_nothing_is_refused():
@@ -373,13 +391,16 @@ def test_modulating_before_backward_is_refused():
     assert "coeff" not in modulator.stats
 
 
-@pytest.mark.parametrize("values, field", [
-    ({"p_exe": math.nan}, "p_exe must be a finite number"),
-    ({"alpha": math.inf}, "alpha must be a finite number"),
-    ({"alpha": "0.5"}, "alpha must be a number"),
-    ({"modulation_starts": 1.5}, "modulation_starts must be an integer"),
-    ({"ratio_ref": "median"}, "ratio_ref: unknown"),
-])
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"p_exe": math.nan}, "p_exe must be a finite number"),
+        ({"alpha": math.inf}, "alpha must be a finite number"),
+        ({"alpha": "0.5"}, "alpha must be a number"),
+        ({"modulation_starts": 1.5}, "modulation_starts must be an integer"),
+        ({"ratio_ref": "median"}, "ratio_ref: unknown"),
+    ],
+)
 def test_modulation_config_names_the_bad_field(values, field):
     with pytest.raises(ValueError, match=field):
         ModulationConfig(**values)
@@ -403,8 +424,23 @@ def test_cli_refuses_an_ogm_set_that_selects_nothing(run_script, tmp_path, monke
     from onthefly.models.encoders import ENCODERS
 
     monkeypatch.setitem(ENCODERS, "spectrogram", FlatEncoder)
-    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
-                             "--epochs", "1", "--modulation", "OGM", "--ogm_params", "conv", "--output_dir", str(tmp_path))
+    status, err = run_script(
+        "train.py",
+        "--limit_samples",
+        "8",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--modulation",
+        "OGM",
+        "--ogm_params",
+        "conv",
+        "--output_dir",
+        str(tmp_path),
+    )
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "ogm_params 'conv' selects no trainable parameter of the audio encoder" in err
 
@@ -438,11 +474,16 @@ def test_the_training_loop_logs_and_evaluates_three_modalities(tiny_encoders, me
     torch.manual_seed(0)
     model = build_model(info, "concat")
     g = torch.Generator().manual_seed(0)
-    batches = [{"audio": torch.randn(4, 1, 16, 16, generator=g),
-                "visual": torch.randint(0, 256, (4, 3, 2, 16, 16), generator=g, dtype=torch.uint8),
-                "flow": torch.randint(0, 256, (4, 2, 2, 16, 16), generator=g, dtype=torch.uint8),
-                "label": torch.randint(0, NUM_CLASSES, (4,), generator=g), "index": torch.arange(4) + 4 * i}
-               for i in range(3)]
+    batches = [
+        {
+            "audio": torch.randn(4, 1, 16, 16, generator=g),
+            "visual": torch.randint(0, 256, (4, 3, 2, 16, 16), generator=g, dtype=torch.uint8),
+            "flow": torch.randint(0, 256, (4, 2, 2, 16, 16), generator=g, dtype=torch.uint8),
+            "label": torch.randint(0, NUM_CLASSES, (4,), generator=g),
+            "index": torch.arange(4) + 4 * i,
+        }
+        for i in range(3)
+    ]
     cfg = SimpleNamespace(modulation=method, alpha=0.5, p_exe=1.0, nonfinite="stop", log_every=1, seed=0)
     modulator = Modulator.from_config(cfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -463,10 +504,22 @@ def test_cli_refuses_film_on_three_modalities(run_script, tmp_path, monkeypatch)
 
     entry = runner.get_dataset_entry("avdigits")
     flow = ModalitySpec("flow", "frames", 2, (2, 1, 28, 28), mean=(0.5,) * 2, std=(0.25,) * 2)
-    three = dataclasses.replace(entry, info=lambda cfg: dataclasses.replace(entry.info(cfg), modalities=(
-        *entry.info(cfg).modalities, flow)))
+    three = dataclasses.replace(
+        entry, info=lambda cfg: dataclasses.replace(entry.info(cfg), modalities=(*entry.info(cfg).modalities, flow))
+    )
     monkeypatch.setattr(runner, "get_dataset_entry", lambda name: three)
-    status, err = run_script("train.py", "--limit_samples", "8", "--batch_size", "4", "--device", "cpu",
-                             "--fusion", "film", "--output_dir", str(tmp_path))
+    status, err = run_script(
+        "train.py",
+        "--limit_samples",
+        "8",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--fusion",
+        "film",
+        "--output_dir",
+        str(tmp_path),
+    )
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "--fusion film: FiLMFusion is defined for two modalities" in err

@@ -129,7 +129,10 @@ def test_selection_uses_validation_never_test(tmp_path):
     assert sel["OPM"]["val_acc"] == pytest.approx(0.80)
     assert sel["OPM"]["points"][1]["per_seed"] == {10: pytest.approx(0.81), 11: pytest.approx(0.79)}
     out = tmp_path / "out"
-    phase = lambda c: Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]
+
+    def phase(c):
+        return Path(c[c.index("--output_dir") + 1]).relative_to(out).parts[0]
+
     tuning = [c for c in runs.launches() if phase(c) == "tune"]
     testing = [c for c in runs.launches() if phase(c) == "test"]
     assert len(tuning) == 2 * 2 * 2 and all("--no-eval_test" in c for c in tuning)
@@ -582,7 +585,10 @@ def _verify(tmp_path: Path, grid: gridfile.Grid, runs: FakeRuns) -> int:
 def test_verify_reproduces_exactly_and_reports_shifts(tmp_path, capsys):
     grid = write_grid(tmp_path)
     protocol_module.run_protocol(
-        grid, tmp_path / "out", launchers.LocalLauncher(["cpu"], spawn=FakeRuns(), report_every=0.01), PROGRAMS,
+        grid,
+        tmp_path / "out",
+        launchers.LocalLauncher(["cpu"], spawn=FakeRuns(), report_every=0.01),
+        PROGRAMS,
         publish=tmp_path / "published",
     )
     assert (tmp_path / "out" / "environment.json").is_file()
@@ -630,8 +636,12 @@ def test_compare_verdicts_names_a_changed_one():
     from onthefly.experiments.verify import compare_verdicts
 
     def summary(survives: bool, mean: float) -> dict:
-        return {"rows": [{"method": "none", "diff_to_none": None},
-                         {"method": "OPM", "diff_to_none": {"survives": survives, "mean": mean}}]}
+        return {
+            "rows": [
+                {"method": "none", "diff_to_none": None},
+                {"method": "OPM", "diff_to_none": {"survives": survives, "mean": mean}},
+            ]
+        }
 
     assert compare_verdicts(summary(True, 0.02), summary(False, 0.01)) == [
         {"method": "OPM", "before": "better", "after": "no difference shown"}

@@ -1,5 +1,6 @@
 """Three modalities from end to end: AV-Digits with sklearn's 8x8 scans as a third stream, and
 Kinetics-Sounds with Farneback flow beside audio and frames (preprocess -> cache -> one epoch)."""
+
 from __future__ import annotations
 
 import json
@@ -82,15 +83,18 @@ def test_three_modality_items_and_info(avdigits_dir):
     np.testing.assert_array_equal(get_dataset_entry("avdigits").build(pair, "val")[3]["scan"], item["scan"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--avdigits_modalities", "audio"], "--avdigits_modalities audio: give two or more distinct names"),
-    (["--avdigits_modalities", "audio,smell"], "--avdigits_modalities audio,smell: give two or more"),
-    (["--avdigits_modalities", "audio,audio"], "give two or more distinct names"),
-    (["--scan_noise", "0.1"], "--scan_noise: only with scans"),
-    (["--avdigits_modalities", THREE, "--scan_corrupt", "2"], "--scan_corrupt must be in [0, 1]"),
-    (["--dataset", "cremad", "--avdigits_modalities", THREE], "--avdigits_modalities: only for avdigits"),
-    (["--avdigits_modalities", THREE, "--modality", "smell"], "avdigits has modalities audio, visual, scan"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--avdigits_modalities", "audio"], "--avdigits_modalities audio: give two or more distinct names"),
+        (["--avdigits_modalities", "audio,smell"], "--avdigits_modalities audio,smell: give two or more"),
+        (["--avdigits_modalities", "audio,audio"], "give two or more distinct names"),
+        (["--scan_noise", "0.1"], "--scan_noise: only with scans"),
+        (["--avdigits_modalities", THREE, "--scan_corrupt", "2"], "--scan_corrupt must be in [0, 1]"),
+        (["--dataset", "cremad", "--avdigits_modalities", THREE], "--avdigits_modalities: only for avdigits"),
+        (["--avdigits_modalities", THREE, "--modality", "smell"], "avdigits has modalities audio, visual, scan"),
+    ],
+)
 def test_three_modality_misuse_is_one_line(tmp_path, capsys, args, message):
     rc = runner.main([*args, "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
@@ -100,8 +104,24 @@ def test_three_modality_misuse_is_one_line(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_on_three_modalities(tiny_encoders, avdigits_dir, tmp_path, capsys, method):
-    argv = ["--avdigits_modalities", THREE, "--data", str(avdigits_dir), "--modulation", method, "--epochs", "1",
-            "--batch_size", "16", "--limit_samples", "48", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--avdigits_modalities",
+        THREE,
+        "--data",
+        str(avdigits_dir),
+        "--modulation",
+        method,
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--limit_samples",
+        "48",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     argv += ["--const_dominant", "audio"] if method == "OGM_CONST" else []  # the modality it scales, by name
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     (run_dir,) = tmp_path.iterdir()
@@ -109,15 +129,36 @@ def test_every_method_trains_on_three_modalities(tiny_encoders, avdigits_dir, tm
     assert {"val_acc_audio", "val_acc_visual", "val_acc_scan"} <= set(record)
     # The modulator scored all three modalities, and each method's own statistic is there for each.
     logged = set(read_scalars(run_dir / "tb", "modulation/"))
-    own = {"OGM": ("coeff",), "OGM_GE": ("coeff",), "OPM": ("drop_prob",), "OGM_OPM": ("coeff", "drop_prob"),
-           "OGM_GE_OPM": ("coeff", "drop_prob")}.get(method, ())
+    own = {
+        "OGM": ("coeff",),
+        "OGM_GE": ("coeff",),
+        "OPM": ("drop_prob",),
+        "OGM_OPM": ("coeff", "drop_prob"),
+        "OGM_GE_OPM": ("coeff", "drop_prob"),
+    }.get(method, ())
     expected = {f"modulation/{what}_{m}" for what in ("score", "ratio", *own) for m in ("audio", "visual", "scan")}
     assert expected <= logged, sorted(logged)
 
 
 def test_scan_alone_reference(tiny_encoders, avdigits_dir, tmp_path, capsys):
-    argv = ["--avdigits_modalities", THREE, "--data", str(avdigits_dir), "--modality", "scan", "--epochs", "1",
-            "--batch_size", "16", "--limit_samples", "48", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--avdigits_modalities",
+        THREE,
+        "--data",
+        str(avdigits_dir),
+        "--modality",
+        "scan",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--limit_samples",
+        "48",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name == "avdigits_scan-only_none_seed0"
@@ -165,11 +206,18 @@ def test_kinetics_sounds_without_flow_keeps_its_parameters(tmp_path):
     assert {k: v for k, v in flow.items() if not k.startswith("flow_")} == plain
 
 
-@pytest.mark.parametrize("dataset,extra,message", [
-    ("ucf101", ["--with_flow"], "--with_flow: applies to kinetics_sounds only"),
-    ("cremad", ["--with_flow"], "--with_flow: applies to kinetics_sounds only"),
-    ("kinetics_sounds", ["--flow_bound", "10"], "--flow_bound: kinetics_sounds has no optical flow (add --with_flow)"),
-])
+@pytest.mark.parametrize(
+    "dataset,extra,message",
+    [
+        ("ucf101", ["--with_flow"], "--with_flow: applies to kinetics_sounds only"),
+        ("cremad", ["--with_flow"], "--with_flow: applies to kinetics_sounds only"),
+        (
+            "kinetics_sounds",
+            ["--flow_bound", "10"],
+            "--flow_bound: kinetics_sounds has no optical flow (add --with_flow)",
+        ),
+    ],
+)
 def test_flow_options_refused_where_they_do_nothing(tmp_path, capsys, dataset, extra, message):
     argv = ["--dataset", dataset, "--root", str(tmp_path), "--out", str(tmp_path / "out"), *extra]
     assert preprocess_main(argv) == 2
@@ -179,9 +227,26 @@ def test_flow_options_refused_where_they_do_nothing(tmp_path, capsys, dataset, e
 
 def test_kinetics_sounds_three_modalities_train_one_epoch(tiny_encoders, ks_flow_cache, tmp_path, capsys):
     """configs/kinetics_sounds_3mod.yaml on the tiny cache, shortened: one epoch, three encoders."""
-    argv = ["--config", str(REPO / "configs" / "kinetics_sounds_3mod.yaml"), "--data", str(ks_flow_cache),
-            "--epochs", "1", "--batch_size", "2", "--crop_size", "28", "--warmup_epochs", "0", "--device", "cpu",
-            "--num_workers", "0", "--output_dir", str(tmp_path)]
+    argv = [
+        "--config",
+        str(REPO / "configs" / "kinetics_sounds_3mod.yaml"),
+        "--data",
+        str(ks_flow_cache),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--crop_size",
+        "28",
+        "--warmup_epochs",
+        "0",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     assert "(audio " in capsys.readouterr().out
     (run_dir,) = tmp_path.iterdir()
@@ -196,8 +261,22 @@ def test_zero_modality_on_three_modalities(tiny_encoders, avdigits_dir, tmp_path
     audio and visual shares of the concat head (z_m = h_m W_m^T + b/M) are exactly unchanged."""
     from onthefly.infer import main as inference_main
 
-    argv = ["--avdigits_modalities", THREE, "--data", str(avdigits_dir), "--epochs", "1", "--batch_size", "16",
-            "--limit_samples", "48", "--device", "cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--avdigits_modalities",
+        THREE,
+        "--data",
+        str(avdigits_dir),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--limit_samples",
+        "48",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert runner.main(argv) == 0, capsys.readouterr().err[-2000:]
     (run_dir,) = tmp_path.iterdir()
     evaluate = ["--checkpoint", str(run_dir), "--split", "val", "--device", "cpu"]

@@ -5,6 +5,7 @@ TINY_TRAIN_PAUSE=<file>: a fresh run (no --resume) touches <file> as its second 
 waits there to be stopped (SIGTERM), so a test can preempt it at a known point however fast or
 loaded the machine is.
 """
+
 import os
 import runpy
 import sys

@@ -21,6 +21,7 @@ old version or the new one. A resumed run deletes the temporary files a kill lef
 drops from metrics.jsonl the epochs its checkpoint does not hold, and, when it trains further,
 removes test_metrics.json (it scored a best.pt those epochs may replace).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,9 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +182,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable (truncated or not a torch file): {type(e).__name__}") from None
+        raise UserError(
+            f"checkpoint {path} is unreadable (truncated or not a torch file): {type(e).__name__}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a checkpoint of this project")
     if ckpt.get("version") != VERSION:

@@ -5,36 +5,60 @@ the parser's defaults. A YAML value is turned into the same option on a command 
 parsed by the same parser, so it meets exactly the same types, choices and checks. The
 modulation options are generated from `ModulationConfig`, which owns their defaults and ranges.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
 from .data import dataset_names, get_dataset_entry
 from .data.avdigits import PRESETS as AVDIGITS_PRESETS
-from .errors import UserError
-from .yamlio import load_yaml
-from .models import FUSIONS, INITS
 from .data.cache.format import FRAME_CROPS, FRAME_PICKS
+from .errors import UserError
+from .models import FUSIONS, INITS
 from .modulation import ModulationConfig
+from .yamlio import load_yaml
 
 # Settings a resumed run may not change: they define the model or the data it was trained on
 # (limit_samples, batch_size, drop_last: which samples, and in which batches; best.pt is chosen
 # on the validation split they define; frame_crop, frame_pick: which pixels), or (optimizer)
 # the kind of optimiser state the checkpoint holds.
 RUN_IDENTITY_KEYS = (
-    "dataset", "data", "fusion", "modality", "modulation", "num_frames", "crop_size", "audio_frames",
-    "image_downsample", "image_noise", "image_occlusion", "audio_noise", "audio_corrupt", "image_corrupt",
-    "avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "data_seed",
-    "seed", "optimizer", "limit_samples", "batch_size", "drop_last",
-    "frame_crop", "frame_pick", "encoder_width",
+    "dataset",
+    "data",
+    "fusion",
+    "modality",
+    "modulation",
+    "num_frames",
+    "crop_size",
+    "audio_frames",
+    "image_downsample",
+    "image_noise",
+    "image_occlusion",
+    "audio_noise",
+    "audio_corrupt",
+    "image_corrupt",
+    "avdigits_preset",
+    "avdigits_modalities",
+    "scan_noise",
+    "scan_corrupt",
+    "data_seed",
+    "seed",
+    "optimizer",
+    "limit_samples",
+    "batch_size",
+    "drop_last",
+    "frame_crop",
+    "frame_pick",
+    "encoder_width",
 )
 
 
@@ -64,8 +88,13 @@ def _add_modulation_options(group) -> None:
     """One option per ModulationConfig field, with its name, default, type and choices."""
     for f in fields(ModulationConfig):
         choices = f.metadata["choices"]
-        group.add_argument(f"--{f.name}", type=_FIELD_TYPES[f.type], default=f.default, choices=choices,
-                           help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else ""))
+        group.add_argument(
+            f"--{f.name}",
+            type=_FIELD_TYPES[f.type],
+            default=f.default,
+            choices=choices,
+            help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else ""),
+        )
 
 
 def get_args_parser(prog: str = "train.py") -> ArgumentParser:
@@ -78,43 +107,95 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
     g.add_argument("--data", default=None, help="dataset directory (a preprocessed cache; avdigits: its cache dir)")
     g.add_argument("--num_frames", type=int, default=3, help="preprocessed datasets: frames per clip (dataset default)")
     g.add_argument("--num_workers", type=int, default=4, help="data loader processes (dataset default)")
-    g.add_argument("--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)")
-    g.add_argument("--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)")
-    g.add_argument("--frame_crop", default="fixed", choices=FRAME_CROPS,
-                   help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: the dataset's official crop "
-                   "(CREMA-D, Kinetics-Sounds: see docs/fidelity.md)")
-    g.add_argument("--frame_pick", default="spread", choices=FRAME_PICKS,
-                   help="spread: random frames in training, evenly spread in evaluation; official: the dataset's "
-                   "official frames (CREMA-D the first, Kinetics-Sounds first/middle/last) in both")
-    g.add_argument("--drop_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop the last incomplete training batch of each epoch (the official loaders keep it)")
-    g.add_argument("--preprocess", default=None,
-                   help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
-                        "refuse a cache made otherwise")
-    g.add_argument("--avdigits_preset", default=None, choices=tuple(AVDIGITS_PRESETS),
-                   help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)")
-    g.add_argument("--avdigits_modalities", default=None,
-                   help="avdigits: comma-separated modalities out of audio,visual,scan (scan: sklearn's 8x8 digits) "
-                        "[audio,visual]")
+    g.add_argument(
+        "--limit_samples", type=int, default=None, help="use only the first N samples of each split (smoke tests)"
+    )
+    g.add_argument(
+        "--crop_size", type=int, default=None, help="preprocessed datasets: frame crop side (default: the cache's)"
+    )
+    g.add_argument(
+        "--frame_crop",
+        default="fixed",
+        choices=FRAME_CROPS,
+        help="preprocessed datasets: fixed: crop_size crops of the stored frame; official: the dataset's official crop "
+        "(CREMA-D, Kinetics-Sounds: see docs/fidelity.md)",
+    )
+    g.add_argument(
+        "--frame_pick",
+        default="spread",
+        choices=FRAME_PICKS,
+        help="spread: random frames in training, evenly spread in evaluation; official: the dataset's "
+        "official frames (CREMA-D the first, Kinetics-Sounds first/middle/last) in both",
+    )
+    g.add_argument(
+        "--drop_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop the last incomplete training batch of each epoch (the official loaders keep it)",
+    )
+    g.add_argument(
+        "--preprocess",
+        default=None,
+        help="preprocessed datasets: expected preprocessing parameters, e.g. 'sample_rate=22050,hop_length=353': "
+        "refuse a cache made otherwise",
+    )
+    g.add_argument(
+        "--avdigits_preset",
+        default=None,
+        choices=tuple(AVDIGITS_PRESETS),
+        help="avdigits: degradation preset (complementary: fusion matters; easy: audio nearly perfect)",
+    )
+    g.add_argument(
+        "--avdigits_modalities",
+        default=None,
+        help="avdigits: comma-separated modalities out of audio,visual,scan (scan: sklearn's 8x8 digits) "
+        "[audio,visual]",
+    )
     g.add_argument("--audio_frames", type=int, default=None, help="avdigits: MFCC frames per clip (pad / crop)")
-    g.add_argument("--audio_noise", type=finite_float, default=None, help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)")
-    g.add_argument("--audio_corrupt", type=finite_float, default=None, help="avdigits: fraction of clips whose audio is replaced by noise")
-    g.add_argument("--image_corrupt", type=finite_float, default=None, help="avdigits: fraction of images replaced by noise")
+    g.add_argument(
+        "--audio_noise",
+        type=finite_float,
+        default=None,
+        help="avdigits: Gaussian noise std on the standardised MFCCs (0 = off)",
+    )
+    g.add_argument(
+        "--audio_corrupt",
+        type=finite_float,
+        default=None,
+        help="avdigits: fraction of clips whose audio is replaced by noise",
+    )
+    g.add_argument(
+        "--image_corrupt", type=finite_float, default=None, help="avdigits: fraction of images replaced by noise"
+    )
     g.add_argument("--image_downsample", type=int, default=None, help="avdigits: shrink images to this side (28 = off)")
-    g.add_argument("--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)")
-    g.add_argument("--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)")
+    g.add_argument(
+        "--image_noise", type=finite_float, default=None, help="avdigits: Gaussian pixel noise std on [0, 1] (0 = off)"
+    )
+    g.add_argument(
+        "--image_occlusion", type=int, default=None, help="avdigits: side of a random noise square (0 = off)"
+    )
     g.add_argument("--scan_noise", type=finite_float, default=None, help="avdigits scans: Gaussian noise std on [0, 1]")
     g.add_argument("--scan_corrupt", type=finite_float, default=None, help="avdigits scans: fraction replaced by noise")
     g.add_argument("--data_seed", type=int, default=None, help="avdigits: seed of the split, pairing and degradation")
 
     g = p.add_argument_group("model")
     g.add_argument("--fusion", default="concat", choices=FUSIONS)
-    g.add_argument("--init", default="official", choices=INITS,
-                   help="official: Kaiming-normal convs, Xavier-normal linears (as the official code); torch: PyTorch defaults")
-    g.add_argument("--encoder_width", type=int, default=64,
-                   help="first-stage channels of each ResNet18 encoder (64: ResNet18; 16: a quarter-width "
-                        "ResNet18, the CPU benchmark's)")
-    g.add_argument("--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)")
+    g.add_argument(
+        "--init",
+        default="official",
+        choices=INITS,
+        help="official: Kaiming-normal convs, Xavier-normal linears (as the official code); torch: PyTorch defaults",
+    )
+    g.add_argument(
+        "--encoder_width",
+        type=int,
+        default=64,
+        help="first-stage channels of each ResNet18 encoder (64: ResNet18; 16: a quarter-width "
+        "ResNet18, the CPU benchmark's)",
+    )
+    g.add_argument(
+        "--modality", default="both", help="'both', or one modality's name to train it alone (unimodal reference)"
+    )
 
     _add_modulation_options(p.add_argument_group("modulation (alpha: dataset default)"))
 
@@ -131,21 +212,47 @@ def get_args_parser(prog: str = "train.py") -> ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 autocast on CUDA, fp32 elsewhere",
+    )
+    g.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last memory format on CUDA",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
     g.add_argument("--output_dir", default="checkpoints", help="runs are written to <output_dir>/<run_name>/")
     g.add_argument("--run_name", default=None, help="default: <dataset>_<modality or fusion>_<modulation>_seed<seed>")
     g.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding an earlier run's files")
-    g.add_argument("--resume", default=None, help="a run's last.pt (or its folder) to continue exactly, in its own folder")
-    g.add_argument("--log_every", type=int, default=20,
-                   help="every N steps, read the step statistics for TensorBoard and the progress bar's epoch loss "
-                        "(the only host syncs)")
-    g.add_argument("--nonfinite", default="stop", choices=("stop", "skip"), help="on a NaN/Inf loss or gradient: stop, or skip the batch")
+    g.add_argument(
+        "--resume", default=None, help="a run's last.pt (or its folder) to continue exactly, in its own folder"
+    )
+    g.add_argument(
+        "--log_every",
+        type=int,
+        default=20,
+        help="every N steps, read the step statistics for TensorBoard and the progress bar's epoch loss "
+        "(the only host syncs)",
+    )
+    g.add_argument(
+        "--nonfinite",
+        default="stop",
+        choices=("stop", "skip"),
+        help="on a NaN/Inf loss or gradient: stop, or skip the batch",
+    )
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm under torchrun")
-    g.add_argument("--eval_test", action=argparse.BooleanOptionalAction, default=True, help="evaluate best.pt on the test split at the end")
+    g.add_argument(
+        "--eval_test",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate best.pt on the test split at the end",
+    )
     return p
 
 
@@ -250,8 +357,20 @@ def check_ranges(cfg: argparse.Namespace) -> str | None:
 
 # Options only one kind of dataset reads: given for another, they would be silently ignored.
 _DATASET_SPECIFIC = {
-    "avdigits": ("avdigits_preset", "avdigits_modalities", "scan_noise", "scan_corrupt", "audio_frames", "audio_noise",
-                 "audio_corrupt", "image_corrupt", "image_downsample", "image_noise", "image_occlusion", "data_seed"),
+    "avdigits": (
+        "avdigits_preset",
+        "avdigits_modalities",
+        "scan_noise",
+        "scan_corrupt",
+        "audio_frames",
+        "audio_noise",
+        "audio_corrupt",
+        "image_corrupt",
+        "image_downsample",
+        "image_noise",
+        "image_occlusion",
+        "data_seed",
+    ),
     "preprocessed datasets": ("crop_size", "preprocess", "frame_pick", "num_frames", "frame_crop"),
 }
 
@@ -317,17 +436,23 @@ def schedule_warnings(cfg: argparse.Namespace) -> list[str]:
     last = cfg.epochs - 1  # epochs are 0-based, as in metrics.jsonl
     notes = []
     if cfg.scheduler == "step" and cfg.lr_step > last:
-        notes.append(f"--lr_step {cfg.lr_step} is past the last epoch ({last}, 0-based) of --epochs {cfg.epochs}: "
-                     "the learning rate never decays")
+        notes.append(
+            f"--lr_step {cfg.lr_step} is past the last epoch ({last}, 0-based) of --epochs {cfg.epochs}: "
+            "the learning rate never decays"
+        )
     if cfg.modulation != "none":
         first = max(cfg.modulation_starts, cfg.warmup_epochs)
         if first > last:
-            notes.append(f"--modulation {cfg.modulation}: its window starts at epoch {first}, past the last epoch "
-                         f"({last}) of --epochs {cfg.epochs}: this run is the baseline (none) under "
-                         f"{cfg.modulation}'s name")
+            notes.append(
+                f"--modulation {cfg.modulation}: its window starts at epoch {first}, past the last epoch "
+                f"({last}) of --epochs {cfg.epochs}: this run is the baseline (none) under "
+                f"{cfg.modulation}'s name"
+            )
         elif last < cfg.modulation_ends < ModulationConfig.modulation_ends:  # the default: never ends
-            notes.append(f"--modulation_ends {cfg.modulation_ends} is past the last epoch ({last}) of --epochs "
-                         f"{cfg.epochs}: modulation runs to the end of this run")
+            notes.append(
+                f"--modulation_ends {cfg.modulation_ends} is past the last epoch ({last}) of --epochs "
+                f"{cfg.epochs}: modulation runs to the end of this run"
+            )
     return notes
 
 

@@ -4,12 +4,14 @@ Under torchrun every process (rank) trains on its own shard of each global batch
 the gradients, the modulation scores are summed over ranks (see Modulator's reduce_fn), and
 only rank 0 writes files. Helpers here are no-ops in a single process.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -179,7 +181,9 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        out = CPUSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var

@@ -1,11 +1,13 @@
 """train_one_epoch and evaluate: the one training loop every modulation method shares."""
+
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ class NonFiniteError(RuntimeError):
         self.kind, self.epoch, self.step, self.global_step = kind, epoch, step, global_step
         where = {
             "step": f"non-finite loss or gradient at epoch {epoch}, step {step} of the epoch "
-                    f"(global step {global_step}; epochs and steps count from 0)",
+            f"(global step {global_step}; epochs and steps count from 0)",
             "weights": f"the weights became non-finite during epoch {epoch} (an update overflowed)",
             "all skipped": f"every batch of epoch {epoch} had a non-finite loss or gradient and was skipped",
             "outputs": f"the model's outputs became non-finite after epoch {epoch} (its weights grew too large)",
@@ -111,7 +113,11 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # OGM-GE's noise is added to gradients DDP has already averaged: every rank draws the same.
-        with shared_randomness(getattr(cfg, "seed", 0) * 1_000_003 + state.global_step, device) if modulator.gaussian_noise else nullcontext():
+        with (
+            shared_randomness(getattr(cfg, "seed", 0) * 1_000_003 + state.global_step, device)
+            if modulator.gaussian_noise
+            else nullcontext()
+        ):
             modulator.modulate_gradients(out, labels, epoch)
 
         finite = loss.detach().isfinite() & _all_finite([p.grad for p in params if p.grad is not None])
@@ -121,8 +127,11 @@ def train_one_epoch(
             if bool(all_reduce_sum((~finite).float()) > 0):
                 skipped += 1
                 if is_main_process():
-                    print(f"warning: skipped a batch with a non-finite loss or gradient (epoch {epoch}, step {step})",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"warning: skipped a batch with a non-finite loss or gradient (epoch {epoch}, step {step})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 state.global_step += 1
                 continue
         else:
@@ -159,8 +168,9 @@ def train_one_epoch(
     return stats
 
 
-def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, epoch_loss: torch.Tensor, optimizer,
-              step: int) -> None:
+def _log_step(
+    bar, writer, modulator: Modulator, loss: torch.Tensor, epoch_loss: torch.Tensor, optimizer, step: int
+) -> None:
     """At a log step: TensorBoard's per-step scalars (step/..., modulation/...; x = optimizer steps
     done) and the progress bar's loss, this rank's mean over the epoch so far (updated only here:
     reading it every step would stall the device)."""
@@ -176,7 +186,9 @@ def _log_step(bar, writer, modulator: Modulator, loss: torch.Tensor, epoch_loss:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval") -> dict[str, torch.Tensor]:
+def predict(
+    model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval"
+) -> dict[str, torch.Tensor]:
     """Logits, unimodal logits, labels and dataset indices for every sample of `loader` (on CPU).
 
     Under DDP each rank predicts its shard and the shards are gathered, so every sample is
@@ -202,8 +214,14 @@ def predict(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: to
     return {k: torch.cat([s[k] for s in shards]) for k in local}
 
 
-def evaluate(model: torch.nn.Module, loader, preset: Callable, autocast_dtype: torch.dtype | None, desc: str = "eval",
-             epoch: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    preset: Callable,
+    autocast_dtype: torch.dtype | None,
+    desc: str = "eval",
+    epoch: int | None = None,
+) -> dict[str, float]:
     """Fused accuracy, macro-F1, mAP and per-modality accuracy (from z_m) on `loader`.
     Raises NonFiniteError("outputs", epoch) when a logit is NaN/Inf: no metric means anything then."""
     inner = unwrap_model(model)

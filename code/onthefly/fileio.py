@@ -7,13 +7,15 @@ give (mkstemp's files are private, 0600: others sharing the folder could not rea
 and is renamed over the destination. A kill at any moment leaves the old file or the new
 one, never half of one; any failure removes the temporary file.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 
 def umask_mode() -> int:

@@ -7,7 +7,8 @@ whose weights are not finite is refused too (no metric of it would mean anything
 metrics.json's `epoch` is the checkpoint's last completed epoch, counted from 0 as in the run's
 metrics.jsonl and test_metrics.json (`best_epoch`).
 
-Missing-modality evaluation (--zero_modality m): "modality m is missing" means: the tensor fed to m's encoder is all zeros. The zeroing is
+Missing-modality evaluation (--zero_modality m): "modality m is missing" means: the tensor fed
+to m's encoder is all zeros. The zeroing is
 applied *after* the device preset, i.e. to the normalised input the encoder sees, so for
 frames it stands for the per-channel dataset-mean image (mean imputation), and for
 AV-Digits' MFCCs (standardised per coefficient) the mean coefficients -- the same value the
@@ -17,6 +18,7 @@ black image, far outside the training distribution after normalisation.
 This is not the same as zeroing the encoder's *feature*: in eval mode BatchNorm and biases
 still turn a zero input into a non-zero feature, and the fusion head sees that feature.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +26,8 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,11 +54,19 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=None)
-    p.add_argument("--limit_samples", type=int, default=None,
-                   help="evaluate only the first N samples of the split (default: all of them)")
-    p.add_argument("--zero_modality", default=None, metavar="NAME",
-                   help="missing-modality test: feed zeros to NAME's encoder (its normalised input; see infer.py); "
-                        "default output: <run dir>/eval_<split>_zero_<NAME>")
+    p.add_argument(
+        "--limit_samples",
+        type=int,
+        default=None,
+        help="evaluate only the first N samples of the split (default: all of them)",
+    )
+    p.add_argument(
+        "--zero_modality",
+        default=None,
+        metavar="NAME",
+        help="missing-modality test: feed zeros to NAME's encoder (its normalised input; see infer.py); "
+        "default output: <run dir>/eval_<split>_zero_<NAME>",
+    )
     return p
 
 
@@ -85,8 +95,9 @@ def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides
     path = Path(checkpoint)
     ckpt = ckpt_io.load_checkpoint(path / "best.pt" if path.is_dir() else path)
     if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
-        raise UserError(f"checkpoint {ckpt['path']} holds non-finite weights (NaN or Inf): "
-                        "nothing it predicts means anything")
+        raise UserError(
+            f"checkpoint {ckpt['path']} holds non-finite weights (NaN or Inf): nothing it predicts means anything"
+        )
     cfg = argparse.Namespace(**ckpt["config"])
     cfg.limit_samples = None
     for key, value in overrides.items():
@@ -96,7 +107,9 @@ def load_trained_model(checkpoint: str | Path, device: torch.device, **overrides
     entry = get_dataset_entry(info.name)
     current = entry.info(cfg)
     if (current.class_names, current.modalities) != (info.class_names, info.modalities):
-        raise UserError(f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data")
+        raise UserError(
+            f"checkpoint {ckpt['path']} was trained on a different {info.name} dataset than the one at --data"
+        )
     width = getattr(cfg, "encoder_width", RESNET18_WIDTH)  # checkpoints from before the option: ResNet18
     model = build_model(info, cfg.fusion, cfg.modality, width=width).to(device)
     ckpt_io.load_model_state(model, ckpt["model"], ckpt["path"])
@@ -110,8 +123,10 @@ def check_split(ckpt: dict, split: str, dataset) -> None:
     if recorded is None:  # a checkpoint from before splits were recorded: nothing to compare
         return
     if ckpt_io.split_fingerprint(dataset, recorded["count"]) != recorded:
-        raise UserError(f"--split {split}: the data at --data is split differently from when {ckpt['path']} was trained; "
-                        "its metrics would not be on held-out samples. Evaluate on the cache the run was trained on")
+        raise UserError(
+            f"--split {split}: the data at --data is split differently from when {ckpt['path']} was trained; "
+            "its metrics would not be on held-out samples. Evaluate on the cache the run was trained on"
+        )
 
 
 def build_checked_split(entry, cfg: argparse.Namespace, ckpt: dict, split: str):
@@ -142,31 +157,51 @@ def run_inference(args: argparse.Namespace) -> dict:
     check_args(args)
     device = select_device(args.device)
     limit = getattr(args, "limit_samples", None)
-    model, cfg, info, entry, ckpt = load_trained_model(args.checkpoint, device, data=args.data,
-                                                       batch_size=args.batch_size, num_workers=args.num_workers,
-                                                       limit_samples=limit)
+    model, cfg, info, entry, ckpt = load_trained_model(
+        args.checkpoint,
+        device,
+        data=args.data,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        limit_samples=limit,
+    )
     dataset = build_checked_split(entry, cfg, ckpt, args.split)
     loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers, 0, 1, device.type == "cuda")
     preset = DevicePreset(info, device)
     zero = getattr(args, "zero_modality", None)
     if zero is not None:
         if zero not in model.modality_names:
-            raise UserError(f"--zero_modality: this model's modalities are {', '.join(model.modality_names)}, not {zero!r}")
+            raise UserError(
+                f"--zero_modality: this model's modalities are {', '.join(model.modality_names)}, not {zero!r}"
+            )
         preset = ZeroModality(preset, zero)
     pred = predict(model, loader, preset, autocast_dtype(args.precision, device), desc=args.split)
     if not all(v.isfinite().all() for k, v in pred.items() if k.startswith("logits")):
-        raise UserError(f"checkpoint {ckpt['path']}: the model's outputs on --split {args.split} are not finite "
-                        "(its weights are too large); nothing to report")
+        raise UserError(
+            f"checkpoint {ckpt['path']}: the model's outputs on --split {args.split} are not finite "
+            "(its weights are too large); nothing to report"
+        )
 
     names = model.modality_names
     metrics = classification_metrics(pred["logits"], pred["labels"], {n: pred[f"logits_{n}"] for n in names})
-    out_dir = Path(args.out) if args.out else Path(ckpt["path"]).parent / (f"eval_{args.split}" + (f"_zero_{zero}" if zero else ""))
+    out_dir = (
+        Path(args.out)
+        if args.out
+        else Path(ckpt["path"]).parent / (f"eval_{args.split}" + (f"_zero_{zero}" if zero else ""))
+    )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out: cannot create {out_dir}: {e.strerror or e}") from None
-    summary = {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"] - 1, "split": args.split, "zero_modality": zero,
-               "samples": len(pred["labels"]), "limit_samples": limit, **metrics}
+    summary = {
+        "checkpoint": ckpt["path"],
+        "epoch": ckpt["epoch"] - 1,
+        "split": args.split,
+        "zero_modality": zero,
+        "samples": len(pred["labels"]),
+        "limit_samples": limit,
+        **metrics,
+    }
     clip_ids = getattr(dataset, "clip_ids", None)
     try:
         ckpt_io.atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
@@ -174,7 +209,11 @@ def run_inference(args: argparse.Namespace) -> dict:
         ckpt_io.atomic_write_text(out_dir / "predictions.csv", csv_text)
     except OSError as e:
         raise UserError(f"--out: cannot write into {out_dir}: {e.strerror or e}") from None
-    print_table(f"{info.name} {args.split} ({len(pred['labels'])} samples{f', {zero} zeroed' if zero else ''}), {ckpt['path']}:", metrics)
+    print_table(
+        f"{info.name} {args.split} ({len(pred['labels'])} samples{f', {zero} zeroed' if zero else ''}), "
+        f"{ckpt['path']}:",
+        metrics,
+    )
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
     return summary
 

@@ -1,4 +1,5 @@
 """Classification metrics: fused accuracy, macro-F1, mAP and per-modality accuracy from z_m."""
+
 from __future__ import annotations
 
 import numpy as np

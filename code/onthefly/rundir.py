@@ -1,17 +1,18 @@
 """The run folder: who may write in it, what a new run may replace, what --resume continues.
 
-  * One process at a time: a run holds `<run>/.lock` (an flock, and the holder's pid in the
-    file) for its whole life. A lock left behind by a process that no longer runs is taken
-    over, with a message; one held by a live process refuses the second run.
-  * A new run starts only in a folder that holds none of a run's files (RUN_FILES).
-    `--overwrite` replaces exactly those files and nothing else.
-  * `--resume` continues a run's own `last.pt` inside its own folder: the folder's
-    `config.json` must name the same run. Only that folder is written. The run's saved
-    settings apply, overridden by the options given now (command line or --config file);
-    a change to what defines the run (config.RUN_IDENTITY_KEYS) is refused.
-  * Before any data or model is built, the folder must be writable, and before training it
-    must have room for the first epoch's checkpoints.
+* One process at a time: a run holds `<run>/.lock` (an flock, and the holder's pid in the
+  file) for its whole life. A lock left behind by a process that no longer runs is taken
+  over, with a message; one held by a live process refuses the second run.
+* A new run starts only in a folder that holds none of a run's files (RUN_FILES).
+  `--overwrite` replaces exactly those files and nothing else.
+* `--resume` continues a run's own `last.pt` inside its own folder: the folder's
+  `config.json` must name the same run. Only that folder is written. The run's saved
+  settings apply, overridden by the options given now (command line or --config file);
+  a change to what defines the run (config.RUN_IDENTITY_KEYS) is refused.
+* Before any data or model is built, the folder must be writable, and before training it
+  must have room for the first epoch's checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,10 @@ def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{run_dir} is in use by process {pid} on {holder_host or 'this machine'} "
-                            f"(lock {path}); wait for it to end, or {hint}") from None
+            raise UserError(
+                f"{run_dir} is in use by process {pid} on {holder_host or 'this machine'} "
+                f"(lock {path}); wait for it to end, or {hint}"
+            ) from None
         if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
             continue
@@ -97,8 +100,10 @@ def acquire_run_lock(run_dir: Path, hint: str = "choose another --run_name") -> 
         if pid is not None and holder_host == host and pid != os.getpid() and pid_alive(pid):
             # Free to lock, yet its process lives: a file system without flock, or a reused pid.
             os.close(fd)
-            raise UserError(f"{run_dir} is in use by process {pid} (lock {path}); if that process is "
-                            f"not a training run, remove {path}")
+            raise UserError(
+                f"{run_dir} is in use by process {pid} (lock {path}); if that process is "
+                f"not a training run, remove {path}"
+            )
         if pid is not None:
             print(f"note: {run_dir}: taking over the lock of process {pid}, which is no longer running", flush=True)
         os.ftruncate(fd, 0)
@@ -127,18 +132,25 @@ def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
     found = earlier_run_files(run_dir)
     if not found or overwrite:
         return
-    how = (f"continue it with --resume {run_dir / 'last.pt'}, or" if "last.pt" in found
-           else "it has no last.pt to resume from;")
-    raise UserError(f"{run_dir} holds an earlier run's {', '.join(found)}; {how} pass --overwrite to replace "
-                    "them, or choose another --run_name")
+    how = (
+        f"continue it with --resume {run_dir / 'last.pt'}, or"
+        if "last.pt" in found
+        else "it has no last.pt to resume from;"
+    )
+    raise UserError(
+        f"{run_dir} holds an earlier run's {', '.join(found)}; {how} pass --overwrite to replace "
+        "them, or choose another --run_name"
+    )
 
 
 def check_resume_source(path: Path, saved_config: dict[str, Any]) -> Path:
     """The run folder of a checkpoint given to --resume: it must be the run's own last.pt in
     its own folder. Returns the folder."""
     if path.name != "last.pt":
-        raise UserError(f"--resume {path}: resume only from a run's last.pt (the end of its latest epoch); "
-                        f"continuing from {path.name} would drop the epochs logged after it")
+        raise UserError(
+            f"--resume {path}: resume only from a run's last.pt (the end of its latest epoch); "
+            f"continuing from {path.name} would drop the epochs logged after it"
+        )
     run_dir = path.parent
     try:
         folder_config = json.loads((run_dir / "config.json").read_text())
@@ -147,8 +159,10 @@ def check_resume_source(path: Path, saved_config: dict[str, Any]) -> Path:
     # Runs record a random run_id; checkpoints written before it existed are matched by name.
     key = "run_id" if "run_id" in saved_config else "run_name"
     if not isinstance(folder_config, dict) or folder_config.get(key) != saved_config.get(key):
-        raise UserError(f"--resume {path}: {run_dir} is not this checkpoint's own run folder (its config.json "
-                        "is missing or belongs to another run); resume inside the run's folder, or copy the whole folder")
+        raise UserError(
+            f"--resume {path}: {run_dir} is not this checkpoint's own run folder (its config.json "
+            "is missing or belongs to another run); resume inside the run's folder, or copy the whole folder"
+        )
     return run_dir
 
 
@@ -159,33 +173,51 @@ def merge_resume_config(cfg: argparse.Namespace) -> tuple[argparse.Namespace, di
     ckpt = ckpt_io.load_checkpoint(cfg.resume)
     saved = ckpt["config"]
     run_dir = check_resume_source(Path(ckpt["path"]), saved)
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-               for k in cfg.explicit if k in RUN_IDENTITY_KEYS and saved.get(k) != getattr(cfg, k)]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+        for k in cfg.explicit
+        if k in RUN_IDENTITY_KEYS and saved.get(k) != getattr(cfg, k)
+    ]
     if changed:
-        raise UserError(f"--resume {ckpt['path']}: these settings differ from the run's and would break it: "
-                        f"{'; '.join(changed)}")
+        raise UserError(
+            f"--resume {ckpt['path']}: these settings differ from the run's and would break it: {'; '.join(changed)}"
+        )
     if cfg.overwrite:
-        raise UserError(f"--overwrite with --resume {ckpt['path']}: a resumed run keeps its files; "
-                        "use one or the other")
+        raise UserError(
+            f"--overwrite with --resume {ckpt['path']}: a resumed run keeps its files; use one or the other"
+        )
     if {"output_dir", "run_name"} & set(cfg.explicit):
         wanted = Path(cfg.output_dir if "output_dir" in cfg.explicit else run_dir.parent) / (
-            cfg.run_name if "run_name" in cfg.explicit else run_dir.name)
+            cfg.run_name if "run_name" in cfg.explicit else run_dir.name
+        )
         if wanted.resolve() != run_dir.resolve():
-            raise UserError(f"--output_dir/--run_name: a resumed run continues in its own folder {run_dir}, "
-                            f"not {wanted}; drop these options")
+            raise UserError(
+                f"--output_dir/--run_name: a resumed run continues in its own folder {run_dir}, "
+                f"not {wanted}; drop these options"
+            )
     if "epochs" in cfg.explicit and cfg.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {cfg.epochs}: --resume {ckpt['path']} has already completed {ckpt['epoch']} epochs")
     # A run saved before an option existed resumes with that option's current default, named.
     predates = sorted(k for k in vars(cfg) if k not in saved and k not in ("explicit", "resume", "print_config"))
     if predates:
-        print(f"warning: --resume {ckpt['path']}: the run predates {', '.join(predates)}; "
-              "resuming with their current values", file=sys.stderr)
-    merged = argparse.Namespace(**{
-        **{k: getattr(cfg, k) for k in predates}, **saved, **{k: getattr(cfg, k) for k in cfg.explicit},
-        # the folder as it is now (it may have moved since the run started)
-        "output_dir": str(run_dir.parent), "run_name": run_dir.name,
-        "resume": ckpt["path"], "explicit": cfg.explicit, "print_config": cfg.print_config,
-    })
+        print(
+            f"warning: --resume {ckpt['path']}: the run predates {', '.join(predates)}; "
+            "resuming with their current values",
+            file=sys.stderr,
+        )
+    merged = argparse.Namespace(
+        **{
+            **{k: getattr(cfg, k) for k in predates},
+            **saved,
+            **{k: getattr(cfg, k) for k in cfg.explicit},
+            # the folder as it is now (it may have moved since the run started)
+            "output_dir": str(run_dir.parent),
+            "run_name": run_dir.name,
+            "resume": ckpt["path"],
+            "explicit": cfg.explicit,
+            "print_config": cfg.print_config,
+        }
+    )
     validate_config(merged, cfg.explicit)  # e.g. --modulation_ends given now against the run's --modulation_starts
     return merged, ckpt
 
@@ -235,5 +267,7 @@ def check_free_space(run_dir: Path, model: torch.nn.Module, cfg: argparse.Namesp
     needed = int((params + buffers + slots * params) * (1.1 if cfg.resume else 2.2))  # last.pt and best.pt, + 10%
     free = shutil.disk_usage(run_dir).free
     if free < needed:
-        raise UserError(f"the run directory {run_dir} has {free / 2**20:.0f} MiB free; "
-                        f"the checkpoints need about {needed / 2**20:.0f} MiB")
+        raise UserError(
+            f"the run directory {run_dir} has {free / 2**20:.0f} MiB free; "
+            f"the checkpoints need about {needed / 2**20:.0f} MiB"
+        )

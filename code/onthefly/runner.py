@@ -3,6 +3,7 @@
 The run folder (lock, resume merging, writability, free space) is rundir.py's; what is
 written into it, and in which order, is checkpoint.CheckpointSaver's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -26,8 +27,15 @@ from .data import DatasetInfo, get_dataset_entry
 from .data.loaders import eval_loader, train_loader
 from .data.presets import DevicePreset
 from .distributed import (
-    all_reduce_sum, broadcast_module_state, broadcast_object, cleanup, convert_sync_batchnorm,
-    init_distributed_mode, is_distributed, is_main_process, on_main_then_share,
+    all_reduce_sum,
+    broadcast_module_state,
+    broadcast_object,
+    cleanup,
+    convert_sync_batchnorm,
+    init_distributed_mode,
+    is_distributed,
+    is_main_process,
+    on_main_then_share,
 )
 from .engine import NonFiniteError, TrainState, evaluate, train_one_epoch
 from .errors import UserError
@@ -109,7 +117,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs_done: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg, optimizer: torch.optim.Optimizer, epochs_done: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule of `cfg`, advanced past `epochs_done` epochs.
 
     A resumed run rebuilds it rather than loading the saved one, so changed --lr, --scheduler
@@ -133,8 +143,17 @@ def _changed_schedule(saved: dict, cfg) -> list[str]:
     return [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS if saved.get(k) != getattr(cfg, k)]
 
 
-def make_checkpoint(model, optimizer, scheduler, state: TrainState, cfg, info: DatasetInfo, splits: dict,
-                    rng_ranks: list | None = None, modulator: Modulator | None = None) -> dict:
+def make_checkpoint(
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    cfg,
+    info: DatasetInfo,
+    splits: dict,
+    rng_ranks: list | None = None,
+    modulator: Modulator | None = None,
+) -> dict:
     return {
         "format": ckpt_io.FORMAT,
         "version": ckpt_io.VERSION,
@@ -186,8 +205,12 @@ def train(cfg: argparse.Namespace) -> dict:
     seed_everything(cfg.seed + where.rank, cfg.deterministic)
     entry = get_dataset_entry(cfg.dataset)
     info = entry.info(cfg)
-    if ckpt is not None and json.dumps(ckpt["dataset_info"], sort_keys=True) != json.dumps(info.to_dict(), sort_keys=True):
-        raise UserError(f"--resume {ckpt['path']}: the dataset at --data no longer matches the one the run was trained on")
+    if ckpt is not None and json.dumps(ckpt["dataset_info"], sort_keys=True) != json.dumps(
+        info.to_dict(), sort_keys=True
+    ):
+        raise UserError(
+            f"--resume {ckpt['path']}: the dataset at --data no longer matches the one the run was trained on"
+        )
     if cfg.modality not in ("both", *info.modality_names):
         raise UserError(f"--modality: {cfg.dataset} has modalities {', '.join(info.modality_names)} (or 'both')")
     if is_main_process():
@@ -236,8 +259,9 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
             state.epoch = epoch
             loaders["train"].sampler.set_epoch(epoch)
             started = time.time()
-            train_stats = train_one_epoch(train_model, modulator, optimizer, loaders["train"], preset, state, cfg,
-                                          where.amp_dtype, writer)
+            train_stats = train_one_epoch(
+                train_model, modulator, optimizer, loaders["train"], preset, state, cfg, where.amp_dtype, writer
+            )
             scheduler.step()
             broadcast_module_state(model, buffers_only=True)  # every rank evaluates what rank 0 saves
             val = evaluate(model, loaders["val"], preset, where.amp_dtype, desc="val", epoch=epoch)
@@ -247,28 +271,37 @@ def _train_in(run_dir: Path, cfg, ckpt: dict | None, info: DatasetInfo, where: P
                 state.best = {"epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
             rng_ranks = ckpt_io.gather_rng_states()  # each rank's random streams, for --resume
             if is_main_process():
-                record = {"epoch": epoch, "time_s": round(time.time() - started, 2),
-                          **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val.items()}}
-                checkpoint = make_checkpoint(model, optimizer, scheduler, state, cfg, info, splits, rng_ranks,
-                                             modulator)
+                record = {
+                    "epoch": epoch,
+                    "time_s": round(time.time() - started, 2),
+                    **{f"train_{k}": v for k, v in train_stats.items()},
+                    **{f"val_{k}": v for k, v in val.items()},
+                }
+                checkpoint = make_checkpoint(
+                    model, optimizer, scheduler, state, cfg, info, splits, rng_ranks, modulator
+                )
                 saver.save_epoch(record, checkpoint, improved)
                 log_epoch(record, writer, model.modality_names)
 
         result = {"run_dir": str(run_dir), "best": state.best}
         if cfg.eval_test:
             state.epoch = cfg.epochs  # for the message of an interruption from here on
-            test_data = eval_loader(datasets["test"], cfg.batch_size, cfg.num_workers, where.rank, where.world_size,
-                                    where.pin_memory)
-            result["test"] = evaluate_best_on_test(model, saver, test_data, preset, where.amp_dtype,
-                                                   state.best.get("epoch"))
+            test_data = eval_loader(
+                datasets["test"], cfg.batch_size, cfg.num_workers, where.rank, where.world_size, where.pin_memory
+            )
+            result["test"] = evaluate_best_on_test(
+                model, saver, test_data, preset, where.amp_dtype, state.best.get("epoch")
+            )
     except KeyboardInterrupt as e:
         at = f"during epoch {state.epoch}" if state.epoch < cfg.epochs else "during the test evaluation"
         raise Interrupted(at, saver.last, e) from None
     except NonFiniteError as e:
         raise Stopped(f"{e} {_resume_hint(e.epoch, saver.last)} {NONFINITE_ADVICE[e.kind]}") from None
     except ckpt_io.WriteFailed as e:
-        raise CannotWrite(f"{e}; the files written before it are whole. {_resume_hint(state.epoch, saver.last)} "
-                      "once the cause is fixed.") from None
+        raise CannotWrite(
+            f"{e}; the files written before it are whole. {_resume_hint(state.epoch, saver.last)} "
+            "once the cause is fixed."
+        ) from None
     finally:
         if writer is not None:
             writer.close()
@@ -289,8 +322,16 @@ def _check_labels(datasets: dict, info: DatasetInfo, name: str) -> None:
 
 def _loaders(datasets: dict, cfg, where: Placement) -> dict:
     try:
-        train = train_loader(datasets["train"], cfg.batch_size, cfg.num_workers, cfg.seed, where.rank,
-                             where.world_size, where.pin_memory, drop_last=getattr(cfg, "drop_last", True))
+        train = train_loader(
+            datasets["train"],
+            cfg.batch_size,
+            cfg.num_workers,
+            cfg.seed,
+            where.rank,
+            where.world_size,
+            where.pin_memory,
+            drop_last=getattr(cfg, "drop_last", True),
+        )
     except ValueError as e:
         raise UserError(f"--batch_size {cfg.batch_size}: {e}") from None
     val = eval_loader(datasets["val"], cfg.batch_size, cfg.num_workers, where.rank, where.world_size, where.pin_memory)
@@ -333,8 +374,10 @@ def _start_logging(run_dir: Path, cfg, state: TrainState, where: Placement, load
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.global_step or None)
-    print(f"run: {run_dir}  device: {where.device}  precision: {where.amp_dtype or torch.float32}  "
-          f"train/val samples: {len(loaders['train'].dataset)}/{len(loaders['val'].dataset)}")
+    print(
+        f"run: {run_dir}  device: {where.device}  precision: {where.amp_dtype or torch.float32}  "
+        f"train/val samples: {len(loaders['train'].dataset)}/{len(loaders['val'].dataset)}"
+    )
     return writer
 
 
@@ -349,8 +392,10 @@ def log_epoch(record: dict, writer, modality_names) -> None:
         if k != "epoch":
             writer.add_scalar(f"epoch/{k}", v, record["epoch"])
     per_mod = "  ".join(f"{n} {record['val_acc_' + n]:.3f}" for n in modality_names)
-    line = (f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.3f}  "
-            f"val acc {record['val_acc']:.3f}  ({per_mod})")
+    line = (
+        f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.3f}  "
+        f"val acc {record['val_acc']:.3f}  ({per_mod})"
+    )
     for key, name in EPOCH_MODULATION:
         if all(f"train_{key}_{n}" in record for n in modality_names):
             line += f"  {name} " + " ".join(f"{n} {record[f'train_{key}_{n}']:.3f}" for n in modality_names)
@@ -359,6 +404,7 @@ def log_epoch(record: dict, writer, modality_names) -> None:
 
 def evaluate_best_on_test(model, saver: ckpt_io.CheckpointSaver, test_data, preset, amp_dtype, best_epoch) -> dict:
     """Load best.pt (chosen on validation) and evaluate it once on the test split."""
+
     def load_best() -> None:
         best = ckpt_io.load_checkpoint(saver.run_dir / "best.pt")
         ckpt_io.load_model_state(model, best["model"], best["path"])
@@ -411,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         words, status = _how_stopped(e.by)
         if is_main_process():
-            then = (f"resume with: python code/train.py --resume {e.last}" if e.last
-                    else "no epoch was completed, so there is nothing to resume")
+            then = (
+                f"resume with: python code/train.py --resume {e.last}"
+                if e.last
+                else "no epoch was completed, so there is nothing to resume"
+            )
             print(f"train.py: {words} {e.where}; {then}", file=sys.stderr)
         return status
     except KeyboardInterrupt as e:

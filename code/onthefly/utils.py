@@ -3,6 +3,7 @@ unwrapping DDP / torch.compile wrappers, and printing a metrics table.
 
 Imports nothing from the rest of the package but `errors`, so any module may use it.
 """
+
 from __future__ import annotations
 
 import random

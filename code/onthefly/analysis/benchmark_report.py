@@ -12,6 +12,7 @@ Per method, over the test seeds of its selected grid point:
     probe accuracy (probe.json). The weak modality is the reference (trained alone) with the
     lower mean best validation accuracy, so it is measured, not assumed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,6 @@ import json
 import statistics
 from pathlib import Path
 from typing import Any
-
 
 from ..experiments.grid import Grid
 from ..experiments.spec import RunSpec, best_val_acc, point_name, run_seconds, run_state
@@ -121,8 +121,11 @@ def weak_modality(grid: Grid, test: list[RunSpec]) -> tuple[str | None, dict[str
 def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any]:
     weak, alone_val = weak_modality(grid, test)
     base = _test_values([s for s in test if s.method == BASELINE], "acc")
-    comparisons = {m: compare_paired(_test_values([s for s in test if s.method == m], "acc"), base)
-                   for m in grid.methods if m != BASELINE}
+    comparisons = {
+        m: compare_paired(_test_values([s for s in test if s.method == m], "acc"), base)
+        for m in grid.methods
+        if m != BASELINE
+    }
     for method, verdict in holm_verdicts(comparisons).items():
         comparisons[method].update(verdict)
     rows = []
@@ -138,7 +141,9 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
             "acc": mean_std(list(acc.values())),
             "macro_f1": mean_std(list(_test_values(runs, "macro_f1").values())),
             "diff_to_none": comparisons.get(method),
-            "weak_head": None if reference or weak is None else mean_std(list(_test_values(runs, f"acc_{weak}").values())),
+            "weak_head": None
+            if reference or weak is None
+            else mean_std(list(_test_values(runs, f"acc_{weak}").values())),
             "weak_probe": mean_std(list(_test_values(runs, f"acc_{own}", "probe").values())) if own else None,
             "best_epoch": best_epochs(runs),
             "selected": selection[method]["point"] if not reference else {},
@@ -147,8 +152,13 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
         }
         rows.append(row)
     opm = [s for s in test if s.method == "OPM"]
-    return {"weak_modality": weak, "alone_val_acc": alone_val, "baseline_acc": mean_std(list(base.values())),
-            "opm_drop_rates": mean_drop_rates(opm), "rows": rows}
+    return {
+        "weak_modality": weak,
+        "alone_val_acc": alone_val,
+        "baseline_acc": mean_std(list(base.values())),
+        "opm_drop_rates": mean_drop_rates(opm),
+        "rows": rows,
+    }
 
 
 def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
@@ -164,28 +174,76 @@ def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
 def write_results_csv(path: Path, summary: dict) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "n_seeds", "acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "diff_to_none_mean",
-                "diff_t_low", "diff_t_high", "diff_t_p", "diff_perm_p", "diff_holm_p", "diff_survives", "diff_boot_low",
-                "diff_boot_high", "none_acc_std", "weak_modality", "weak_head_mean", "weak_head_std", "weak_probe_mean",
-                "weak_probe_std", "selected", "selected_val_acc", "n_diverged"])
+    w.writerow(
+        [
+            "method",
+            "n_seeds",
+            "acc_mean",
+            "acc_std",
+            "macro_f1_mean",
+            "macro_f1_std",
+            "diff_to_none_mean",
+            "diff_t_low",
+            "diff_t_high",
+            "diff_t_p",
+            "diff_perm_p",
+            "diff_holm_p",
+            "diff_survives",
+            "diff_boot_low",
+            "diff_boot_high",
+            "none_acc_std",
+            "weak_modality",
+            "weak_head_mean",
+            "weak_head_std",
+            "weak_probe_mean",
+            "weak_probe_std",
+            "selected",
+            "selected_val_acc",
+            "n_diverged",
+        ]
+    )
     num = lambda s, k: "" if s is None or s.get(k) is None else f"{s[k]:.10g}"  # noqa: E731
     for r in summary["rows"]:
         d = r["diff_to_none"]
-        w.writerow([r["method"], len(r["seeds"]), num(r["acc"], "mean"), num(r["acc"], "std"), num(r["macro_f1"], "mean"),
-                    num(r["macro_f1"], "std"), num(d, "mean"), num(d, "low"), num(d, "high"), num(d, "t_p"),
-                    num(d, "perm_p"), num(d, "holm_p"), "" if d is None else str(d["survives"]).lower(),
-                    num(d, "boot_low"), num(d, "boot_high"), num(summary["baseline_acc"], "std"),
-                    summary["weak_modality"] or "", num(r["weak_head"], "mean"),
-                    num(r["weak_head"], "std"), num(r["weak_probe"], "mean"), num(r["weak_probe"], "std"),
-                    point_name(r["selected"]), "" if r["val_acc"] is None else f"{r['val_acc']:.10g}", len(r["diverged"])])
+        w.writerow(
+            [
+                r["method"],
+                len(r["seeds"]),
+                num(r["acc"], "mean"),
+                num(r["acc"], "std"),
+                num(r["macro_f1"], "mean"),
+                num(r["macro_f1"], "std"),
+                num(d, "mean"),
+                num(d, "low"),
+                num(d, "high"),
+                num(d, "t_p"),
+                num(d, "perm_p"),
+                num(d, "holm_p"),
+                "" if d is None else str(d["survives"]).lower(),
+                num(d, "boot_low"),
+                num(d, "boot_high"),
+                num(summary["baseline_acc"], "std"),
+                summary["weak_modality"] or "",
+                num(r["weak_head"], "mean"),
+                num(r["weak_head"], "std"),
+                num(r["weak_probe"], "mean"),
+                num(r["weak_probe"], "std"),
+                point_name(r["selected"]),
+                "" if r["val_acc"] is None else f"{r['val_acc']:.10g}",
+                len(r["diverged"]),
+            ]
+        )
     atomic_write_text(path, buf.getvalue())
 
 
 def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     """One row per test-phase run: method, seed and every number of its test_metrics.json, so
     each interval of the report can be recomputed from the committed file."""
-    rows = [(s.method, s.seed, {**data, "best_epoch": (best_epoch(s.run_dir) or (None,))[0]}) for s in test
-            if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None]
+    rows = [
+        (s.method, s.seed, {**data, "best_epoch": (best_epoch(s.run_dir) or (None,))[0]})
+        for s in test
+        if (data := read_json_object(s.run_dir / "test_metrics.json")) is not None
+    ]
     keys = sorted({k for _, _, data in rows for k, v in data.items() if isinstance(v, (int, float))})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -213,14 +271,18 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines = [
         "# Benchmark report",
         "",
-        f"Grid file `{grid.path.name}`; common options: {_point_text(grid.common) or 'none'}. Every method was tuned over "
+        f"Grid file `{grid.path.name}`; common options: {_point_text(grid.common) or 'none'}. Every "
+        "method was tuned over "
         f"{len(next(iter(grid.methods.values())).points())} grid points x tuning seeds {grid.tuning_seeds} on the "
-        "**validation** split (score: the mean over tuning seeds of each run's best validation accuracy; ties: the point "
+        "**validation** split (score: the mean over tuning seeds of each run's best validation accuracy; "
+        "ties: the point "
         f"written first), then its selected point was trained on the fresh test seeds {grid.test_seeds} and evaluated "
         "on the **test** split (best.pt, the epoch with the best validation accuracy).",
         "",
-        f"Weak modality: **{weak}** (the trained-alone reference with the lower mean best validation accuracy: {alone})."
-        if weak else "No trained-alone references, so no weak modality.",
+        f"Weak modality: **{weak}** (the trained-alone reference with the lower mean best validation "
+        f"accuracy: {alone})."
+        if weak
+        else "No trained-alone references, so no weak modality.",
         "",
         "- **Accuracy**, **macro-F1**: test, fused prediction, mean ± sample std over the test seeds (%).",
         f"- **Δ vs none [{int(100 * CONFIDENCE)}% t]**: mean over test seeds of (method − none), paired by seed, with "
@@ -229,23 +291,40 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         "- **p (sign-flip)**: exact two-sided permutation p-value over all 2^n sign patterns of the paired differences "
         f"(its smallest possible value is 2/2^n). **Holm p**: adjusted across the methods compared with none "
         f"({len(grid.methods) - 1}). **Verdict**: better / worse when the Holm-adjusted p is below {ALPHA}, otherwise "
-        "\"no difference shown\".",
+        '"no difference shown".',
         f"- **Bootstrap [{int(100 * CONFIDENCE)}%]** (secondary): percentile bootstrap interval of the mean difference "
         f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); with few seeds it cannot "
         "reach past the observed differences and is too narrow.",
-        f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of the fusion head).",
-        f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on val, test accuracy); "
+        f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of "
+        "the fusion head).",
+        f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on "
+        "val, test accuracy); "
         "for a reference row, the probe of its own encoder.",
         "",
     ]
-    header = ["Method", "Seeds", "Accuracy", "Macro-F1", f"Δ vs none [{int(100 * CONFIDENCE)}% t]", "none std",
-              "p (sign-flip)", "Holm p", "Verdict", f"Bootstrap [{int(100 * CONFIDENCE)}%]", f"Head {weak}",
-              f"Probe {weak}", "Best epoch / plateau", "Selected (val acc)"]
+    header = [
+        "Method",
+        "Seeds",
+        "Accuracy",
+        "Macro-F1",
+        f"Δ vs none [{int(100 * CONFIDENCE)}% t]",
+        "none std",
+        "p (sign-flip)",
+        "Holm p",
+        "Verdict",
+        f"Bootstrap [{int(100 * CONFIDENCE)}%]",
+        f"Head {weak}",
+        f"Probe {weak}",
+        "Best epoch / plateau",
+        "Selected (val acc)",
+    ]
     base = summary["baseline_acc"]
     base_std = "–" if base is None or base["std"] is None else f"{100 * base['std']:.2f}"
     rows = []
     for r in summary["rows"]:
-        selected = f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
+        selected = (
+            f"{_point_text(r['selected'])} ({100 * r['val_acc']:.2f})" if r["val_acc"] is not None else "defaults"
+        )
         d = r["diff_to_none"]
         stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
         stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), verdict_text(d)]
@@ -254,28 +333,47 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines += markdown_table(header, rows) + [""]
     if summary["opm_drop_rates"]:
         rates = ", ".join(f"q_{m} {q:.3f}" for m, q in summary["opm_drop_rates"].items())
-        lines += ["OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
-                  f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.", ""]
+        lines += [
+            "OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
+            f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.",
+            "",
+        ]
     late = sum(r["best_epoch"]["late"] for r in summary["rows"])
     runs = sum(len(r["best_epoch"]["per_seed"]) for r in summary["rows"])
-    lines += [f"**Best epoch / plateau**: median (min–max) over the test seeds of the epoch best.pt comes from "
-              f"(0-based, of {_epochs_of(summary)}), then the median of the first epoch within "
-              f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped "
-              "rising). "
-              f"{late} of {runs} test runs have their best epoch in the last {LATE_EPOCHS} epochs.", ""]
+    lines += [
+        f"**Best epoch / plateau**: median (min–max) over the test seeds of the epoch best.pt comes from "
+        f"(0-based, of {_epochs_of(summary)}), then the median of the first epoch within "
+        f"{100 * PLATEAU_WITHIN:g} point of each run's best validation accuracy (where its curve stopped "
+        "rising). "
+        f"{late} of {runs} test runs have their best epoch in the last {LATE_EPOCHS} epochs.",
+        "",
+    ]
     diverged = [f"{r['method']} seed {seed}" for r in summary["rows"] for seed in r["diverged"]]
     if diverged:
-        lines += [f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.", ""]
+        lines += [
+            f"Diverged (train.py stopped on non-finite values; not in the rows above): {', '.join(diverged)}.",
+            "",
+        ]
 
-    lines += ["## Settings of the selected points", "",
-              "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.", ""]
+    lines += [
+        "## Settings of the selected points",
+        "",
+        "As the test runs resolved them (config.json): the grid's values, and train.py's defaults for the rest.",
+        "",
+    ]
     keys = sorted({k for r in summary["rows"] for k in r["resolved"]})
-    lines += markdown_table(["Method", *keys], [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)]
-                                                for r in summary["rows"] if r["resolved"]]) + [""]
+    lines += markdown_table(
+        ["Method", *keys],
+        [[r["method"], *(str(r["resolved"].get(k, "–")) for k in keys)] for r in summary["rows"] if r["resolved"]],
+    ) + [""]
 
-    lines += ["## Tuning (validation accuracy, %)", "",
-              "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
-              "**bold**: selected.", ""]
+    lines += [
+        "## Tuning (validation accuracy, %)",
+        "",
+        "Every grid point: the mean over tuning seeds of the best validation accuracy, then each seed's; "
+        "**bold**: selected.",
+        "",
+    ]
     for method, chosen in selection.items():
         rows = []
         for p in chosen["points"]:
@@ -289,15 +387,21 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         lines += ["## Figures", ""]
         for caption, file in figures:
             lines += [f"**{caption}**", "", f"![{caption}]({file})", ""]
-    lines += ["## Time", "",
-              f"This invocation of the protocol: {timing['wall_s'] / 60:.1f} min of wall time (runs finished by an earlier "
-              f"invocation were skipped). Sum of the training runs' durations: {timing['train_s'] / 60:.1f} min over "
-              f"{timing['runs']} runs, {timing['slots']} at a time, i.e. about {timing['train_s'] / 60 / timing['slots']:.1f} "
-              "min of training for the whole protocol from scratch.", ""]
+    lines += [
+        "## Time",
+        "",
+        f"This invocation of the protocol: {timing['wall_s'] / 60:.1f} min of wall time (runs finished by an earlier "
+        f"invocation were skipped). Sum of the training runs' durations: {timing['train_s'] / 60:.1f} min over "
+        f"{timing['runs']} runs, {timing['slots']} at a time, i.e. about "
+        f"{timing['train_s'] / 60 / timing['slots']:.1f} min of training for the whole protocol from scratch.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path, weak: str | None) -> list:
+def _figures(
+    grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path, weak: str | None
+) -> list:
     from . import plots
 
     figures = []
@@ -310,11 +414,15 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
         for p in [p for p in selection[name]["points"] if p["val_acc"] is not None]:
             values = list(p["per_seed"].values())
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append((float(p["point"][x]), p["val_acc"], spread))
+            series.setdefault(f"{lines} {p['point'][lines]}" if lines else name, []).append(
+                (float(p["point"][x]), p["val_acc"], spread)
+            )
         panels[name] = (x, series)
     if panels:
         path = plots.plot_sensitivity(panels, out / "sensitivity.png")
-        figures.append(("Sensitivity: validation accuracy of every grid point (mean over tuning seeds, bar = ±1 std)", path.name))
+        figures.append(
+            ("Sensitivity: validation accuracy of every grid point (mean over tuning seeds, bar = ±1 std)", path.name)
+        )
 
     groups = {}
     for method in [*grid.methods, *(f"{m} alone" for m in grid.references)]:
@@ -324,16 +432,25 @@ def _figures(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpe
     modalities = [m for m in grid.references]
     if groups and modalities:
         path = plots.plot_validation_curves(
-            groups, modalities, out / "modality_curves.png",
+            groups,
+            modalities,
+            out / "modality_curves.png",
             title="Validation accuracy per epoch (test seeds, mean ± std): fused and each modality's head z_m; "
-                  "dashed: trained alone")
-        figures.append(("Per-modality validation accuracy over epochs for every method (selected settings); "
-                        f"dashed: the modality trained alone{'; weak modality: ' + weak if weak else ''}", path.name))
+            "dashed: trained alone",
+        )
+        figures.append(
+            (
+                "Per-modality validation accuracy over epochs for every method (selected settings); "
+                f"dashed: the modality trained alone{'; weak modality: ' + weak if weak else ''}",
+                path.name,
+            )
+        )
     return figures
 
 
-def write_benchmark_report(grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path,
-                           wall_seconds: float, slots: int) -> dict:
+def write_benchmark_report(
+    grid: Grid, selection: dict, tune: list[RunSpec], test: list[RunSpec], out: Path, wall_seconds: float, slots: int
+) -> dict:
     """report.md, results.csv, per_seed.csv, summary.json and figures in `out`."""
     summary = summarize(grid, selection, test)
     durations = [d for s in tune + test if (d := run_seconds(s)) is not None]

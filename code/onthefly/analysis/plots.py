@@ -2,10 +2,11 @@
 
 Every figure states what is plotted, on which split, and how seeds were combined.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -67,7 +68,9 @@ def _epoch_series(runs: list[Run], key: str) -> list[tuple[np.ndarray, np.ndarra
     return out
 
 
-def plot_validation_curves(groups: dict[str, list[Run]], modality_names: Sequence[str], out_path: str | Path, title: str = "") -> Path:
+def plot_validation_curves(
+    groups: dict[str, list[Run]], modality_names: Sequence[str], out_path: str | Path, title: str = ""
+) -> Path:
     """Panels: fused validation accuracy, then each modality's head accuracy (z_m), per epoch.
 
     One line per multimodal method (mean over seeds, band = +-1 std); unimodal reference runs
@@ -144,7 +147,9 @@ def modulation_series(
                 series = [xy for xy in series if len(xy[0])]
                 if series:
                     x, mean, _ = _mean_std_over_runs(series)
-                    out[stat].append({"label": label, "m": m, "modality": mname, "steps": x, "mean": mean, "n": len(series)})
+                    out[stat].append(
+                        {"label": label, "m": m, "modality": mname, "steps": x, "mean": mean, "n": len(series)}
+                    )
     return out
 
 
@@ -157,11 +162,16 @@ def plot_modulation(
     """Three panels over training steps: ratio rho (rho_a = s_a / s_b at M = 2; every rho_m beyond),
     OGM's k_m, OPM's q_m (see `modulation_series` for the input)."""
     plt = _plt()
-    names = list(modality_names) + ["m0", "m1"][len(modality_names):]
+    names = list(modality_names) + ["m0", "m1"][len(modality_names) :]
     a, b = names[:2]
-    ratio = (f"discrepancy ratio ρ = s_{a} / s_{b}", f"ρ (log scale; >1: {a} dominant)") if len(names) == 2 else \
-        ("discrepancy ratio ρ_m = s_m / (reference of the other modalities' scores, --ratio_ref)",
-         "ρ_m (log scale; >1: m dominant)")
+    ratio = (
+        (f"discrepancy ratio ρ = s_{a} / s_{b}", f"ρ (log scale; >1: {a} dominant)")
+        if len(names) == 2
+        else (
+            "discrepancy ratio ρ_m = s_m / (reference of the other modalities' scores, --ratio_ref)",
+            "ρ_m (log scale; >1: m dominant)",
+        )
+    )
     styles = ", ".join(f"{LINE_STYLES[m % len(LINE_STYLES)]!r}: {n}" for m, n in enumerate(names))
     titles = {
         "ratio": ratio,
@@ -177,9 +187,14 @@ def plot_modulation(
         for e in data[stat]:
             text = e["label"] if single else f"{e['label']}: {e['modality']}"
             window = max(1, len(e["steps"]) // 40)
-            ax.plot(e["steps"], _smooth(e["mean"], window), color=colors[e["label"]],
-                    linestyle=LINE_STYLES[e["m"] % len(LINE_STYLES)],
-                    linewidth=1.4, label=f"{text} (n={e['n']})")
+            ax.plot(
+                e["steps"],
+                _smooth(e["mean"], window),
+                color=colors[e["label"]],
+                linestyle=LINE_STYLES[e["m"] % len(LINE_STYLES)],
+                linewidth=1.4,
+                label=f"{text} (n={e['n']})",
+            )
         drawn = bool(data[stat])
         if stat == "ratio":
             ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -191,7 +206,9 @@ def plot_modulation(
                 ax.yaxis.set_major_formatter(ScalarFormatter())
                 ax.yaxis.set_minor_formatter(ScalarFormatter())
         if not drawn:
-            ax.text(0.5, 0.5, "no run logged this quantity", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5, 0.5, "no run logged this quantity", ha="center", va="center", transform=ax.transAxes, color="grey"
+            )
         ax.set_title(name + ("" if single else f" (line styles {styles})"))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -201,7 +218,9 @@ def plot_modulation(
 
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("optimizer step (training batches since the start)")
-    fig.suptitle(title or "Modulation statistics per logged training step (mean over seeds; light moving average when long)")
+    fig.suptitle(
+        title or "Modulation statistics per logged training step (mean over seeds; light moving average when long)"
+    )
     fig.tight_layout()
     return _save(fig, out_path)
 
@@ -222,8 +241,15 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_path: str
         for i in range(k):
             for j in range(k):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if share[i, j] > 50 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 50 else "black",
+                    )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=10)
@@ -240,8 +266,13 @@ def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     for ax, m in zip(axes[0], modality_names):
-        for offset, (key, name, color) in zip((-0.2, 0.2), ((f"head_{m}", "head z_m in the joint model", "tab:blue"),
-                                                             (f"probe_{m}", "linear probe on the encoder", "tab:orange"))):
+        for offset, (key, name, color) in zip(
+            (-0.2, 0.2),
+            (
+                (f"head_{m}", "head z_m in the joint model", "tab:blue"),
+                (f"probe_{m}", "linear probe on the encoder", "tab:orange"),
+            ),
+        ):
             vals = [r.get(key) for r in rows]
             means = [100 * v[0] if v else np.nan for v in vals]
             errs = [100 * v[1] if v and v[1] is not None else np.nan for v in vals]  # no bar for one seed
@@ -255,16 +286,17 @@ def plot_modality_bars(rows: list[dict], modality_names: Sequence[str], out_path
         ax.grid(axis="y", alpha=0.3)
     handles = {}
     for ax in axes[0]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(l, h)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.suptitle(title or "Per-modality test accuracy (mean over seeds, error bar = ±1 std)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, out_path)
 
 
-def plot_sensitivity(panels: dict[str, tuple[str, dict[str, list[tuple[float, float, float]]]]], out_path: str | Path,
-                     title: str = "") -> Path:
+def plot_sensitivity(
+    panels: dict[str, tuple[str, dict[str, list[tuple[float, float, float]]]]], out_path: str | Path, title: str = ""
+) -> Path:
     """One panel per method: validation accuracy against one grid option, a line per value of another.
 
     panels: {method: (x option, {line label: [(x, mean accuracy, std), ...]})}.
@@ -280,7 +312,9 @@ def plot_sensitivity(panels: dict[str, tuple[str, dict[str, list[tuple[float, fl
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title or "Sensitivity: best validation accuracy per grid point\n(mean over tuning seeds, bar = ±1 std)")
+    fig.suptitle(
+        title or "Sensitivity: best validation accuracy per grid point\n(mean over tuning seeds, bar = ±1 std)"
+    )
     fig.tight_layout()
     return _save(fig, out_path)
 

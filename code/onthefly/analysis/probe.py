@@ -8,13 +8,14 @@ with train statistics); the strength with the best validation accuracy (ties: lo
 validation loss, then stronger regularisation) is kept, and its test accuracy is reported.
 The test split is used once, for that number only.
 """
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,13 @@ def fit_logistic_regression(
     w.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -183,7 +189,9 @@ def probe_checkpoint(
     modalities = {}
     for name in model.modality_names:
         pairs = {s: (features[s][name], labels[s]) for s in SPLITS}
-        modalities[name] = linear_probe(pairs["train"], pairs["val"], pairs["test"], info.num_classes, l2_grid, max_iter)
+        modalities[name] = linear_probe(
+            pairs["train"], pairs["val"], pairs["test"], info.num_classes, l2_grid, max_iter
+        )
     result = {
         "checkpoint": ckpt["path"],
         "epoch": ckpt["epoch"] - 1,  # its last completed epoch, from 0 as in metrics.jsonl
@@ -210,8 +218,12 @@ def get_args_parser():
     from ..config import ArgumentParser, finite_float
 
     p = ArgumentParser(prog="probe.py", description="Linear probes on the frozen encoders of trained checkpoints.")
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="run directories (their best.pt is probed) or .pt files; probe.json goes next to each")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="run directories (their best.pt is probed) or .pt files; probe.json goes next to each",
+    )
     p.add_argument("--out", default=None, help="output file (only with one checkpoint; default <run dir>/probe.json)")
     p.add_argument("--skip_existing", action="store_true", help="skip checkpoints whose probe.json already exists")
     p.add_argument("--data", default=None, help="dataset directory, if it moved since training")
@@ -219,9 +231,16 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=None)
-    p.add_argument("--limit_samples", type=int, default=None, help="probe only the first N samples of each split (smoke tests)")
-    p.add_argument("--l2", type=finite_float, nargs="+", default=list(DEFAULT_L2_GRID),
-                   help="L2 strengths tried (chosen on val), each >= 0")
+    p.add_argument(
+        "--limit_samples", type=int, default=None, help="probe only the first N samples of each split (smoke tests)"
+    )
+    p.add_argument(
+        "--l2",
+        type=finite_float,
+        nargs="+",
+        default=list(DEFAULT_L2_GRID),
+        help="L2 strengths tried (chosen on val), each >= 0",
+    )
     p.add_argument("--max_iter", type=int, default=100, help="L-BFGS iterations per strength")
     return p
 
@@ -247,13 +266,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.out and len(args.checkpoint) > 1:
             raise UserError("--out takes one --checkpoint; with several, probe.json goes into each run directory")
         for ckpt in args.checkpoint:
-            target = Path(args.out) if args.out else (Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent) / "probe.json"
+            target = (
+                Path(args.out)
+                if args.out
+                else (Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent) / "probe.json"
+            )
             if args.skip_existing and target.exists():
                 print(f"skip {ckpt}: {target} exists")
                 continue
-            r = probe_checkpoint(ckpt, args.data, args.device, args.precision, args.batch_size, args.num_workers,
-                                 args.limit_samples, args.l2, args.max_iter, args.out)
-            accs = "  ".join(f"{n} {m['test_acc']:.4f} (l2 {m['l2']:g}, val {m['val_acc']:.4f})" for n, m in r["modalities"].items())
+            r = probe_checkpoint(
+                ckpt,
+                args.data,
+                args.device,
+                args.precision,
+                args.batch_size,
+                args.num_workers,
+                args.limit_samples,
+                args.l2,
+                args.max_iter,
+                args.out,
+            )
+            accs = "  ".join(
+                f"{n} {m['test_acc']:.4f} (l2 {m['l2']:g}, val {m['val_acc']:.4f})" for n, m in r["modalities"].items()
+            )
             print(f"linear probe, test accuracy: {accs}  -> {r['out']}")
         return 0
     except UserError as e:

@@ -14,6 +14,7 @@ Per group, from each run's files:
   Alone <m>                  test accuracy of the --modality <m> reference runs
   <m> zeroed                 eval_test_zero_<m>/metrics.json: fused accuracy with <m>'s input zeroed
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,25 @@ from .tables import format_stat, markdown_table, mean_std
 
 # Config keys that say how a run was executed, not what it is: they may differ within a group.
 RUN_ONLY_KEYS = {
-    "run_name", "output_dir", "resume", "explicit", "overwrite", "device", "num_workers", "data", "run_id",
-    "log_every", "compile", "precision", "channels_last", "eval_test", "deterministic", "config", "sync_bn",
-    "nonfinite", "print_config",
+    "run_name",
+    "output_dir",
+    "resume",
+    "explicit",
+    "overwrite",
+    "device",
+    "num_workers",
+    "data",
+    "run_id",
+    "log_every",
+    "compile",
+    "precision",
+    "channels_last",
+    "eval_test",
+    "deterministic",
+    "config",
+    "sync_bn",
+    "nonfinite",
+    "print_config",
 }
 LABEL_SETTINGS = 4  # at most this many differing settings in a group's label (summary.json has all)
 
@@ -114,8 +131,10 @@ def summarize(runs: list[Run]) -> list[dict]:
         names: list[str] = []
         for r in sorted(druns, key=lambda r: r.is_unimodal):  # a joint run gives the model order
             names += [m for m in r.modality_names if m not in names]
-        alone = {m: mean_std([r.test.get("acc") for r in druns if r.is_unimodal and r.modality == m and r.test])
-                 for m in names}
+        alone = {
+            m: mean_std([r.test.get("acc") for r in druns if r.is_unimodal and r.modality == m and r.test])
+            for m in names
+        }
         entries = []
         for key, label, apart, gruns in group_by_settings(druns):
             finished = [r for r in gruns if r.test]
@@ -124,17 +143,19 @@ def summarize(runs: list[Run]) -> list[dict]:
             columns = {c: mean_std([v[c] for v in per_run]) for c in keys}
             for m in names:
                 columns[f"alone_{m}"] = alone[m] if (not gruns[0].is_unimodal or gruns[0].modality == m) else None
-            entries.append({
-                "key": list(key),
-                "label": label,
-                "settings_apart": apart,
-                "unimodal": gruns[0].is_unimodal,
-                "runs": [str(r.path) for r in gruns],
-                "finished": len(finished),
-                "seeds": [r.seed for r in gruns],
-                "columns": columns,
-                "_runs": gruns,
-            })
+            entries.append(
+                {
+                    "key": list(key),
+                    "label": label,
+                    "settings_apart": apart,
+                    "unimodal": gruns[0].is_unimodal,
+                    "runs": [str(r.path) for r in gruns],
+                    "finished": len(finished),
+                    "seeds": [r.seed for r in gruns],
+                    "columns": columns,
+                    "_runs": gruns,
+                }
+            )
         out.append({"dataset": dataset, "modalities": names, "groups": entries})
     return out
 
@@ -149,19 +170,27 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
         "(the epoch with the best validation accuracy).",
         "",
         "- **Fused acc**: accuracy of the joint model's fused prediction.",
-        "- **Head m**: accuracy of modality m's unimodal logits z_m inside the joint model (its share of the fusion head).",
+        "- **Head m**: accuracy of modality m's unimodal logits z_m inside the joint model (its share of "
+        "the fusion head).",
         "- **Probe m**: linear probe on m's frozen encoder features (logistic regression fitted on train, "
         "L2 strength chosen on val); measures what the encoder learned, independently of the fusion head.",
-        "- **Alone m**: the same encoder trained on modality m alone (`--modality m`), the reference a balanced joint model should approach.",
-        "- **Macro-F1**, **mAP**: of the fused prediction (mAP = one-vs-rest average precision, averaged over classes).",
+        "- **Alone m**: the same encoder trained on modality m alone (`--modality m`), the reference a "
+        "balanced joint model should approach.",
+        "- **Macro-F1**, **mAP**: of the fused prediction (mAP = one-vs-rest average precision, averaged "
+        "over classes).",
         "",
     ]
     for ds in summary:
         names, groups = ds["modalities"], ds["groups"]
         if len(summary) > 1:
             lines += [f"## {ds['dataset']}", ""]
-        header = ["Method", "Seeds", "Fused acc"] + [f"Head {m}" for m in names] + [f"Probe {m}" for m in names] \
-            + [f"Alone {m}" for m in names] + ["Macro-F1", "mAP"]
+        header = (
+            ["Method", "Seeds", "Fused acc"]
+            + [f"Head {m}" for m in names]
+            + [f"Probe {m}" for m in names]
+            + [f"Alone {m}" for m in names]
+            + ["Macro-F1", "mAP"]
+        )
         rows = []
         for g in groups:
             c, n = g["columns"], g["finished"]
@@ -183,21 +212,35 @@ def _markdown(summary: list[dict], figures: dict[str, list[tuple[str, str]]], no
                 "",
             ]
             header = ["Method", "Seeds", "Both present"] + [f"{m} zeroed" for m in names]
-            rows = [[g["label"], str(g["finished"]), format_stat(g["columns"].get("clean_acc"), g["finished"])]
-                    + [format_stat(g["columns"].get(f"zero_{m}"), g["finished"]) for m in names] for g in zero_rows]
+            rows = [
+                [g["label"], str(g["finished"]), format_stat(g["columns"].get("clean_acc"), g["finished"])]
+                + [format_stat(g["columns"].get(f"zero_{m}"), g["finished"]) for m in names]
+                for g in zero_rows
+            ]
             lines += markdown_table(header, rows) + [""]
 
         lines += [f"### Runs ({ds['dataset']})", ""]
-        header = ["Run", "Method", "Seed", "Epochs", "Best epoch", "Best val acc", "Test acc"] + [f"Probe {m}" for m in names]
+        header = ["Run", "Method", "Seed", "Epochs", "Best epoch", "Best val acc", "Test acc"] + [
+            f"Probe {m}" for m in names
+        ]
         rows = []
         for g in groups:
             for r in g["_runs"]:
                 best = max(r.epochs, key=lambda e: e.get("val_acc", -1)) if r.epochs else {}
                 test = r.test or {}
                 pct = lambda v: f"{100 * v:.2f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
-                rows.append([f"`{r.path.name}`", g["label"], str(r.seed), str(len(r.epochs)),
-                             str(test.get("best_epoch", best.get("epoch", "–"))), pct(best.get("val_acc")),
-                             pct(test.get("acc"))] + [pct(_probe_acc(r, m)) for m in names])
+                rows.append(
+                    [
+                        f"`{r.path.name}`",
+                        g["label"],
+                        str(r.seed),
+                        str(len(r.epochs)),
+                        str(test.get("best_epoch", best.get("epoch", "–"))),
+                        pct(best.get("val_acc")),
+                        pct(test.get("acc")),
+                    ]
+                    + [pct(_probe_acc(r, m)) for m in names]
+                )
         lines += markdown_table(header, rows) + [""]
 
         figs = figures.get(ds["dataset"], [])
@@ -231,7 +274,9 @@ def _make_figures(ds: dict, out_dir: Path, prefix: str) -> tuple[list[tuple[str,
             scalars[g["label"]] = per_seed
     if scalars:
         path = plots.plot_modulation(scalars, names, out_dir / f"{prefix}modulation_over_steps.png")
-        figures.append(("Discrepancy ratio, OGM coefficients k_m and OPM drop probabilities q_m over training", path.name))
+        figures.append(
+            ("Discrepancy ratio, OGM coefficients k_m and OPM drop probabilities q_m over training", path.name)
+        )
     else:
         notes.append(f"{ds['dataset']}: no TensorBoard modulation scalars found (tb/ folders), so no modulation plot.")
 
@@ -262,21 +307,28 @@ def _make_figures(ds: dict, out_dir: Path, prefix: str) -> tuple[list[tuple[str,
         classes = sorted(set(labels) | set(preds), key=_natural_key)
         matrix = confusion_matrix(labels, preds, classes)
         n = sum(1 for r in g["_runs"] if (r.path / "eval_test" / "predictions.csv").is_file())
-        title = (f"Confusion matrix, {g['label']}: test split, {n} seed(s) pooled, {len(labels)} predictions\n"
-                 "(cells: counts; colour: % of the true class)")
+        title = (
+            f"Confusion matrix, {g['label']}: test split, {n} seed(s) pooled, {len(labels)} predictions\n"
+            "(cells: counts; colour: % of the true class)"
+        )
         path = plots.plot_confusion(matrix, classes, out_dir / f"{prefix}confusion_{_slug(g['label'])}.png", title)
         figures.append((f"Confusion matrix: {g['label']}", path.name))
     if missing:
-        notes.append(f"{ds['dataset']}: no eval_test/predictions.csv for {', '.join(missing)}: run "
-                     "`code/inference.py --checkpoint <run>` (or this report with --evaluate) for confusion matrices.")
+        notes.append(
+            f"{ds['dataset']}: no eval_test/predictions.csv for {', '.join(missing)}: run "
+            "`code/inference.py --checkpoint <run>` (or this report with --evaluate) for confusion matrices."
+        )
     return figures, notes
 
 
 def _evaluated(run: Run, folder: str) -> bool:
     """An inference output of this run, of the checkpoint and on the samples its test_metrics.json scored."""
     metrics = run.evals.get(folder)
-    return (metrics is not None and metrics.get("limit_samples") == run.config.get("limit_samples")
-            and _of_best(run, metrics))
+    return (
+        metrics is not None
+        and metrics.get("limit_samples") == run.config.get("limit_samples")
+        and _of_best(run, metrics)
+    )
 
 
 def _stale_outputs(run: Run) -> list[str]:
@@ -309,8 +361,9 @@ def evaluate_missing(runs: list[Run], device: str = "auto", zero_modalities: boo
     return done
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path, evaluate: bool = False, device: str = "auto",
-                 plots: bool = True) -> dict:
+def write_report(
+    paths: list[str | Path], out_dir: str | Path, evaluate: bool = False, device: str = "auto", plots: bool = True
+) -> dict:
     """Find runs under `paths`, write report.md, summary.json and figures into `out_dir`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -335,20 +388,27 @@ def _write(summary: list[dict], out_dir: Path, total_runs: int, plots: bool) -> 
         for g in ds["groups"]:
             if g["finished"] < len(g["runs"]):
                 unfinished = [Path(p).name for p, r in zip(g["runs"], g["_runs"]) if not r.test]
-                notes.append(f"{g['label']}: {len(unfinished)} run(s) without test_metrics.json left out: "
-                             f"{', '.join(unfinished)}")
+                notes.append(
+                    f"{g['label']}: {len(unfinished)} run(s) without test_metrics.json left out: "
+                    f"{', '.join(unfinished)}"
+                )
         for r in (r for g in ds["groups"] for r in g["_runs"]):
             stale = _stale_outputs(r)
             if stale:
-                notes.append(f"{r.path.name}: {', '.join(stale)} scored another epoch than its best.pt "
-                             f"(epoch {r.test['best_epoch']}) and are left out; run code/probe.py or this report's "
-                             "--evaluate again")
-        limited = sorted({r.config["limit_samples"] for g in ds["groups"] for r in g["_runs"]
-                          if r.config.get("limit_samples")})
+                notes.append(
+                    f"{r.path.name}: {', '.join(stale)} scored another epoch than its best.pt "
+                    f"(epoch {r.test['best_epoch']}) and are left out; run code/probe.py or this report's "
+                    "--evaluate again"
+                )
+        limited = sorted(
+            {r.config["limit_samples"] for g in ds["groups"] for r in g["_runs"] if r.config.get("limit_samples")}
+        )
         if limited:
-            notes.append(f"{ds['dataset']}: some runs used only the first {' / '.join(map(str, limited))} samples "
-                         "of each split (--limit_samples); their numbers are on those samples only, not the whole "
-                         "test split.")
+            notes.append(
+                f"{ds['dataset']}: some runs used only the first {' / '.join(map(str, limited))} samples "
+                "of each split (--limit_samples); their numbers are on those samples only, not the whole "
+                "test split."
+            )
         if plots:
             prefix = f"{ds['dataset']}_" if len(summary) > 1 else ""
             figs, fig_notes = _make_figures(ds, out_dir, prefix)
@@ -364,12 +424,17 @@ def _write(summary: list[dict], out_dir: Path, total_runs: int, plots: bool) -> 
 def get_args_parser():
     from ..config import ArgumentParser
 
-    p = ArgumentParser(prog="report.py", description="Compare trained runs: a markdown table (mean ± std over seeds) and plots.")
+    p = ArgumentParser(
+        prog="report.py", description="Compare trained runs: a markdown table (mean ± std over seeds) and plots."
+    )
     p.add_argument("runs", nargs="+", help="run folders, or folders searched (recursively) for run folders")
     p.add_argument("--out", default=None, help="report folder (default: <first folder>/report)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="first run inference where missing: eval_test/ (predictions for confusion matrices) "
-                        "and eval_test_zero_<m>/ (missing-modality accuracy)")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="first run inference where missing: eval_test/ (predictions for confusion matrices) "
+        "and eval_test_zero_<m>/ (missing-modality accuracy)",
+    )
     p.add_argument("--device", default="auto", help="device for --evaluate")
     p.add_argument("--no_plots", action="store_true", help="tables only")
     return p
@@ -387,5 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print("report.py: interrupted; no report written", file=sys.stderr)
         return 130
     print(Path(result["report"]).read_text().split("### Runs")[0].rstrip())
-    print(f"\nwrote {result['report']}, summary.json and {sum(len(f) for f in result['figures'].values())} figure(s) in {out}")
+    print(
+        f"\nwrote {result['report']}, summary.json and "
+        f"{sum(len(f) for f in result['figures'].values())} figure(s) in {out}"
+    )
     return 0

@@ -5,6 +5,7 @@ test_metrics.json (after training with --eval_test), probe.json (code/probe.py),
 (TensorBoard), and eval_<split>[_zero_<modality>]/ {metrics.json, predictions.csv}
 (code/inference.py). Everything but config.json is optional here.
 """
+
 from __future__ import annotations
 
 import csv
@@ -70,14 +71,19 @@ class Run:
         """Runs that differ only in their seed share a key (unimodal runs ignore fusion/modulation)."""
         if self.is_unimodal:
             return (self.dataset, self.modality, "", "")
-        return (self.dataset, "both", str(self.config.get("fusion", "concat")), str(self.config.get("modulation", "none")))
+        return (
+            self.dataset,
+            "both",
+            str(self.config.get("fusion", "concat")),
+            str(self.config.get("modulation", "none")),
+        )
 
     @property
     def modality_names(self) -> list[str]:
         """Modalities the model has, in model order, read from the per-modality metric keys."""
         for source, prefix in ((self.test, "acc_"), (self.epochs[-1] if self.epochs else None, "val_acc_")):
             if source:
-                names = [k[len(prefix):] for k in source if k.startswith(prefix)]
+                names = [k[len(prefix) :] for k in source if k.startswith(prefix)]
                 if names:
                     return names
         return [self.modality] if self.is_unimodal else []
@@ -137,7 +143,11 @@ def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 def group_label(key: tuple, with_dataset: bool = False) -> str:
     dataset, modality, fusion, modulation = key
-    label = f"{modality} alone" if modality != "both" else (f"{modulation} ({fusion})" if fusion != "concat" else modulation)
+    label = (
+        f"{modality} alone"
+        if modality != "both"
+        else (f"{modulation} ({fusion})" if fusion != "concat" else modulation)
+    )
     return f"{dataset}: {label}" if with_dataset else label
 
 

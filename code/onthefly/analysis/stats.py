@@ -15,7 +15,8 @@ For the differences d_s = method(s) - baseline(s) over the n seeds both have:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats

@@ -1,5 +1,6 @@
 """The statistics and markdown tables both reports print (report.py over run folders,
 benchmark_report.py over a protocol): mean ± sample standard deviation over seeds, in percent."""
+
 from __future__ import annotations
 
 import math

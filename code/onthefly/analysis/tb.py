@@ -1,4 +1,5 @@
 """TensorBoard scalars of a run, read with tensorboard's EventAccumulator."""
+
 from __future__ import annotations
 
 from pathlib import Path

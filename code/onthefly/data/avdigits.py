@@ -44,6 +44,7 @@ own noise, and no scan is in two splits. Degradations: `--scan_noise` (Gaussian,
 scale) and `--scan_corrupt` (fraction replaced by uniform noise), drawn from a stream of
 their own so the audio and image arrays are those of the two-modality build.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,10 +68,22 @@ BUILD_VERSION = 1
 
 # Degradations of each preset (see the module docstring); any one can be set on its own.
 PRESETS: dict[str, dict[str, float]] = {
-    "complementary": {"audio_noise": 0.0, "audio_corrupt": 0.3, "image_downsample": 10, "image_noise": 0.4,
-                      "image_occlusion": 10, "image_corrupt": 0.1},
-    "easy": {"audio_noise": 0.0, "audio_corrupt": 0.0, "image_downsample": 10, "image_noise": 0.4,
-             "image_occlusion": 10, "image_corrupt": 0.0},
+    "complementary": {
+        "audio_noise": 0.0,
+        "audio_corrupt": 0.3,
+        "image_downsample": 10,
+        "image_noise": 0.4,
+        "image_occlusion": 10,
+        "image_corrupt": 0.1,
+    },
+    "easy": {
+        "audio_noise": 0.0,
+        "audio_corrupt": 0.0,
+        "image_downsample": 10,
+        "image_noise": 0.4,
+        "image_occlusion": 10,
+        "image_corrupt": 0.0,
+    },
 }
 DEFAULT_PRESET = "complementary"
 MODALITIES = ("audio", "visual", "scan")
@@ -94,8 +107,9 @@ def parse_modalities(text: str | None) -> tuple[str, ...]:
     names = [n.strip() for n in text.split(",")]
     unknown = [n for n in names if n not in MODALITIES]
     if unknown or len(set(names)) != len(names) or len(names) < 2:
-        raise UserError(f"--avdigits_modalities {text}: give two or more distinct names of {', '.join(MODALITIES)}, "
-                        "comma-separated")
+        raise UserError(
+            f"--avdigits_modalities {text}: give two or more distinct names of {', '.join(MODALITIES)}, comma-separated"
+        )
     return tuple(n for n in MODALITIES if n in names)
 
 
@@ -135,16 +149,17 @@ def _degrade_images(images: np.ndarray, params: dict, rng: np.random.Generator) 
     if occ > 0:
         tops = rng.integers(0, 28 - occ + 1, size=len(x))
         lefts = rng.integers(0, 28 - occ + 1, size=len(x))
-        for i, (t, l) in enumerate(zip(tops, lefts)):  # build-time only, once per image
-            x[i, t : t + occ, l : l + occ] = rng.uniform(0, 1, size=(occ, occ))
+        for i, (top, left) in enumerate(zip(tops, lefts)):  # build-time only, once per image
+            x[i, top : top + occ, left : left + occ] = rng.uniform(0, 1, size=(occ, occ))
     if params["image_corrupt"] > 0:  # these images carry no digit at all
         corrupt = rng.random(len(x)) < params["image_corrupt"]
         x[corrupt] = rng.uniform(0, 1, size=x[corrupt].shape)
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _pair_per_split(labels: np.ndarray, split_of_clip: np.ndarray, pool_labels: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
+def _pair_per_split(
+    labels: np.ndarray, split_of_clip: np.ndarray, pool_labels: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Index into the pool for every clip: same class, each split drawing from its own slice of the
     class's pool (sized in proportion to the split's clips), reused in turn when the slice is short."""
     pairs = np.empty(len(labels), dtype=np.int64)
@@ -272,8 +287,9 @@ def load_arrays(cfg) -> dict[str, np.ndarray]:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        raise UserError(f"--data: cannot write the AV-Digits cache {path}: {e.strerror or e}; "
-                        "choose a writable --data folder") from None
+        raise UserError(
+            f"--data: cannot write the AV-Digits cache {path}: {e.strerror or e}; choose a writable --data folder"
+        ) from None
     return arrays
 
 
@@ -294,7 +310,9 @@ class AVDigits(Dataset):
             raise UserError(f"unknown split {split!r}; choose one of {SPLITS}")
         arrays = load_arrays(cfg)
         rows = np.flatnonzero(arrays["split"] == SPLITS.index(split))[: getattr(cfg, "limit_samples", None)]
-        self.clip_ids = rows  # rows of the arrays: what identifies the split's samples (see checkpoint.split_fingerprint)
+        self.clip_ids = (
+            rows  # rows of the arrays: what identifies the split's samples (see checkpoint.split_fingerprint)
+        )
         self.streams = {m: _STREAMS[m](arrays, rows) for m in _modalities(cfg)}
         self.labels = torch.from_numpy(arrays["label"][rows])
 

@@ -5,6 +5,7 @@ Exact resumption: the training order depends only on (seed, epoch) (DistributedS
 just before it is loaded. So a resumed run sees exactly the batches an uninterrupted run
 would, whatever the number of workers and even with persistent workers.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,24 +76,38 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,
-                 pin_memory: bool, drop_last: bool = True) -> DataLoader:
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+    drop_last: bool = True,
+) -> DataLoader:
     """Call `loader.sampler.set_epoch(epoch)` before each epoch. `drop_last` drops the last
     incomplete batch (said once, with how many samples each epoch loses); without it a last
     batch of a single sample is refused, as BatchNorm cannot train on it."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     per_process = len(sampler)
     if per_process < batch_size:
-        raise ValueError(f"the training split has {per_process} samples per process, fewer than one batch of "
-                         f"{batch_size}")
+        raise ValueError(
+            f"the training split has {per_process} samples per process, fewer than one batch of {batch_size}"
+        )
     rest = per_process % batch_size
     if not drop_last and rest == 1:
-        raise ValueError(f"the last training batch would hold 1 of {per_process} samples, which BatchNorm cannot "
-                         "train on; choose another batch size or use --drop_last")
+        raise ValueError(
+            f"the last training batch would hold 1 of {per_process} samples, which BatchNorm cannot "
+            "train on; choose another batch size or use --drop_last"
+        )
     lost = (rest if drop_last else 0) * world_size + len(dataset) - per_process * world_size  # sharding drops the tail
     if lost and rank == 0:
-        print(f"drop_last {'on' if drop_last else 'off'}: batch {batch_size} on {len(dataset)} training clips: "
-              f"{lost} dropped each epoch", flush=True)
+        print(
+            f"drop_last {'on' if drop_last else 'off'}: batch {batch_size} on {len(dataset)} training clips: "
+            f"{lost} dropped each epoch",
+            flush=True,
+        )
     elif rank == 0:
         print(f"drop_last {'on' if drop_last else 'off'}: every training clip is used each epoch", flush=True)
     return DataLoader(
@@ -106,7 +121,9 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     )
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, pin_memory: bool
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,

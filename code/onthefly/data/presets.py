@@ -2,6 +2,7 @@
 
 Frames travel as uint8 (4x less to copy than float32) and are normalised on the device.
 """
+
 from __future__ import annotations
 
 import torch

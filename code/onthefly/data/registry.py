@@ -11,10 +11,12 @@ A dataset module registers a `DatasetEntry`:
   * `defaults`       -> per-dataset training defaults (optimizer, lr, epochs, ...), applied
     under anything the user gives on the command line or in a YAML file.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 

@@ -3,6 +3,7 @@
 Nothing outside `onthefly.data` knows a dataset by name; models, modulation and metrics
 read a `DatasetInfo`, so class counts and input sizes are never hard-coded.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ class DatasetInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DatasetInfo":
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
         mods = tuple(
             ModalitySpec(**{**m, "shape": tuple(m["shape"]), "mean": tuple(m["mean"]), "std": tuple(m["std"])})
             for m in d["modalities"]

@@ -125,8 +125,10 @@ def verify(grid: Grid, out: Path, scratch: Path, launcher, programs, run_phase) 
 
     env_before, env_after = _environment(original), _environment(again)
     differs = same_machine(env_before, env_after) if env_before and env_after else ["unknown"]
-    print(f"verify: {len(unequal)} of {len(rows)} numbers differ; environment differs in: "
-          f"{', '.join(differs) or 'nothing (same machine and libraries)'}")
+    print(
+        f"verify: {len(unequal)} of {len(rows)} numbers differ; environment differs in: "
+        f"{', '.join(differs) or 'nothing (same machine and libraries)'}"
+    )
     print("method | number | mean shift over seeds | largest shift | seed-to-seed std before (in the file's units)")
     for s in shifts(rows):
         if not s["equal"]:
@@ -144,4 +146,3 @@ def verify(grid: Grid, out: Path, scratch: Path, launcher, programs, run_phase) 
         return 1
     print("verify: not exactly reproduced (another environment), but every verdict of the report holds", flush=True)
     return 0
-

@@ -1,4 +1,5 @@
 """Models: ResNet18 encoders and fusion heads, built from a DatasetInfo."""
+
 from ..data.spec import DatasetInfo
 from .av_model import FeatureHook, MultimodalClassifier, UnimodalClassifier
 from .encoders import ENCODERS, FEATURE_DIM, RESNET18_WIDTH
@@ -7,7 +8,10 @@ from .init import INITS, init_weights
 
 
 def build_model(
-    info: DatasetInfo, fusion: str = "concat", modality: str = "both", init: str = "official",
+    info: DatasetInfo,
+    fusion: str = "concat",
+    modality: str = "both",
+    init: str = "official",
     width: int = RESNET18_WIDTH,
 ):
     """The joint model over all of `info`'s modalities ("both" is its historical name; M >= 2),
@@ -24,4 +28,15 @@ def build_model(
     return init_weights(model, init)
 
 
-__all__ = ["ENCODERS", "FEATURE_DIM", "FUSIONS", "FeatureHook", "INITS", "MultimodalClassifier", "UnimodalClassifier", "auxiliary_loss", "build_model", "init_weights"]
+__all__ = [
+    "ENCODERS",
+    "FEATURE_DIM",
+    "FUSIONS",
+    "FeatureHook",
+    "INITS",
+    "MultimodalClassifier",
+    "UnimodalClassifier",
+    "auxiliary_loss",
+    "build_model",
+    "init_weights",
+]

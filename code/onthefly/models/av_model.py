@@ -2,9 +2,10 @@
 
 Both classes satisfy `onthefly.modulation.ModulatedModel`, the contract the Modulator checks.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -44,9 +45,7 @@ class MultimodalClassifier(nn.Module):
         if len(info.modalities) < 2:
             raise ValueError(f"a joint model needs two or more modalities; {info.name} has {list(info.modality_names)}")
         self.modality_names = info.modality_names
-        self.encoders = nn.ModuleDict(
-            {m.name: build_encoder(m.kind, m.channels, width) for m in info.modalities}
-        )
+        self.encoders = nn.ModuleDict({m.name: build_encoder(m.kind, m.channels, width) for m in info.modalities})
         self.head = FUSIONS[fusion](feature_dim(width), info.num_classes, num_modalities=len(info.modalities))
 
     def forward(self, inputs: Mapping[str, torch.Tensor], feature_hook: FeatureHook | None = None) -> dict:

@@ -1,5 +1,6 @@
 """ResNet18 encoders for spectrograms and frame clips (torchvision's ResNet18, no pretrained weights),
 or the same layout narrower (`--encoder_width`, for a CPU benchmark)."""
+
 from __future__ import annotations
 
 import torch

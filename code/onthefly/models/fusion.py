@@ -18,6 +18,7 @@ can flip which modality counts as dominant. `feature_logits` is the same computa
 head's parameters held fixed but gradient kept to the features: the official OPM code builds
 theta from such scores (see modulation/opm.py, --opm_grad official).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ class FusionHead(nn.Module):
 
     def unimodal_logits(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """z_m in float32, no gradient to the encoders (nor to the head, unless it has auxiliary classifiers)."""
-        with torch.autocast(features[0].device.type, enabled=False), torch.set_grad_enabled(
-            torch.is_grad_enabled() and self.has_auxiliary_classifiers
+        with (
+            torch.autocast(features[0].device.type, enabled=False),
+            torch.set_grad_enabled(torch.is_grad_enabled() and self.has_auxiliary_classifiers),
         ):
             return self.shares(tuple(h.detach().float() for h in features), detach_head=False)
 
@@ -86,7 +88,7 @@ class SumFusion(FusionHead):
         # Two-modality checkpoints written before the head took M branches name them fc_a and fc_b.
         for old, new in (("fc_a.", "branches.0."), ("fc_b.", "branches.1.")):
             for key in [k for k in state_dict if k.startswith(prefix + old)]:
-                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shares(self, features, detach_head):
@@ -100,8 +102,10 @@ class _AuxiliaryProbeMixin(FusionHead):
 
     def _init_aux(self, dim: int, num_classes: int, num_modalities: int) -> None:
         if num_modalities != 2:
-            raise ValueError(f"{type(self).__name__} is defined for two modalities (the first conditions the "
-                             f"second), not {num_modalities}; use fusion concat or sum")
+            raise ValueError(
+                f"{type(self).__name__} is defined for two modalities (the first conditions the "
+                f"second), not {num_modalities}; use fusion concat or sum"
+            )
         self.aux_a = nn.Linear(dim, num_classes)
         self.aux_b = nn.Linear(dim, num_classes)
 

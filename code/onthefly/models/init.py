@@ -6,6 +6,7 @@ linear layers, and weight 1 / bias 0 for BatchNorm. torchvision's ResNet18 alrea
 its convolutions and BatchNorm that way; what differs from PyTorch's defaults is every linear
 layer (the fusion head above all), whose default is Kaiming-uniform with a uniform bias.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """OGM, OGM-GE, OPM, the ablations and MMPareto / PMR as small functions, and `Modulator` for a training loop."""
+
 from .contract import ContractError, FeatureHook, ModulatedModel, check_labels, check_model
 from .modulator import METHODS, ModulationConfig, Modulator, modulation_defaults
 from .ogm import OGM_PARAMS, modulate_gradients_, ogm_coefficients, ogm_parameters

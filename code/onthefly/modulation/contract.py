@@ -16,10 +16,12 @@ Any `nn.Module` qualifies (no base class to inherit) when it has:
 `check_model` reads only Python attributes; `check_output` only tensor metadata (dtype, shape)
 and, once, the first batch's labels (one host read, at the first step).
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -61,8 +63,10 @@ def check_model(model: nn.Module, needs_feature_logits: bool = False) -> None:
     if not callable(getattr(model, "encoder_parameters", None)):
         missing.append("the method encoder_parameters() (one sequence of parameters per modality)")
     elif names is not None and len(model.encoder_parameters()) != len(names):
-        missing.append(f"encoder_parameters() with one group per modality ({len(names)}: {', '.join(names)}); "
-                       f"it returned {len(model.encoder_parameters())}")
+        missing.append(
+            f"encoder_parameters() with one group per modality ({len(names)}: {', '.join(names)}); "
+            f"it returned {len(model.encoder_parameters())}"
+        )
     if not _accepts_feature_hook(model):
         missing.append("forward(inputs, feature_hook=None): the feature_hook argument (onthefly.modulation.contract)")
     if needs_feature_logits and not callable(getattr(getattr(model, "head", None), "feature_logits", None)):
@@ -80,8 +84,9 @@ def check_output(out: Any, num_modalities: int, keys: tuple[str, ...]) -> None:
         raise ContractError(f"the model output lacks {', '.join(absent)} (it has {', '.join(map(str, out))})")
     for key in keys:
         if key != "sample_weight" and len(out[key]) != num_modalities:
-            raise ContractError(f"the model output's {key} has {len(out[key])} entries, one per modality expected "
-                                f"({num_modalities})")
+            raise ContractError(
+                f"the model output's {key} has {len(out[key])} entries, one per modality expected ({num_modalities})"
+            )
     bad = [m for m, z in enumerate(out["unimodal_logits"]) if z.dtype != torch.float32 or z.dim() != 2]
     if bad:
         z = out["unimodal_logits"][bad[0]]
@@ -91,8 +96,11 @@ def check_output(out: Any, num_modalities: int, keys: tuple[str, ...]) -> None:
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Integer class indices in [0, num_classes): one host read, so call it once (a dataset, a first batch)."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D integer tensor of class indices; got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be a 1-D integer tensor of class indices; got {labels.dtype} {tuple(labels.shape)}"
+        )
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}); got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )

@@ -16,7 +16,7 @@ fusion head) keeps the gradient of the summed loss. Everything stays on the devi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -19,13 +19,15 @@ from the scores summed over the step's micro-batches. The model must satisfy the
 `contract.py` (checked when the Modulator is built). Scores, ratios and coefficients stay on the
 device; `modulator.stats` holds the latest ones for logging, the only place they are read on the host.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +74,9 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _setting(default: Any, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None):
+def _setting(
+    default: Any, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None
+):
     """A ModulationConfig field: its default, allowed values and the --help text of its option."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
 
@@ -92,10 +96,15 @@ class ModulationConfig:
 
     modulation: str = _setting("none", "the method", choices=tuple(METHODS))
     alpha: float = _setting(0.1, "OGM strength alpha in k = 1 - tanh(alpha rho)", low=0.0)
-    ogm_form: str = _setting("official", "official: k = 1 - tanh(alpha rho); continuous: 1 - tanh(alpha (rho - 1))",
-                             choices=OGM_FORMS)
-    ogm_params: str = _setting("matrices", "encoder gradients OGM scales: matrices (every weight with ndim >= 2; on "
-                               "ResNet = conv), conv (4-D weights only, the released code's), all", choices=OGM_PARAMS)
+    ogm_form: str = _setting(
+        "official", "official: k = 1 - tanh(alpha rho); continuous: 1 - tanh(alpha (rho - 1))", choices=OGM_FORMS
+    )
+    ogm_params: str = _setting(
+        "matrices",
+        "encoder gradients OGM scales: matrices (every weight with ndim >= 2; on "
+        "ResNet = conv), conv (4-D weights only, the released code's), all",
+        choices=OGM_PARAMS,
+    )
     q_base: float = _setting(0.5, "OPM base drop probability q_base", low=0.0, high=1.0)
     lam: float = _setting(0.5, "OPM: growth lambda of the drop probability with the discrepancy", low=0.0)
     p_exe: float = _setting(0.7, "OPM: probability that a batch is modulated at all", low=0.0, high=1.0)
@@ -105,23 +114,43 @@ class ModulationConfig:
     # The journal code ends only OGM at modulation_ends and runs OPM to the last epoch: "OGM until
     # E1, OPM until E2" is modulation_ends E1, opm_ends E2.
     opm_ends: int = _setting(-1, "last epoch (0-based, inclusive) with OPM (-1: modulation_ends)", low=-1)
-    opm_grad: str = _setting("clean", "OPM's gradient: clean (none through q), or official (the released code's theta-as-gradient)",
-                             choices=OPM_GRADS)
-    ratio_ref: str = _setting("mean_others", "M > 2: rho_m = s_m / (mean | min | sum of the other modalities' scores); "
-                              "all equal s_a / s_b at M = 2 (docs/modalities.md)", choices=RATIO_REFS)
-    const_dominant: str = _setting("", "OGM_CONST: the modality whose gradients are always scaled (e.g. the one that "
-                                   "is best trained alone)")
-    const_k: float = _setting(0.5, "OGM_CONST: the constant coefficient k on that modality's gradients",
-                              low=0.0, high=1.0)
-    drop_prob: float = _setting(0.3, "DROPOUT_UNIFORM: every modality's drop probability (p_exe still gates each "
-                                "batch, as in OPM); must be < 1", low=0.0, high=1.0)
-    aux_weight: float = _setting(1.0, "UNIMODAL_AUX: weight of the unimodal cross-entropies added to the joint loss",
-                                 low=0.0)
-    pareto_gamma: float = _setting(1.5, "MMPARETO: magnitude factor gamma of the integrated gradient (1.5 as released)",
-                                   low=0.0)
+    opm_grad: str = _setting(
+        "clean",
+        "OPM's gradient: clean (none through q), or official (the released code's theta-as-gradient)",
+        choices=OPM_GRADS,
+    )
+    ratio_ref: str = _setting(
+        "mean_others",
+        "M > 2: rho_m = s_m / (mean | min | sum of the other modalities' scores); "
+        "all equal s_a / s_b at M = 2 (docs/modalities.md)",
+        choices=RATIO_REFS,
+    )
+    const_dominant: str = _setting(
+        "", "OGM_CONST: the modality whose gradients are always scaled (e.g. the one that is best trained alone)"
+    )
+    const_k: float = _setting(
+        0.5, "OGM_CONST: the constant coefficient k on that modality's gradients", low=0.0, high=1.0
+    )
+    drop_prob: float = _setting(
+        0.3,
+        "DROPOUT_UNIFORM: every modality's drop probability (p_exe still gates each batch, as in OPM); must be < 1",
+        low=0.0,
+        high=1.0,
+    )
+    aux_weight: float = _setting(
+        1.0, "UNIMODAL_AUX: weight of the unimodal cross-entropies added to the joint loss", low=0.0
+    )
+    pareto_gamma: float = _setting(
+        1.5, "MMPARETO: magnitude factor gamma of the integrated gradient (1.5 as released)", low=0.0
+    )
     pmr_alpha: float = _setting(1.0, "PMR: weight alpha of the lagging modality's prototypical cross-entropy", low=0.0)
-    pmr_momentum: float = _setting(0.0, "PMR: weight of the previous prototypes when they are recomputed each epoch "
-                                   "(0, the released scripts' value, keeps a resumed run exact)", low=0.0, high=1.0)
+    pmr_momentum: float = _setting(
+        0.0,
+        "PMR: weight of the previous prototypes when they are recomputed each epoch "
+        "(0, the released scripts' value, keeps a resumed run exact)",
+        low=0.0,
+        high=1.0,
+    )
 
     def __post_init__(self) -> None:
         problem = self.check(asdict(self))
@@ -147,13 +176,17 @@ class ModulationConfig:
         if values["modulation"] == "OGM_CONST" and not values["const_dominant"]:
             return f"{prefix}modulation OGM_CONST needs {prefix}const_dominant: the modality whose gradients it scales"
         if values["drop_prob"] >= 1:
-            return f"{prefix}drop_prob must be < 1: dropping every modality of every sample leaves nothing (got " \
-                   f"{values['drop_prob']})"
+            return (
+                f"{prefix}drop_prob must be < 1: dropping every modality of every sample leaves nothing (got "
+                f"{values['drop_prob']})"
+            )
         first = max(values["modulation_starts"], values["warmup_epochs"])
         if first > values["modulation_ends"]:  # the window would be empty: modulation never runs
             which = "modulation_starts" if values["modulation_starts"] >= values["warmup_epochs"] else "warmup_epochs"
-            return (f"{prefix}{which} ({first}) must be <= {prefix}modulation_ends ({values['modulation_ends']}): "
-                    "modulation would never run")
+            return (
+                f"{prefix}{which} ({first}) must be <= {prefix}modulation_ends ({values['modulation_ends']}): "
+                "modulation would never run"
+            )
         if 0 <= values["opm_ends"] < first:
             return f"{prefix}opm_ends ({values['opm_ends']}) must be >= {first} or -1: OPM would never run"
         return None
@@ -197,19 +230,25 @@ class Modulator:
         # Names for errors and logging; stats tensors are indexed in this (the model's) modality order.
         self.modality_names = tuple(modality_names or (str(i) for i in range(len(encoder_parameters))))
         if len(self.modality_names) != len(encoder_parameters):
-            raise ValueError(f"{len(encoder_parameters)} encoder parameter groups for {len(self.modality_names)} "
-                             f"modality names {self.modality_names}")
+            raise ValueError(
+                f"{len(encoder_parameters)} encoder parameter groups for {len(self.modality_names)} "
+                f"modality names {self.modality_names}"
+            )
         self.num_modalities = len(self.modality_names)
         if self.num_modalities < 2 and self.method != METHODS["none"]:
-            raise ValueError(f"modulation {config.modulation} balances modalities against each other; this model has "
-                             f"one ({', '.join(self.modality_names)}): use modulation none")
+            raise ValueError(
+                f"modulation {config.modulation} balances modalities against each other; this model has "
+                f"one ({', '.join(self.modality_names)}): use modulation none"
+            )
         self.groups = [ogm_parameters(ps, config.ogm_params) for ps in encoder_parameters]
         if self.use_ogm:
             empty = [n for n, g in zip(self.modality_names, self.groups) if not g]
             if empty:
-                raise ValueError(f"ogm_params {config.ogm_params!r} selects no trainable parameter of the "
-                                 f"{', '.join(empty)} encoder: OGM would change nothing there; choose another "
-                                 f"of {', '.join(OGM_PARAMS)}")
+                raise ValueError(
+                    f"ogm_params {config.ogm_params!r} selects no trainable parameter of the "
+                    f"{', '.join(empty)} encoder: OGM would change nothing there; choose another "
+                    f"of {', '.join(OGM_PARAMS)}"
+                )
         # A one-modality model has no discrepancy: with "none" there is nothing to measure.
         self.measures = self.num_modalities >= 2
         # Under DDP the scores are summed over ranks so every rank sees the global batch.
@@ -231,16 +270,22 @@ class Modulator:
         config, method = self.config, self.method
         if method.gradients == "const":
             if config.const_dominant not in self.modality_names:
-                raise ValueError(f"const_dominant {config.const_dominant!r} is not a modality of this model "
-                                 f"({', '.join(self.modality_names)})")
+                raise ValueError(
+                    f"const_dominant {config.const_dominant!r} is not a modality of this model "
+                    f"({', '.join(self.modality_names)})"
+                )
             self.const_index = self.modality_names.index(config.const_dominant)
         if method.loss == "unimodal" and (self.head is None or getattr(self.head, "has_auxiliary_classifiers", True)):
-            raise ValueError(f"{config.modulation} trains each modality's share z_m of the fusion head; it needs a "
-                             "head whose z_m are shares of the fused output (concat or sum fusion), passed as head=")
+            raise ValueError(
+                f"{config.modulation} trains each modality's share z_m of the fusion head; it needs a "
+                "head whose z_m are shares of the fused output (concat or sum fusion), passed as head="
+            )
         if method.gradients == "mmpareto":
             if self.reduce_fn is not None:
-                raise ValueError("MMPARETO takes each loss's gradient with torch.autograd.grad, which DDP does not "
-                                 "synchronise: run it in one process")
+                raise ValueError(
+                    "MMPARETO takes each loss's gradient with torch.autograd.grad, which DDP does not "
+                    "synchronise: run it in one process"
+                )
             self.encoders = [[p for p in ps if p.requires_grad] for ps in encoder_parameters]
             self._pareto_grads: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self.prototypes: list[torch.Tensor] | None = None  # PMR: (K, d_m) per modality
@@ -252,17 +297,23 @@ class Modulator:
         config: ModulationConfig | None = None,
         reduce_fn: ReduceFn | None = None,
         noise_seed: int | None = None,
-    ) -> "Modulator":
+    ) -> Modulator:
         """A Modulator for `model` (DDP-wrapped or not) after checking its contract (contract.py)."""
         config = config or ModulationConfig()
         inner = unwrap_model(model)
         official_opm = METHODS[config.modulation].dropout == "opm" and config.opm_grad == "official"
         check_model(inner, needs_feature_logits=official_opm)
-        return cls(config, tuple(inner.encoder_parameters()), reduce_fn, tuple(inner.modality_names),
-                   getattr(inner, "head", None), noise_seed)
+        return cls(
+            config,
+            tuple(inner.encoder_parameters()),
+            reduce_fn,
+            tuple(inner.modality_names),
+            getattr(inner, "head", None),
+            noise_seed,
+        )
 
     @classmethod
-    def for_ddp(cls, model: nn.Module, config: ModulationConfig | None = None, seed: int = 0) -> "Modulator":
+    def for_ddp(cls, model: nn.Module, config: ModulationConfig | None = None, seed: int = 0) -> Modulator:
         """`for_model` set up for the running process group: scores summed over ranks (every rank
         sees the global batch's ratio) and OGM-GE's noise drawn alike on every rank (it is added to
         gradients DDP has already averaged; different draws would make the replicas drift).
@@ -271,9 +322,11 @@ class Modulator:
         return cls.for_model(model, config, all_reduce_sum if distributed else None, seed if distributed else None)
 
     @classmethod
-    def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> "Modulator":
+    def from_config(cls, cfg: Any, model: nn.Module, reduce_fn: ReduceFn | None = None) -> Modulator:
         """`for_model` with the settings read from `cfg`'s attributes of ModulationConfig's field names."""
-        config = ModulationConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModulationConfig) if hasattr(cfg, f.name)})
+        config = ModulationConfig(
+            **{f.name: getattr(cfg, f.name) for f in fields(ModulationConfig) if hasattr(cfg, f.name)}
+        )
         return cls.for_model(model, config, reduce_fn)
 
     def _check(self, out: Any, labels: torch.Tensor, keys: tuple[str, ...]) -> None:
@@ -305,8 +358,9 @@ class Modulator:
         if not self.measures:
             return
         if self.method.gradients == "mmpareto":
-            raise ValueError("MMPARETO integrates the gradients of one batch's losses: gradient accumulation is not "
-                             "supported")
+            raise ValueError(
+                "MMPARETO integrates the gradients of one batch's losses: gradient accumulation is not supported"
+            )
         self._check(out, labels, ("unimodal_logits",))
         scores = unimodal_scores(out["unimodal_logits"], labels)
         self._pending_scores = scores if self._pending_scores is None else self._pending_scores + scores
@@ -322,11 +376,14 @@ class Modulator:
             if self.method.dropout == "uniform":
                 q = uniform_drop_probabilities(self.num_modalities, self.config.drop_prob, ratios.device)
             elif self.config.opm_grad == "official":
-                q = drop_probabilities(self._ratios_with_grad(out["features"], labels), self.config.q_base,
-                                       self.config.lam)
+                q = drop_probabilities(
+                    self._ratios_with_grad(out["features"], labels), self.config.q_base, self.config.lam
+                )
             else:
                 q = drop_probabilities(ratios, self.config.q_base, self.config.lam)
-            features, sample_weight, keep = opm_feature_dropout(out["features"], q, self.config.p_exe, self.config.opm_grad)
+            features, sample_weight, keep = opm_feature_dropout(
+                out["features"], q, self.config.p_exe, self.config.opm_grad
+            )
             self.stats["drop_prob"] = q.detach()
             self.stats["kept"] = keep.float().mean(dim=0)
             return features, sample_weight
@@ -354,8 +411,10 @@ class Modulator:
         pending, self._pending_scores = self._pending_scores, None
         if pending is not None:
             if out is not None or labels is not None:
-                raise ValueError("accumulate() was called this step: call modulate_gradients(epoch=...) without "
-                                 "out and labels (the accumulated scores are used)")
+                raise ValueError(
+                    "accumulate() was called this step: call modulate_gradients(epoch=...) without "
+                    "out and labels (the accumulated scores are used)"
+                )
             self._ratios(pending)
         elif out is None or labels is None:
             raise ValueError("modulate_gradients needs the step's out and labels (or accumulate() calls before it)")
@@ -369,8 +428,9 @@ class Modulator:
         if self.use_ogm:
             self._require_gradients()
             if active and self.method.gradients == "const":
-                k = constant_coefficients(self.num_modalities, self.const_index, self.config.const_k,
-                                          self.stats["ratio"].device)
+                k = constant_coefficients(
+                    self.num_modalities, self.const_index, self.config.const_k, self.stats["ratio"].device
+                )
                 modulate_gradients_(self.groups, k)
             elif active:
                 k = ogm_coefficients(self.stats["ratio"], self.config.alpha, self.config.ogm_form)
@@ -399,8 +459,9 @@ class Modulator:
             shares = self.head.shares(tuple(h.float() for h in out["features"]), detach_head=False)
         unimodal = [torch.nn.functional.cross_entropy(z, labels) for z in shares]
         if self.method.gradients == "mmpareto":
-            self._pareto_grads = [(self._grads(joint_loss, ps), self._grads(loss, ps))
-                                  for ps, loss in zip(self.encoders, unimodal)]
+            self._pareto_grads = [
+                (self._grads(joint_loss, ps), self._grads(loss, ps)) for ps, loss in zip(self.encoders, unimodal)
+            ]
             return torch.stack(unimodal).sum()
         return self.config.aux_weight * unimodal_cross_entropy(shares, labels)
 
@@ -415,8 +476,10 @@ class Modulator:
         if not active:
             return
         if pending is None:
-            raise RuntimeError("MMPARETO: call auxiliary_loss(out, labels, epoch, loss) before backward(); its "
-                               "gradients are what modulate_gradients integrates")
+            raise RuntimeError(
+                "MMPARETO: call auxiliary_loss(out, labels, epoch, loss) before backward(); its "
+                "gradients are what modulate_gradients integrates"
+            )
         joint_weights = []
         for params, (g_mm, g_uni) in zip(self.encoders, pending):
             grads, weights = integrate_gradients(g_mm, g_uni, self.config.pareto_gamma)
@@ -427,8 +490,10 @@ class Modulator:
 
     def _pmr_loss(self, features: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
-            raise RuntimeError("PMR: call begin_epoch(model, loader, preset, epoch) before the epoch's first step; "
-                               "it computes the class prototypes")
+            raise RuntimeError(
+                "PMR: call begin_epoch(model, loader, preset, epoch) before the epoch's first step; "
+                "it computes the class prototypes"
+            )
         logits = [prototype_logits(h, p.to(h.device)) for h, p in zip(features, self.prototypes)]
         scores = unimodal_scores(logits, labels)
         if self.reduce_fn is not None:
@@ -464,10 +529,12 @@ class Modulator:
         # (the script's update after epoch e blends only for e >= 1).
         blend = epoch >= 2 and self.config.pmr_momentum > 0
         if blend and self.prototypes is None:
-            raise RuntimeError(f"PMR with pmr_momentum {self.config.pmr_momentum} at epoch {epoch} blends the "
-                               "previous epoch's prototypes, which this Modulator does not have (a resumed run: "
-                               "restore them with load_state_dict from the checkpoint's modulator state, or use "
-                               "pmr_momentum 0)")
+            raise RuntimeError(
+                f"PMR with pmr_momentum {self.config.pmr_momentum} at epoch {epoch} blends the "
+                "previous epoch's prototypes, which this Modulator does not have (a resumed run: "
+                "restore them with load_state_dict from the checkpoint's modulator state, or use "
+                "pmr_momentum 0)"
+            )
         previous = self.prototypes if blend else [None] * self.num_modalities
         self.prototypes = [prototypes_from_sums(s, counts, p, self.config.pmr_momentum) for s, p in zip(sums, previous)]
 
@@ -485,8 +552,10 @@ class Modulator:
         """OGM before backward() would scale nothing while `stats` showed a coefficient."""
         bare = [n for n, g in zip(self.modality_names, self.groups) if all(p.grad is None for p in g)]
         if bare:
-            raise RuntimeError(f"modulate_gradients: the {', '.join(bare)} encoder has no gradient; call it after "
-                               "loss.backward() and before optimizer.step() and zero_grad()")
+            raise RuntimeError(
+                f"modulate_gradients: the {', '.join(bare)} encoder has no gradient; call it after "
+                "loss.backward() and before optimizer.step() and zero_grad()"
+            )
 
     def _shared_noise(self):
         """With a noise seed (for_ddp), the same OGM-GE draw on every rank; otherwise this rank's stream."""

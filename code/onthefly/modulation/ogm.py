@@ -1,7 +1,8 @@
 """On-the-fly Gradient Modulation (OGM) and its Generalisation Enhancement (OGM-GE)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,8 +57,7 @@ def modulate_gradients_(
     per_group = [[p.grad for p in group if p.grad is not None] for group in groups]
     grads = [g for group_grads in per_group for g in group_grads]
     if not grads:  # nothing to scale: called before backward(), or after zero_grad(set_to_none=True)
-        raise RuntimeError("OGM found no gradient to modulate: call it after loss.backward(), "
-                           "before optimizer.step()")
+        raise RuntimeError("OGM found no gradient to modulate: call it after loss.backward(), before optimizer.step()")
     if gaussian_noise:
         # A 1e-8 floor (as the official code) keeps the std positive for an all-zero gradient
         # (added once to the stacked stds: the same values, one kernel instead of one per gradient).

@@ -1,7 +1,8 @@
 """On-the-fly Prediction Modulation (OPM): drop the dominant modality's features in the forward pass."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,7 +1,8 @@
 """Discrepancy monitoring: per-modality confidence on the true class and its ratio."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

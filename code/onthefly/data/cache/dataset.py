@@ -1,10 +1,12 @@
 """One split of a cache as a torch Dataset: array slices and copies per sample, no decoding."""
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,13 +70,21 @@ class OfficialFrames:
 
 OFFICIAL_FRAMES: dict[str, OfficialFrames] = {
     # OGM-GE_CVPR2022 dataset/CramedDataset.py: RandomResizedCrop(224) + flip, Resize((224, 224))
-    "cremad": OfficialFrames(first_frames, (0.08, 1.0), True, "the first stored frame, training and evaluation",
-                             "RandomResizedCrop(area 0.08-1) of the whole frame + flip; evaluation: whole frame resized"),
+    "cremad": OfficialFrames(
+        first_frames,
+        (0.08, 1.0),
+        True,
+        "the first stored frame, training and evaluation",
+        "RandomResizedCrop(area 0.08-1) of the whole frame + flip; evaluation: whole frame resized",
+    ),
     # BML_TPAMI2024 code/dataset/KS.py and spatial_transforms.py
-    "kinetics_sounds": OfficialFrames(first_middle_last, (0.25, 1.0), False,
-                                      "first, middle and last stored frames, training and evaluation",
-                                      "RandomResizedCrop(area 0.25-1) + flip shared by the frames; "
-                                      "evaluation: Resize + CenterCrop"),
+    "kinetics_sounds": OfficialFrames(
+        first_middle_last,
+        (0.25, 1.0),
+        False,
+        "first, middle and last stored frames, training and evaluation",
+        "RandomResizedCrop(area 0.25-1) + flip shared by the frames; evaluation: Resize + CenterCrop",
+    ),
 }
 
 
@@ -105,8 +115,18 @@ class CachedClips(Dataset):
     "official": the dataset's official rule instead (OFFICIAL_FRAMES), shared the same way.
     """
 
-    def __init__(self, path: str, split: str, num_frames: int, crop_size: int, train: bool, verify: bool = True,
-                 limit: int | None = None, frame_crop: str = "fixed", frame_pick: str = "spread"):
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        num_frames: int,
+        crop_size: int,
+        train: bool,
+        verify: bool = True,
+        limit: int | None = None,
+        frame_crop: str = "fixed",
+        frame_pick: str = "spread",
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if frame_crop not in FRAME_CROPS:
@@ -117,8 +137,10 @@ class CachedClips(Dataset):
         dataset = reader.meta["dataset"]
         for option, value in (("--frame_crop", frame_crop), ("--frame_pick", frame_pick)):
             if value == "official" and dataset not in OFFICIAL_FRAMES:
-                raise UserError(f"{option} official: no official frame rule is known for {dataset} "
-                                f"(known: {', '.join(OFFICIAL_FRAMES)})")
+                raise UserError(
+                    f"{option} official: no official frame rule is known for {dataset} "
+                    f"(known: {', '.join(OFFICIAL_FRAMES)})"
+                )
         self.official = OFFICIAL_FRAMES.get(dataset)
         self.path = path
         self.split = split
@@ -162,8 +184,7 @@ class CachedClips(Dataset):
     def _maps(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
             self._arrays = {
-                name: np.load(os.path.join(self.path, rec["file"]), mmap_mode="r")
-                for name, rec in self.records.items()
+                name: np.load(os.path.join(self.path, rec["file"]), mmap_mode="r") for name, rec in self.records.items()
             }
         return self._arrays
 
@@ -183,8 +204,11 @@ class CachedClips(Dataset):
                 # Damage the sampled fingerprint of a large file can miss: a sum of log magnitudes
                 # is finite exactly when every value is (and costs a tenth of an isfinite on half).
                 if not torch.isfinite(spec.sum()):
-                    raise UserError(f"{os.path.join(self.path, self.records[name]['file'])}: NaN or infinite values "
-                                    f"for clip {self.clip_ids[i]}; check the cache with python code/preprocess.py --verify {self.path}")
+                    raise UserError(
+                        f"{os.path.join(self.path, self.records[name]['file'])}: NaN or infinite values "
+                        f"for clip {self.clip_ids[i]}; check the cache with python code/preprocess.py "
+                        f"--verify {self.path}"
+                    )
                 item[name] = spec
                 continue
             off = self.offsets[name]
@@ -221,10 +245,16 @@ class CachedClips(Dataset):
 
     def describe_frames(self) -> str:
         """The frame rule in words (logged when training starts)."""
-        pick = (f"official ({self.official.pick_words})" if self.frame_pick == "official" else
-                "spread (random in training, evenly spread in evaluation)")
-        crop = (f"official ({self.official.crop_words})" if self.frame_crop == "official" else
-                "fixed (a random crop and flip in training, the centre crop in evaluation)")
+        pick = (
+            f"official ({self.official.pick_words})"
+            if self.frame_pick == "official"
+            else "spread (random in training, evenly spread in evaluation)"
+        )
+        crop = (
+            f"official ({self.official.crop_words})"
+            if self.frame_crop == "official"
+            else "fixed (a random crop and flip in training, the centre crop in evaluation)"
+        )
         return f"frame rule: {self.num_frames} frame(s) of {self.crop_size} px; pick {pick}; crop {crop}"
 
     @staticmethod

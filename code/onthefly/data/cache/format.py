@@ -1,4 +1,5 @@
 """Names, constants and content fingerprints shared by the cache's writer and reader."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Opening a cache: meta.json, index.json and the memory-mapped arrays, each checked against
 what meta.json records before anything trains on them (and in full by `verify_cache`)."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,14 @@ import numpy as np
 
 from ...errors import UserError
 from .format import (
-    CACHE_FORMAT, CACHE_VERSION, INDEX_FILE, META_FILE, file_fingerprint, file_sha1, meta_checksum, remake_hint,
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    file_fingerprint,
+    file_sha1,
+    meta_checksum,
+    remake_hint,
     stored_frame_size,
 )
 
@@ -41,7 +49,9 @@ def read_meta(path: str, option: str = "--data") -> dict[str, Any]:
             + remake_hint(meta)
         )
     if meta.get("checksum") != meta_checksum(meta):
-        raise UserError(f"{meta_path}: edited or damaged (its content does not match its checksum); {remake_hint(meta)}")
+        raise UserError(
+            f"{meta_path}: edited or damaged (its content does not match its checksum); {remake_hint(meta)}"
+        )
     return meta
 
 
@@ -82,7 +92,9 @@ def check_requested(meta: dict[str, Any], dataset: str, expected: Any, path: str
     diffs = []
     for key, want in _parse_expected(expected).items():
         if key not in params:
-            raise UserError(f"--preprocess: unknown preprocessing parameter {key!r}; known: {', '.join(sorted(params))}")
+            raise UserError(
+                f"--preprocess: unknown preprocessing parameter {key!r}; known: {', '.join(sorted(params))}"
+            )
         if not _same_value(params[key], want):
             diffs.append(f"{key}={params[key]} (requested {want})")
     if diffs:
@@ -156,7 +168,9 @@ class CacheReader:
             if rec["kind"] == "frames":
                 size = stored_frame_size(self.meta["params"])
                 if tuple(self.arrays[name].shape[2:]) != size:
-                    raise UserError(f"{rec['file']}: frames are not (C, {size[0]}, {size[1]}) as meta.json says; {hint}")
+                    raise UserError(
+                        f"{rec['file']}: frames are not (C, {size[0]}, {size[1]}) as meta.json says; {hint}"
+                    )
                 off = self.index["offsets"][name]
                 if len(off) != n + 1 or off[-1] != rows:
                     raise UserError(f"{rec['file']}: {rows} frames, index.json offsets disagree; {hint}")
@@ -188,4 +202,8 @@ def verify_cache(path: str) -> dict[str, Any]:
             if row is not None:
                 raise UserError(f"{fpath}: NaN or infinite values in row {row}; {hint}")
     reader.close()
-    return {"clips": len(reader.index["clip_ids"]), "arrays": sorted(reader.records), "cache_id": reader.meta["cache_id"]}
+    return {
+        "clips": len(reader.index["clip_ids"]),
+        "arrays": sorted(reader.records),
+        "cache_id": reader.meta["cache_id"],
+    }

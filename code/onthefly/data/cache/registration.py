@@ -1,4 +1,5 @@
 """The cached datasets in the registry: cremad, kinetics_sounds, ucf101, ave, vggsound."""
+
 from __future__ import annotations
 
 import os
@@ -121,17 +122,47 @@ _CVPR2022_OPTIMISATION = {
 # p_exe 0.7 to the last epoch, 3 frames (first, middle, last) cropped to 112 as code/dataset/KS.py.
 _TPAMI2024_RECIPES: dict[str, dict[str, Any]] = {
     "cremad": {
-        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "epochs": 100, "batch_size": 32,
-        "scheduler": "step", "lr_step": 20, "lr_gamma": 0.1,
-        "alpha": 2.6, "modulation_starts": 0, "modulation_ends": 80, "opm_ends": 99, "warmup_epochs": 6,
-        "q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "num_frames": 1, "frame_crop": "official", "frame_pick": "official",
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "epochs": 100,
+        "batch_size": 32,
+        "scheduler": "step",
+        "lr_step": 20,
+        "lr_gamma": 0.1,
+        "alpha": 2.6,
+        "modulation_starts": 0,
+        "modulation_ends": 80,
+        "opm_ends": 99,
+        "warmup_epochs": 6,
+        "q_base": 0.5,
+        "lam": 0.5,
+        "p_exe": 0.7,
+        "num_frames": 1,
+        "frame_crop": "official",
+        "frame_pick": "official",
     },
     "kinetics_sounds": {
-        "optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01, "epochs": 100, "batch_size": 32,
-        "scheduler": "step", "lr_step": 40, "lr_gamma": 0.1,
-        "alpha": 0.8, "modulation_starts": 0, "modulation_ends": 60, "opm_ends": 99, "warmup_epochs": 6,
-        "q_base": 0.5, "lam": 0.5, "p_exe": 0.7, "num_frames": 3, "crop_size": 112,
-        "frame_crop": "official", "frame_pick": "official",
+        "optimizer": "adamw",
+        "lr": 5e-5,
+        "weight_decay": 0.01,
+        "epochs": 100,
+        "batch_size": 32,
+        "scheduler": "step",
+        "lr_step": 40,
+        "lr_gamma": 0.1,
+        "alpha": 0.8,
+        "modulation_starts": 0,
+        "modulation_ends": 60,
+        "opm_ends": 99,
+        "warmup_epochs": 6,
+        "q_base": 0.5,
+        "lam": 0.5,
+        "p_exe": 0.7,
+        "num_frames": 3,
+        "crop_size": 112,
+        "frame_crop": "official",
+        "frame_pick": "official",
     },
 }
 

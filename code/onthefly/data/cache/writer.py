@@ -1,17 +1,26 @@
 """Writing a cache: preallocated memory-mapped arrays, then an atomic commit of the metadata."""
+
 from __future__ import annotations
 
 import csv
 import io
 import os
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from ...fileio import atomic_write_json, atomic_write_text, read_json_object
 from .format import (
-    CACHE_FORMAT, CACHE_VERSION, INDEX_FILE, META_FILE, SKIPPED_FILE, file_fingerprint, file_sha1, meta_checksum,
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    SKIPPED_FILE,
+    file_fingerprint,
+    file_sha1,
+    meta_checksum,
 )
 
 
@@ -48,9 +57,7 @@ class CacheWriter:
         self.maps: dict[str, np.ndarray] = {}
         for name, (_kind, row_shape, dtype, rows) in arrays.items():
             tmp = os.path.join(out_dir, f"{name}.npy.tmp")
-            self.maps[name] = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.dtype(dtype), shape=(rows, *row_shape)
-            )
+            self.maps[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(rows, *row_shape))
 
     def commit(self, meta: dict[str, Any], index: dict[str, Any], skipped: Iterable[tuple[str, str, str]]) -> None:
         meta_path = os.path.join(self.out_dir, META_FILE)

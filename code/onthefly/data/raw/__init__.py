@@ -7,6 +7,7 @@ shared work: media.py (decoding), work.py (per-clip work files, resume), pool.py
 process pool), splits.py and pipeline.py (the phases from a scan to a cache). Layout
 modules are imported on demand.
 """
+
 from __future__ import annotations
 
 import importlib

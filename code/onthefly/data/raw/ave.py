@@ -3,6 +3,7 @@ testSet.txt (lines Category&VideoID&Quality&StartTime&EndTime; a header line is 
 and the 10 s videos <VideoID>.mp4 anywhere under <root> (as distributed: AVE/). The whole
 clip is labelled with its event category (28 classes, sorted by name); the official
 train/val/test lists are used as they are. <root> may also be the folder above AVE_Dataset/."""
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,14 @@
 """What the layout modules share: the clip job and scan records, finding videos under a
 root, split names, and the extraction defaults of the 10 s container datasets."""
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ...errors import UserError
 

@@ -1,11 +1,13 @@
 """CREMA-D as distributed: AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav (16 kHz mono)
 and VideoFlash/<same id>.flv. The label is the emotion code in the file name."""
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ...errors import UserError
 from .common import CONTAINER_DEFAULTS, ClipJob, Scan, require_dir
@@ -15,8 +17,7 @@ MODALITIES = ("audio", "visual")
 # The official CREMA-D loader's class order.
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 EXPECTED = (
-    "CREMA-D's layout: <root>/AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav and "
-    "<root>/VideoFlash/<same id>.flv"
+    "CREMA-D's layout: <root>/AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav and <root>/VideoFlash/<same id>.flv"
 )
 # Audio exactly as the official code: librosa.load(sr=22050), tile to 3 s, clip to [-1, 1],
 # STFT n_fft 512 hop 353, log(|S| + 1e-7) -> 257 x 188. Frames: 1 per second, all kept,
@@ -70,10 +71,14 @@ def _apply_official_split(found: Scan, opts: Any) -> None:
         return
     lists = read_official_lists()
     if not lists:
-        raise UserError(f"the official CREMA-D split lists are missing ({OFFICIAL_LISTS}/train.csv, test.csv); "
-                        "restore them, or pass --random_split for a seeded split")
-    found.unlisted = sorted({j.clip_id for j in found.jobs if j.clip_id not in lists}
-                            | {s[0] for s in found.skipped if s[0] not in lists and _NAME_RE.match(s[0])})
+        raise UserError(
+            f"the official CREMA-D split lists are missing ({OFFICIAL_LISTS}/train.csv, test.csv); "
+            "restore them, or pass --random_split for a seeded split"
+        )
+    found.unlisted = sorted(
+        {j.clip_id for j in found.jobs if j.clip_id not in lists}
+        | {s[0] for s in found.skipped if s[0] not in lists and _NAME_RE.match(s[0])}
+    )
     unlisted = set(found.unlisted)
     found.jobs = [j for j in found.jobs if j.clip_id not in unlisted]
     found.skipped = [s for s in found.skipped if s[0] not in unlisted]
@@ -82,21 +87,29 @@ def _apply_official_split(found: Scan, opts: Any) -> None:
     for job in found.jobs:
         job.split = lists[job.clip_id]
     splits = [j.split for j in found.jobs]
-    found.notes.append(f"official split: test list as test ({splits.count('test')} clips), val carved from the "
-                       f"train list ({splits.count('train')} clips)")
+    found.notes.append(
+        f"official split: test list as test ({splits.count('test')} clips), val carved from the "
+        f"train list ({splits.count('train')} clips)"
+    )
     if found.unlisted:
-        found.notes.append(f"{len(found.unlisted)} clip(s) in neither official list are ignored "
-                           f"({_examples(found.unlisted)}); --random_split uses every clip")
+        found.notes.append(
+            f"{len(found.unlisted)} clip(s) in neither official list are ignored "
+            f"({_examples(found.unlisted)}); --random_split uses every clip"
+        )
     if found.listed_absent:
-        found.notes.append(f"{len(found.listed_absent)} clip(s) of the official lists are not under --root "
-                           f"({_examples(found.listed_absent)})")
+        found.notes.append(
+            f"{len(found.listed_absent)} clip(s) of the official lists are not under --root "
+            f"({_examples(found.listed_absent)})"
+        )
 
 
 def scan(root: str, opts: Any) -> Scan:
     audio_dir = os.path.join(root, "AudioWAV")
     video_dir = os.path.join(root, "VideoFlash")
     if not os.path.isdir(audio_dir) and os.path.basename(root.rstrip("/")) in ("AudioWAV", "VideoFlash"):
-        raise UserError(f"--root {root}: give the CREMA-D folder that holds AudioWAV/ and VideoFlash/ (expected {EXPECTED})")
+        raise UserError(
+            f"--root {root}: give the CREMA-D folder that holds AudioWAV/ and VideoFlash/ (expected {EXPECTED})"
+        )
     require_dir(audio_dir, EXPECTED)
     require_dir(video_dir, EXPECTED)
     videos = {}
@@ -114,8 +127,9 @@ def scan(root: str, opts: Any) -> Scan:
         audio_ids.add(stem)
         m = _NAME_RE.match(stem)
         if not m or m.group(3).upper() not in CLASSES:
-            skipped.append((stem, "file name is not <actor>_<sentence>_<emotion>_<level> with a known emotion",
-                            f"AudioWAV/{name}"))
+            skipped.append(
+                (stem, "file name is not <actor>_<sentence>_<emotion>_<level> with a known emotion", f"AudioWAV/{name}")
+            )
             continue
         if stem not in videos:
             skipped.append((stem, "missing video VideoFlash/" + stem + ".flv", f"AudioWAV/{name}"))

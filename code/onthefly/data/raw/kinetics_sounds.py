@@ -10,6 +10,7 @@
 With --with_flow, Farneback optical flow between each kept frame and the next decoded one
 is stored as a third modality ("flow"), extracted as UCF101's.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,16 @@ from typing import Any
 
 from ...errors import UserError
 from .common import (
-    CONTAINER_DEFAULTS, FLOW_DEFAULTS, VIDEO_EXTS, ClipJob, Scan, find_video, index_videos, normalize_split,
-    unlisted_note, unlisted_videos,
+    CONTAINER_DEFAULTS,
+    FLOW_DEFAULTS,
+    VIDEO_EXTS,
+    ClipJob,
+    Scan,
+    find_video,
+    index_videos,
+    normalize_split,
+    unlisted_note,
+    unlisted_videos,
 )
 
 NAME = "kinetics_sounds"

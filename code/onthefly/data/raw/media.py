@@ -4,6 +4,7 @@ square RGB frames at a fixed rate, optical flow between frames.
 librosa, OpenCV and PyAV are imported inside the functions that need them, so that
 `code/preprocess.py --help` and everything on the training side load without them.
 """
+
 from __future__ import annotations
 
 import math
@@ -142,7 +143,9 @@ def to_whole_frame(img: np.ndarray, side: int, aspect: float) -> np.ndarray:
     import cv2
 
     shrink = side < img.shape[0]
-    return cv2.resize(img, (int(round(side * aspect)), side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(
+        img, (int(round(side * aspect)), side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
 
 
 def fit_frame(img: np.ndarray, p: dict[str, Any]) -> np.ndarray:

@@ -1,10 +1,11 @@
 """From a layout's scan to a finished cache, in named phases:
 
-    plan            options checked, --out checked (a folder this program may write), --root scanned
-    reuse_finished  a finished cache of the same clips and parameters: nothing to do, or new splits
-    extract         per-clip work files, resumed, in a process pool
-    assemble        the arrays, splits and metadata of the cache, committed atomically
+plan            options checked, --out checked (a folder this program may write), --root scanned
+reuse_finished  a finished cache of the same clips and parameters: nothing to do, or new splits
+extract         per-clip work files, resumed, in a process pool
+assemble        the arrays, splits and metadata of the cache, committed atomically
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,16 @@ from .common import ClipJob, Scan, layout_modalities, rel
 from .media import expected_spectrogram_shape
 from .pool import run_jobs
 from .splits import assign_splits
-from .work import WORK_DIR, load_work, process_clip, read_params, read_work_info, source_signature, work_path, write_params
+from .work import (
+    WORK_DIR,
+    load_work,
+    process_clip,
+    read_params,
+    read_work_info,
+    source_signature,
+    work_path,
+    write_params,
+)
 
 AUDIO_KEYS = (
     "audio_source",
@@ -127,9 +137,7 @@ def _index_for(ids: list[str], by_id: dict[str, ClipJob], ip: dict[str, Any], ro
     jobs = [by_id[i] for i in ids]
     labels = [j.label for j in jobs]
     groups = [j.group or "" for j in jobs] if grouped else None
-    splits = assign_splits(
-        labels, [j.split for j in jobs], groups, ip["val_fraction"], ip["test_fraction"], ip["seed"]
-    )
+    splits = assign_splits(labels, [j.split for j in jobs], groups, ip["val_fraction"], ip["test_fraction"], ip["seed"])
     index = {
         "clip_ids": ids,
         "labels": labels,
@@ -192,7 +200,9 @@ def _check_out(out: str, given: str, layout: Any) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
-        raise UserError(f"--out {given}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+        raise UserError(
+            f"--out {given}: cannot write there ({e.strerror or e}); choose a folder you can write to"
+        ) from None
     ours = owned_arrays(out)  # a finished cache of ours: its arrays and metadata files
     if ours:
         ours |= {META_FILE, INDEX_FILE, SKIPPED_FILE}
@@ -200,8 +210,10 @@ def _check_out(out: str, given: str, layout: Any) -> None:
         ours |= _our_names(layout)
     foreign = sorted((_our_names(layout) & set(os.listdir(out))) - ours)
     if foreign:
-        raise UserError(f"--out {given}: already holds {', '.join(foreign)}, not written by preprocess.py; "
-                        "choose an empty or new folder (nothing was changed)")
+        raise UserError(
+            f"--out {given}: already holds {', '.join(foreign)}, not written by preprocess.py; "
+            "choose an empty or new folder (nothing was changed)"
+        )
 
 
 def plan(layout: Any, opts: Any) -> Plan:
@@ -227,11 +239,23 @@ def plan(layout: Any, opts: Any) -> Plan:
     if scan.jobs:  # an empty val or test split is refused now, not after every clip was decoded
         _index_for([j.clip_id for j in scan.jobs], by_id, ip, root, grouped)
     return Plan(
-        layout=layout, opts=opts, modalities=layout_modalities(layout, opts), root=root,
-        out=out, work=os.path.join(out, WORK_DIR), extraction=p, indexing=ip, scan=scan,
-        by_id=by_id, digest=_ids_digest([j.clip_id for j in scan.jobs] + [f"skipped:{s[0]}" for s in scan.skipped]
-                                  + [f"unlisted:{c}" for c in scan.unlisted]),
-        grouped=grouped, quiet=quiet,
+        layout=layout,
+        opts=opts,
+        modalities=layout_modalities(layout, opts),
+        root=root,
+        out=out,
+        work=os.path.join(out, WORK_DIR),
+        extraction=p,
+        indexing=ip,
+        scan=scan,
+        by_id=by_id,
+        digest=_ids_digest(
+            [j.clip_id for j in scan.jobs]
+            + [f"skipped:{s[0]}" for s in scan.skipped]
+            + [f"unlisted:{c}" for c in scan.unlisted]
+        ),
+        grouped=grouped,
+        quiet=quiet,
         fresh=bool(getattr(opts, "fresh", False)),
     )
 
@@ -249,8 +273,11 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
         return None
     name = run.layout.NAME
     if old.get("dataset") != name or old.get("processing") != run.extraction:
-        what = (f"a {old.get('dataset')} cache" if old.get("dataset") != name
-                else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.extraction)})")
+        what = (
+            f"a {old.get('dataset')} cache"
+            if old.get("dataset") != name
+            else f"a cache made with other parameters ({_differences(old.get('processing') or {}, run.extraction)})"
+        )
         raise UserError(f"--out {run.opts.out}: holds {what}; use another --out, or add --fresh to replace it")
     try:
         reader = CacheReader(run.out, verify=False)
@@ -264,18 +291,38 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
         return None
     if {k: old["params"].get(k) for k in run.indexing} == run.indexing:
         counts = old["split_counts"]
-        _say(f"{name}: {run.out} is up to date ({len(cached_ids)} clips: train {counts['train']} / "
-             f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do", run.quiet)
-        return {"status": "up_to_date", "clips": len(cached_ids), "skipped": old["num_skipped"],
-                "reused": len(cached_ids), "processed": 0, "split_counts": counts, "out": run.out}
+        _say(
+            f"{name}: {run.out} is up to date ({len(cached_ids)} clips: train {counts['train']} / "
+            f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do",
+            run.quiet,
+        )
+        return {
+            "status": "up_to_date",
+            "clips": len(cached_ids),
+            "skipped": old["num_skipped"],
+            "reused": len(cached_ids),
+            "processed": 0,
+            "split_counts": counts,
+            "out": run.out,
+        }
     index, splits = _index_for(cached_ids, run.by_id, run.indexing, run.root, run.grouped)
     index["offsets"] = cached_offsets
     counts = _split_counts(splits)
     rewrite_index(run.out, {**old, "params": {**run.extraction, **run.indexing}, "split_counts": counts}, index)
-    _say(f"{name}: new splits written to {run.out} (train {counts['train']} / val {counts['val']} / "
-         f"test {counts['test']}); frames and audio unchanged", run.quiet)
-    return {"status": "resplit", "clips": len(cached_ids), "skipped": old["num_skipped"], "reused":
-            len(cached_ids), "processed": 0, "split_counts": counts, "out": run.out}
+    _say(
+        f"{name}: new splits written to {run.out} (train {counts['train']} / val {counts['val']} / "
+        f"test {counts['test']}); frames and audio unchanged",
+        run.quiet,
+    )
+    return {
+        "status": "resplit",
+        "clips": len(cached_ids),
+        "skipped": old["num_skipped"],
+        "reused": len(cached_ids),
+        "processed": 0,
+        "split_counts": counts,
+        "out": run.out,
+    }
 
 
 def _open_work(run: Plan) -> None:
@@ -317,8 +364,14 @@ def extract(run: Plan) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, 
         from tqdm import tqdm
 
         workers = int(getattr(run.opts, "workers", 0) or 0)
-        bar = tqdm(total=len(todo), desc=f"{run.layout.NAME}", unit="clip", disable=run.quiet, mininterval=0.5,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"{run.layout.NAME}",
+            unit="clip",
+            disable=run.quiet,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
         try:
             args = (run.extraction, run.modalities, run.work)
             timeout = getattr(run.opts, "clip_timeout", None)
@@ -370,7 +423,9 @@ def assemble(run: Plan, infos: dict[str, dict[str, Any]], skipped: list[tuple[st
     """Write the arrays from the work files, then index.json and meta.json. Returns the split counts."""
     kept = sorted(infos)
     arrays, offsets = _array_layout(run, infos, kept)
-    index, splits = _index_for(kept, run.by_id, run.indexing, run.root, run.grouped)  # may raise: work stays for a rerun
+    index, splits = _index_for(
+        kept, run.by_id, run.indexing, run.root, run.grouped
+    )  # may raise: work stays for a rerun
     index["offsets"] = offsets
     writer = CacheWriter(run.out, arrays)
     try:
@@ -439,6 +494,14 @@ def preprocess(layout: Any, opts: Any) -> dict[str, Any]:
         + f"; {reused} reused from an earlier run; {time.time() - t0:.1f} s",
         flush=True,
     )
-    return {"status": "built", "clips": kept, "skipped": len(skipped), "reused": reused,
-            "processed": kept - reused, "split_counts": counts, "out": run.out,
-            "unlisted": len(run.scan.unlisted), "listed_absent": len(run.scan.listed_absent)}
+    return {
+        "status": "built",
+        "clips": kept,
+        "skipped": len(skipped),
+        "reused": reused,
+        "processed": kept - reused,
+        "split_counts": counts,
+        "out": run.out,
+        "unlisted": len(run.scan.unlisted),
+        "listed_absent": len(run.scan.listed_absent),
+    }

@@ -1,6 +1,7 @@
 """The process pool that runs one job per clip (pebble.ProcessPool): a decoder that crashes its
 worker, or runs past the per-clip time limit, fails only that clip's task; its worker is
 replaced and the clip is reported as skipped. No worker outlives the run, even a SIGKILLed one."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,8 +9,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, TimeoutError, wait
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ...rundir import pid_alive
 from .common import ClipJob
@@ -54,8 +56,11 @@ def _failure(job: ClipJob, error: BaseException, timeout: float | None) -> tuple
         reason = f"decoding took longer than --clip_timeout {timeout:g} s (stopped)"
     else:
         code = getattr(error, "exitcode", None)
-        how = (f"signal {signal.Signals(-code).name}" if isinstance(code, int) and code < 0
-               and -code in signal.valid_signals() else f"exit status {code}")
+        how = (
+            f"signal {signal.Signals(-code).name}"
+            if isinstance(code, int) and code < 0 and -code in signal.valid_signals()
+            else f"exit status {code}"
+        )
         reason = f"decoder crashed the worker process ({how})"
     return job.clip_id, "skip", (reason, job.audio or job.video or "")
 

@@ -12,11 +12,12 @@ Rules (documented in docs/datasets.md):
     per class are drawn, so near-duplicate clips of one group stay together. A missing
     test list is carved from train the same way.
 """
+
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from ...errors import UserError
 
@@ -56,8 +57,9 @@ def _draw_groups(members: list[int], groups: Sequence[str], target: float, rng: 
     return chosen
 
 
-def _stratified_two(pool: list[int], labels: Sequence[int], test_fraction: float, val_fraction: float,
-                    rng: random.Random) -> tuple[set[int], set[int]]:
+def _stratified_two(
+    pool: list[int], labels: Sequence[int], test_fraction: float, val_fraction: float, rng: random.Random
+) -> tuple[set[int], set[int]]:
     """Test and val drawn per class, both sized on the class total; at least one of each
     (and one train clip) when a class has 3 clips or more."""
     by_class: dict[int, list[int]] = defaultdict(list)
@@ -76,7 +78,9 @@ def _stratified_two(pool: list[int], labels: Sequence[int], test_fraction: float
     return test, val
 
 
-def _grouped(pool: list[int], labels: Sequence[int], groups: Sequence[str], fraction: float, rng: random.Random) -> set[int]:
+def _grouped(
+    pool: list[int], labels: Sequence[int], groups: Sequence[str], fraction: float, rng: random.Random
+) -> set[int]:
     group_classes: dict[str, set[int]] = defaultdict(set)
     for i in pool:
         group_classes[groups[i]].add(labels[i])
@@ -91,7 +95,9 @@ def _grouped(pool: list[int], labels: Sequence[int], groups: Sequence[str], frac
     return _draw_groups(pool, groups, fraction * len(pool), rng)  # groups across classes (actors)
 
 
-def carve(pool: list[int], labels: Sequence[int], groups: Sequence[str] | None, fraction: float, rng: random.Random) -> set[int]:
+def carve(
+    pool: list[int], labels: Sequence[int], groups: Sequence[str] | None, fraction: float, rng: random.Random
+) -> set[int]:
     if groups is None:
         return _stratified(pool, labels, fraction, rng)
     return _grouped(pool, labels, groups, fraction, rng)

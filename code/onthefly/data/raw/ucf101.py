@@ -2,6 +2,7 @@
 <root>/ucfTrainTestlist/ (classInd.txt, trainlist0N.txt, testlist0N.txt). Modalities:
 RGB frames ("visual") and Farneback optical flow ("flow", u/v). --split N picks the
 official split; val is carved from its train list, whole gXX groups per class."""
+
 from __future__ import annotations
 
 import os

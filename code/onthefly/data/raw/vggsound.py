@@ -3,6 +3,7 @@ header; split is train or test) and the downloaded 10 s clips anywhere under --v
 (default --root), named <id>_<start:06d>.mp4 (also accepted: <id>_<start>.mp4,
 <id>_<start:06d>_<start+10:06d>.mp4, <id>.mp4). Rows whose video is absent are listed
 in skipped.tsv (many YouTube videos are gone)."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,14 @@ from typing import Any
 
 from ...errors import UserError
 from .common import (
-    CONTAINER_DEFAULTS, ClipJob, Scan, find_video, index_videos, normalize_split, unlisted_note, unlisted_videos,
+    CONTAINER_DEFAULTS,
+    ClipJob,
+    Scan,
+    find_video,
+    index_videos,
+    normalize_split,
+    unlisted_note,
+    unlisted_videos,
 )
 from .kinetics_sounds import read_table
 

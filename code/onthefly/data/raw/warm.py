@@ -1,6 +1,7 @@
 """Imported once by the process pool's fork server (never by training or --help): loads
 librosa, OpenCV and PyAV and runs one tiny STFT, so that every forked worker starts with
 them ready instead of paying a few seconds of imports and JIT each."""
+
 import numpy as np
 
 try:

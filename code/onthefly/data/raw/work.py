@@ -1,11 +1,13 @@
 """Per-clip work files: what one worker extracts from one clip, kept in `<out>/.work/` so an
 interrupted preprocessing run resumes where it stopped."""
+
 from __future__ import annotations
 
 import json
 import os
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +55,11 @@ def process_clip(job: ClipJob, p: dict[str, Any], modalities: tuple[str, ...], w
     if "audio" in modalities:
         from_file = p["audio_source"] == "file"
         audio_path = job.audio if from_file else job.video
-        y = _attempt(lambda: load_audio_file(job.audio, p) if from_file else decode_container_audio(job.video, p),
-                     faults, audio_path)
+        y = _attempt(
+            lambda: load_audio_file(job.audio, p) if from_file else decode_container_audio(job.video, p),
+            faults,
+            audio_path,
+        )
         if y is not None:
             out["audio"] = log_spectrogram(y, p)
     frames = _attempt(lambda: read_frames(job.video, p, with_flow="flow" in modalities), faults, job.video)
