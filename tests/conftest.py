@@ -22,6 +22,25 @@ from onthefly.models.encoders import ENCODERS, RESNET18_WIDTH, FrameEncoder, Spe
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `--dist loadfile` hands whole files to the two workers in collection order; starting with
+# the longest (measured) keeps their totals close: longest-processing-time-first scheduling.
+LONGEST_FILES_FIRST = (
+    "test_fault_tolerance.py",
+    "test_core_train.py",
+    "test_datasets_raw.py",
+    "test_launchers.py",
+    "test_ddp.py",
+    "test_fidelity.py",
+    "test_examples.py",
+    "test_fast_path.py",
+    "test_sweep.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
 
 # --------------------------------------------------------------------------- tiny encoders
 
