@@ -141,8 +141,11 @@ def train_one_epoch(
         totals += torch.stack([loss.detach() * len(labels), (out["logits"].argmax(1) == labels).sum()])
         seen += len(labels)
         present = [key for key in EPOCH_MEANS if key in modulator.stats]
-        for key in present:
-            modulation_sums[key] = modulation_sums.get(key, 0) + modulator.stats[key]
+        for key in present:  # summed in place: no new tensor per step
+            if key in modulation_sums:
+                modulation_sums[key].add_(modulator.stats[key])
+            else:
+                modulation_sums[key] = modulator.stats[key].detach().clone()
         modulation_steps += bool(present)
         state.global_step += 1
         if step % cfg.log_every == 0 or step == len(loader) - 1:

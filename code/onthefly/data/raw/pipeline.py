@@ -296,15 +296,7 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
             f"val {counts['val']} / test {counts['test']}; {old['num_skipped']} skipped); nothing to do",
             run.quiet,
         )
-        return {
-            "status": "up_to_date",
-            "clips": len(cached_ids),
-            "skipped": old["num_skipped"],
-            "reused": len(cached_ids),
-            "processed": 0,
-            "split_counts": counts,
-            "out": run.out,
-        }
+        return _reused_summary("up_to_date", run, old, len(cached_ids), counts)
     index, splits = _index_for(cached_ids, run.by_id, run.indexing, run.root, run.grouped)
     index["offsets"] = cached_offsets
     counts = _split_counts(splits)
@@ -314,11 +306,16 @@ def reuse_finished(run: Plan) -> dict[str, Any] | None:
         f"test {counts['test']}); frames and audio unchanged",
         run.quiet,
     )
+    return _reused_summary("resplit", run, old, len(cached_ids), counts)
+
+
+def _reused_summary(status: str, run: Plan, meta: dict, clips: int, counts: dict) -> dict:
+    """The summary of a run that decoded nothing: every clip came from the existing cache."""
     return {
-        "status": "resplit",
-        "clips": len(cached_ids),
-        "skipped": old["num_skipped"],
-        "reused": len(cached_ids),
+        "status": status,
+        "clips": clips,
+        "skipped": meta["num_skipped"],
+        "reused": clips,
         "processed": 0,
         "split_counts": counts,
         "out": run.out,
