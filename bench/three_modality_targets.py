@@ -18,18 +18,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODALITIES = ("audio", "visual", "scan")
+MODALITIES = ("audio", "visual", "scan")  # the default; --modalities picks others
 METHODS = ("none", "OGM", "OGM_GE", "OPM", "OGM_GE_OPM")
 
 
-def train(out: Path, name: str, args: list[str]) -> Path:
+def train(out: Path, name: str, args: list[str], modalities: tuple[str, ...]) -> Path:
     run_dir = out / name
     if not (run_dir / "test_metrics.json").exists():
         cmd = [
             sys.executable,
             str(REPO / "code" / "train.py"),
             "--avdigits_modalities",
-            ",".join(MODALITIES),
+            ",".join(modalities),
             "--output_dir",
             str(out),
             "--run_name",
@@ -58,13 +58,13 @@ def best_epoch(run_dir: Path) -> dict:
     return max(records, key=lambda r: (r["val_acc"], -r["epoch"]))
 
 
-def measure(out: Path, seed: int, extra: list[str], with_probe: bool) -> dict:
-    joint = train(out, f"joint_none_seed{seed}", ["--seed", str(seed), *extra])
+def measure(out: Path, seed: int, extra: list[str], with_probe: bool, modalities: tuple[str, ...]) -> dict:
+    joint = train(out, f"joint_none_seed{seed}", ["--seed", str(seed), *extra], modalities)
     row = {"seed": seed, "joint": best_epoch(joint)["val_acc"]}
     best = best_epoch(joint)
     probes = probe(joint)["modalities"] if with_probe else {}
-    for m in MODALITIES:
-        alone = train(out, f"{m}_alone_seed{seed}", ["--seed", str(seed), "--modality", m, *extra])
+    for m in modalities:
+        alone = train(out, f"{m}_alone_seed{seed}", ["--seed", str(seed), "--modality", m, *extra], modalities)
         row[f"alone_{m}"] = best_epoch(alone)["val_acc"]
         row[f"head_{m}"] = best[f"val_acc_{m}"]
         if with_probe:
@@ -76,9 +76,9 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def table(rows: list[dict], with_probe: bool) -> str:
-    cols = ["joint"] + [f"alone_{m}" for m in MODALITIES] + [f"head_{m}" for m in MODALITIES]
-    cols += [f"probe_{m}" for m in MODALITIES] if with_probe else []
+def table(rows: list[dict], with_probe: bool, modalities: tuple[str, ...]) -> str:
+    cols = ["joint"] + [f"alone_{m}" for m in modalities] + [f"head_{m}" for m in modalities]
+    cols += [f"probe_{m}" for m in modalities] if with_probe else []
     mean = {c: sum(r[c] for r in rows) / len(rows) for c in cols}
     lines = ["| seed | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in [*rows, {"seed": "mean", **mean}]:
@@ -86,20 +86,25 @@ def table(rows: list[dict], with_probe: bool) -> str:
     gaps = [
         f"{m}: alone - head {100 * (mean[f'alone_{m}'] - mean[f'head_{m}']):+.1f}"
         + (f", alone - probe {100 * (mean[f'alone_{m}'] - mean[f'probe_{m}']):+.1f}" if with_probe else "")
-        for m in MODALITIES
+        for m in modalities
     ]
     return "\n".join(lines) + "\n\nMean gaps (points): " + "; ".join(gaps) + "\n"
 
 
-def methods_table(out: Path, seed: int, extra: list[str], methods: list[str]) -> tuple[str, list[dict]]:
+def methods_table(
+    out: Path, seed: int, extra: list[str], methods: list[str], modalities: tuple[str, ...]
+) -> tuple[str, list[dict]]:
     rows = []
     for method in methods:
         name = f"joint_{method}_seed{seed}"
-        best = best_epoch(train(out, name, ["--seed", str(seed), "--modulation", method, *extra]))
-        rows.append({"method": method, "val_acc": best["val_acc"], **{m: best[f"val_acc_{m}"] for m in MODALITIES}})
-    lines = ["| method | fused | " + " | ".join(f"head {m}" for m in MODALITIES) + " |", "|---" * 5 + "|"]
+        best = best_epoch(train(out, name, ["--seed", str(seed), "--modulation", method, *extra], modalities))
+        rows.append({"method": method, "val_acc": best["val_acc"], **{m: best[f"val_acc_{m}"] for m in modalities}})
+    lines = [
+        "| method | fused | " + " | ".join(f"head {m}" for m in modalities) + " |",
+        "|---" * (len(modalities) + 2) + "|",
+    ]
     lines += [
-        f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in MODALITIES) + " |" for r in rows
+        f"| {r['method']} | {pct(r['val_acc'])} | " + " | ".join(pct(r[m]) for m in modalities) + " |" for r in rows
     ]
     return "\n".join(lines) + "\n", rows
 
@@ -111,19 +116,24 @@ def main() -> int:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="run at the first seed ('' for none)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra train.py options for every run")
     ap.add_argument("--no_probe", action="store_true")
+    ap.add_argument("--modalities", default=",".join(MODALITIES), help="AV-Digits streams, comma-separated")
     opts = ap.parse_args()
     out = Path(opts.out)
     extra = [f"--{kv}" for kv in opts.set]
-    rows = [measure(out, s, extra, not opts.no_probe) for s in opts.seeds]
-    text = "Validation accuracy (%), best epoch of each run:\n\n" + table(rows, not opts.no_probe)
+    modalities = tuple(opts.modalities.split(","))
+    rows = [measure(out, s, extra, not opts.no_probe, modalities) for s in opts.seeds]
+    text = "Validation accuracy (%), best epoch of each run:\n\n" + table(rows, not opts.no_probe, modalities)
     method_rows = []
     if opts.methods:
-        methods_text, method_rows = methods_table(out, opts.seeds[0], extra, opts.methods)
+        methods_text, method_rows = methods_table(out, opts.seeds[0], extra, opts.methods, modalities)
         text += f"\nEvery method, seed {opts.seeds[0]} (validation %, best epoch):\n\n" + methods_text
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "targets.md").write_text(text)
-    (out / "targets.json").write_text(json.dumps({"seeds": rows, "methods": method_rows, "set": opts.set}, indent=1))
+    record = {"seeds": rows, "methods": method_rows, "set": opts.set, "modalities": list(modalities)}
+    # The code and machine of the runs (each run folder also keeps its own environment.json).
+    record["environment"] = json.loads((out / f"joint_none_seed{opts.seeds[0]}" / "environment.json").read_text())
+    (out / "targets.json").write_text(json.dumps(record, indent=1))
     return 0
 
 
