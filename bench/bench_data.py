@@ -103,7 +103,7 @@ def build_cache(out: Path, wavs: list[str], jpgs: list[str], frames_per_clip: in
     """A cremad cache of these media, made with the preprocessing's own functions."""
     import cv2
 
-    from onthefly.data import cache as C
+    from onthefly.data.cache.writer import CacheWriter
     from onthefly.data.raw.cremad import DEFAULTS
     from onthefly.data.raw.media import load_audio_file, log_spectrogram, to_square
 
@@ -114,7 +114,7 @@ def build_cache(out: Path, wavs: list[str], jpgs: list[str], frames_per_clip: in
         "audio": ("spectrogram", (1, 257, 188), "float16", n),
         "visual": ("frames", (3, side, side), "uint8", n * frames_per_clip),
     }
-    w = C.CacheWriter(str(out), arrays)
+    w = CacheWriter(str(out), arrays)
     squares = [cv2.cvtColor(to_square(cv2.imread(j), side), cv2.COLOR_BGR2RGB).transpose(2, 0, 1) for j in jpgs]
     for i, wav in enumerate(wavs):
         w.maps["audio"][i] = log_spectrogram(load_audio_file(wav, p), p)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     from argparse import Namespace
 
-    from onthefly.data.cache import cache_build
+    from onthefly.data.cache.registration import cache_build
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp_path = Path(tmp)

@@ -26,14 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 # the longest (measured) keeps their totals close: longest-processing-time-first scheduling.
 LONGEST_FILES_FIRST = (
     "test_fault_tolerance.py",
-    "test_core_train.py",
-    "test_datasets_raw.py",
     "test_launchers.py",
-    "test_ddp.py",
     "test_fidelity.py",
-    "test_examples.py",
+    "test_datasets_raw.py",
     "test_fast_path.py",
     "test_sweep.py",
+    "test_ddp.py",
+    "test_core_models.py",
+    "test_examples.py",
+    "test_imports.py",
+    "test_three_modalities.py",
+    "test_core_train.py",
+    "test_core_modulation.py",
+    "test_datasets_cache.py",
 )
 
 

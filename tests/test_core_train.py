@@ -9,7 +9,10 @@ import torch
 
 from onthefly import infer, runner
 
+# Quarter-width ResNet18 encoders (the layout is ResNet18's, tests/test_core_models.py): resuming,
+# outputs and inference do not depend on the width, and full width costs about 6x per epoch.
 TINY = ["--limit_samples", "96", "--batch_size", "32", "--device", "cpu", "--deterministic", "--log_every", "1"]
+TINY += ["--encoder_width", "16"]
 
 
 def train(tmp_path: Path, *args: str) -> int:

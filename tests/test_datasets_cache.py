@@ -7,19 +7,21 @@ import contextlib
 import csv
 import io
 import json
-import os
 import pickle
 import random
-import signal
 import time
 from argparse import Namespace
 from pathlib import Path
 
+import decoder_stubs  # tests/: the pool's workers import it by name
 import numpy as np
 import pytest
 import torch
 
-from onthefly.data import cache as C
+from onthefly.data.cache import format as cache_format
+from onthefly.data.cache.dataset import pick_frames
+from onthefly.data.cache.format import FLOW_HALF, IMAGENET_MEAN
+from onthefly.data.cache.writer import CacheWriter, write_skipped
 from onthefly.data.raw.cli import main as cli_main
 from onthefly.data.raw.media import flow_to_uint8
 from onthefly.data.raw.splits import assign_splits
@@ -47,15 +49,15 @@ def write_synthetic(
         arrays["flow"] = ("frames", (2, SIDE, SIDE), "uint8", total)
     else:
         arrays = {"audio": ("spectrogram", spec, "float16", n), **arrays}
-    w = C.CacheWriter(str(out), arrays)
+    w = CacheWriter(str(out), arrays)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE]
     row = 0
     for i, c in enumerate(counts):
         for f in range(c):
             w.maps["visual"][row] = np.stack([xx, yy, np.full_like(xx, f)])
             if flow:
-                w.maps["flow"][row, 0] = C.FLOW_HALF + 10  # moving right
-                w.maps["flow"][row, 1] = C.FLOW_HALF
+                w.maps["flow"][row, 0] = FLOW_HALF + 10  # moving right
+                w.maps["flow"][row, 1] = FLOW_HALF
             row += 1
         if not flow:
             w.maps["audio"][i] = i
@@ -83,17 +85,17 @@ def ns(path: Path, **kw) -> Namespace:
 
 
 def test_pick_frames():
-    assert C.pick_frames(10, 3, train=False) == [1, 5, 8]
-    assert C.pick_frames(1, 3, train=False) == [0, 0, 0]
-    assert C.pick_frames(4, 1, train=False) == [2]
+    assert pick_frames(10, 3, train=False) == [1, 5, 8]
+    assert pick_frames(1, 3, train=False) == [0, 0, 0]
+    assert pick_frames(4, 1, train=False) == [2]
     rng = random.Random(0)
     for count in (1, 2, 3, 7):
         for _ in range(50):
-            p = C.pick_frames(count, 3, train=True, rng=rng)
+            p = pick_frames(count, 3, train=True, rng=rng)
             assert p == sorted(p) and all(0 <= i < count for i in p)
             if count >= 3:
                 assert len(set(p)) == 3
-    seen = {tuple(C.pick_frames(7, 3, True, rng)) for _ in range(200)}
+    seen = {tuple(pick_frames(7, 3, True, rng)) for _ in range(200)}
     assert len(seen) > 10  # training picks vary
 
 
@@ -114,8 +116,8 @@ def test_shared_crop_flip_and_frame_order(tmp_path):
             flips.add(bool(flipped))
             assert np.all(np.abs(np.diff(x[0, 0])) == 1)  # a contiguous crop
             # the flow's u changes sign exactly when the frames are flipped
-            assert (f[0] == (C.FLOW_HALF - 10 if flipped else C.FLOW_HALF + 10)).all()
-            assert (f[1] == C.FLOW_HALF).all()
+            assert (f[0] == (FLOW_HALF - 10 if flipped else FLOW_HALF + 10)).all()
+            assert (f[1] == FLOW_HALF).all()
             assert list(v[2, :, 0, 0]) == sorted(v[2, :, 0, 0])  # frames in time order
     assert flips == {True, False}
     ev = get_dataset_entry("ucf101").build(ns(tmp_path, num_frames=3), "val")
@@ -143,7 +145,7 @@ def test_official_rule_shares_its_draw_between_frames_and_flow(tmp_path):
         assert (v[0] == v[0][0:1]).all()  # one region for the 3 frames
         flipped = v[0, 0, 0, 0] > v[0, 0, 0, -1]
         flips.add(bool(flipped))
-        assert (f[0] == (C.FLOW_HALF - 10 if flipped else C.FLOW_HALF + 10)).all()  # the frames' flip, u negated
+        assert (f[0] == (FLOW_HALF - 10 if flipped else FLOW_HALF + 10)).all()  # the frames' flip, u negated
     assert flips == {True, False}
     ucf = tmp_path / "ucf"
     write_synthetic(ucf, flow=True)
@@ -158,7 +160,7 @@ def test_info_and_audio_items(tmp_path):
     assert info.class_names == ("a", "b") and info.num_classes == 2
     audio, visual = info.modalities
     assert audio.kind == "spectrogram" and audio.shape == (1, 5, 7)
-    assert visual.shape == (3, 1, CROP, CROP) and visual.mean == C.IMAGENET_MEAN
+    assert visual.shape == (3, 1, CROP, CROP) and visual.mean == IMAGENET_MEAN
     ds = entry.build(ns(tmp_path), "train")
     item = ds[2]
     assert item["audio"].dtype == torch.float32 and float(item["audio"][0, 0, 0]) == 2.0
@@ -197,7 +199,7 @@ def test_flow_quantisation():
     f = np.array([[[-30.0, 0.0], [20.0, 5.0]]], dtype=np.float32)
     q = flow_to_uint8(f, 20.0)
     assert q.tolist() == [[[0, 127], [254, 159]]]
-    assert (2 * C.FLOW_HALF - q[..., 0]).tolist() == flow_to_uint8(-f, 20.0)[..., 0].tolist()
+    assert (2 * FLOW_HALF - q[..., 0]).tolist() == flow_to_uint8(-f, 20.0)[..., 0].tolist()
 
 
 def test_split_rules():
@@ -226,30 +228,15 @@ def test_split_rules():
         assign_splits([0, 1], ["train", "test"], None, 0.1, 0.1, seed=0)
 
 
-def _crash_on_b(job, marker):
-    if job.clip_id == "b":
-        os._exit(1)  # a decoder taking its process down
-    return job.clip_id, "ok", marker
-
-
 def test_worker_crash_skips_only_that_clip():
     from onthefly.data.raw.common import ClipJob
     from onthefly.data.raw.pool import run_jobs
 
     jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcde"]
-    results = {r[0]: r for r in run_jobs(_crash_on_b, jobs, ("m",), workers=2)}
+    results = {r[0]: r for r in run_jobs(decoder_stubs.crash_on_b, jobs, ("m",), workers=2)}
     assert set(results) == set("abcde")
     assert results["b"][1] == "skip" and "crashed" in results["b"][2][0]
     assert all(results[c][1:] == ("ok", "m") for c in "acde")
-
-
-def _hang_on_b_segfault_on_c(job, folder):
-    open(os.path.join(folder, str(os.getpid())), "w").close()  # every worker that ran a clip
-    if job.clip_id == "b":
-        time.sleep(3600)  # a decoder that never returns (a named pipe, a stalled mount)
-    if job.clip_id == "c":
-        os.kill(os.getpid(), signal.SIGSEGV)  # a decoder that segfaults
-    return job.clip_id, "ok", None
 
 
 def test_a_hung_and_a_segfaulting_clip_are_reported_and_no_worker_outlives_the_run(tmp_path):
@@ -258,7 +245,8 @@ def test_a_hung_and_a_segfaulting_clip_are_reported_and_no_worker_outlives_the_r
 
     jobs = [ClipJob(clip_id=c, label=0, video=f"/x/{c}.mp4") for c in "abcdefg"]
     t0 = time.time()
-    results = {r[0]: r for r in run_jobs(_hang_on_b_segfault_on_c, jobs, (str(tmp_path),), workers=2, timeout=2)}
+    stub = decoder_stubs.hang_on_b_segfault_on_c
+    results = {r[0]: r for r in run_jobs(stub, jobs, (str(tmp_path),), workers=2, timeout=2)}
     assert time.time() - t0 < 60
     assert set(results) == set("abcdefg")
     assert results["b"][1] == "skip" and "--clip_timeout 2 s" in results["b"][2][0]
@@ -318,7 +306,7 @@ def test_class_names_checked_against_the_index(tmp_path):
     write_synthetic(tmp_path, dataset="cremad")
     meta = json.loads((tmp_path / "meta.json").read_text())
     meta["class_names"] = ["b", "a"]
-    meta["checksum"] = C.format.meta_checksum(meta)
+    meta["checksum"] = cache_format.meta_checksum(meta)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="index.json: its class names differ from meta.json"):
         get_dataset_entry("cremad").build(ns(tmp_path), "train")
@@ -354,8 +342,8 @@ def test_damage_anywhere_in_an_array_is_refused(tmp_path):
 def test_nan_between_sampled_blocks_stops_at_the_sample_and_in_verify(tmp_path, monkeypatch):
     """Above FULL_HASH_BYTES only blocks are hashed at open: a NaN elsewhere is caught when its
     sample is read, and by --verify (here with the limit lowered so a test file is "large")."""
-    monkeypatch.setattr(C.format, "FULL_HASH_BYTES", 1 << 20)
-    monkeypatch.setattr(C.format, "FP_BLOCKS", 4)
+    monkeypatch.setattr(cache_format, "FULL_HASH_BYTES", 1 << 20)
+    monkeypatch.setattr(cache_format, "FP_BLOCKS", 4)
     write_synthetic(tmp_path, n=72, frames_per_clip=[1] * 72, dataset="cremad", spec=SPEC)
     code, text = cli_verify(tmp_path)
     assert code == 0 and "verified (72 clips" in text and text.count("\n") == 0
@@ -373,7 +361,7 @@ def test_nan_between_sampled_blocks_stops_at_the_sample_and_in_verify(tmp_path, 
 
 def test_skipped_report_quotes_tabs_and_line_breaks(tmp_path):
     rows = [("a\tb", "unreadable video", "x/a\tb.mp4"), ("c\nd", "reason with\nnewline", "y.mp4"), ("e", "ok", "")]
-    C.write_skipped(str(tmp_path), rows)
+    write_skipped(str(tmp_path), rows)
     with open(tmp_path / "skipped.tsv", newline="") as f:
         back = list(csv.reader(f, delimiter="\t"))
     assert back == [["clip_id", "reason", "source"], *[list(r) for r in rows]]

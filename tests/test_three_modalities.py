@@ -16,7 +16,7 @@ from onthefly import runner
 from onthefly.analysis.tb import read_scalars
 from onthefly.config import get_args_parser
 from onthefly.data import avdigits as A
-from onthefly.data.cache import FLOW_HALF
+from onthefly.data.cache.format import FLOW_HALF
 from onthefly.data.raw.cli import main as preprocess_main
 from onthefly.data.registry import get_dataset_entry
 

@@ -30,20 +30,11 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import RUN_IDENTITY_KEYS, validate_config
 from .errors import UserError
+from .processes import pid_alive
 
 # Everything a training run writes into its folder (tb/ is a directory).
 RUN_FILES = ("config.json", "environment.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "tb")
 LOCK_NAME = ".lock"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _read_holder(fd: int) -> tuple[int | None, str]:

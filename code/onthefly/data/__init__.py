@@ -1,12 +1,9 @@
 """Datasets, loaders and on-device input presets.
 
-Importing this package registers every dataset module listed below.
+The built-in datasets (avdigits; cremad, kinetics_sounds, ucf101, ave, vggsound from the cache)
+register themselves when first looked up: see registry.BUILTIN_MODULES.
 """
 
-from . import (
-    avdigits,  # noqa: F401  (registers "avdigits")
-    cache,  # noqa: F401  (registers cremad, kinetics_sounds, ucf101, ave, vggsound)
-)
 from .registry import DatasetEntry, dataset_names, get_dataset_entry, register_dataset
 from .spec import DatasetInfo, ModalitySpec
 

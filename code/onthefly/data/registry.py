@@ -14,14 +14,21 @@ A dataset module registers a `DatasetEntry`:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .spec import DatasetInfo
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+# The modules that register the built-in datasets, imported on the first lookup rather than with
+# the package: the preprocessing pool's fork server imports `onthefly.data.raw`, and these pull in
+# torch, seconds of start-up that every decoding worker would inherit for nothing.
+BUILTIN_MODULES = (f"{__package__}.avdigits", f"{__package__}.cache.registration")
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,18 @@ def register_dataset(entry: DatasetEntry) -> DatasetEntry:
     return entry
 
 
+def _import_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)  # a no-op after the first time
+
+
 def get_dataset_entry(name: str) -> DatasetEntry:
+    _import_builtins()
     if name not in _DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_DATASETS))}")
     return _DATASETS[name]
 
 
 def dataset_names() -> list[str]:
+    _import_builtins()
     return sorted(_DATASETS)

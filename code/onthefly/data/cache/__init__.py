@@ -22,48 +22,7 @@ copies, with no decoding, no librosa, no PIL.
     dataset.py       CachedClips, one split as a torch Dataset
     registration.py  the five cached datasets in the registry, with their training defaults
 
-This package imports neither librosa, OpenCV nor PyAV: training from a cache needs none.
+This package imports neither librosa, OpenCV nor PyAV: training from a cache needs none. Its
+modules are imported by name (the package itself imports nothing): preprocessing uses format,
+writer and reader without torch, which dataset and registration need.
 """
-
-from . import registration  # noqa: F401  (registers cremad, kinetics_sounds, ucf101, ave, vggsound)
-from .dataset import CachedClips, pick_frames
-from .format import (
-    CACHE_FORMAT,
-    CACHE_VERSION,
-    FLOW_HALF,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INDEX_FILE,
-    META_FILE,
-    SKIPPED_FILE,
-    SPLITS,
-    file_fingerprint,
-)
-from .reader import CacheReader, check_requested, read_meta, verify_cache
-from .registration import cache_build, cache_info
-from .writer import CacheWriter, owned_arrays, rewrite_index, write_skipped
-
-__all__ = [
-    "CACHE_FORMAT",
-    "CACHE_VERSION",
-    "FLOW_HALF",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INDEX_FILE",
-    "META_FILE",
-    "SKIPPED_FILE",
-    "SPLITS",
-    "CacheReader",
-    "CacheWriter",
-    "CachedClips",
-    "cache_build",
-    "cache_info",
-    "check_requested",
-    "file_fingerprint",
-    "owned_arrays",
-    "pick_frames",
-    "read_meta",
-    "rewrite_index",
-    "verify_cache",
-    "write_skipped",
-]

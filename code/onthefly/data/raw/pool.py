@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, TimeoutError, wait
 from typing import Any
 
-from ...rundir import pid_alive
+from ...processes import pid_alive
 from .common import ClipJob
 
 # A clip's decoding normally takes a second or two; a hung decoder (a named pipe, a stalled
