@@ -230,6 +230,27 @@ def test_report_statistics(tmp_path):
     assert (out / "modality_curves.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
 
 
+def test_contrasts_compare_two_methods_paired_by_seed(tmp_path):
+    protocol(tmp_path, write_grid(tmp_path, {**GRID, "contrasts": [["OPM", "none"]]}), FakeRuns())
+    out = tmp_path / "out"
+    (contrast,) = json.loads((out / "summary.json").read_text())["contrasts"]
+    d = contrast["diff"]
+    # OPM - none by seed: (0.05, 0.01, 0.06); 2 of the 2^3 sign patterns reach |mean| 0.04; the only
+    # contrast, so Holm keeps p = 0.25, which does not survive.
+    assert (contrast["method"], contrast["than"], d["seeds"]) == ("OPM", "none", [0, 1, 2])
+    assert d["mean"] == pytest.approx(0.04) and d["perm_p"] == pytest.approx(0.25)
+    assert d["holm_p"] == pytest.approx(0.25) and d["survives"] is False
+    half = 4.302652729749464 * np.std([0.05, 0.01, 0.06], ddof=1) / np.sqrt(3)  # t_{2, 0.975}
+    assert d["high"] == pytest.approx(0.04 + half)
+    report = (out / "report.md").read_text()
+    assert f"| OPM − none | +4.00 [{100 * (0.04 - half):+.2f}, {100 * (0.04 + half):+.2f}] | 0.250 | 0.250 |" in report
+    # --methods without one of its two methods drops the contrast, not the run
+    assert (
+        gridfile.with_overrides(write_grid(tmp_path, {**GRID, "contrasts": [["OPM", "none"]]}), [], ["OPM"]).contrasts
+        == ()
+    )
+
+
 def test_bootstrap_interval_against_hand_computed_cases():
     # Differences (0, 0, 0, 0, 1): the bootstrap mean is K/5 with K ~ Binomial(5, 0.2), so its
     # 2.5% quantile is 0 (P(K = 0) = 0.33) and its 97.5% quantile 0.6 (P(K <= 2) = 0.942,
@@ -256,6 +277,10 @@ def test_bootstrap_interval_against_hand_computed_cases():
         ({"methods": {"none": {"grid": {"lr": [0.01]}}, "OPM": {"grid": {"q_base": [0.3, 0.5]}}}}, "same budget"),
         ({"common": {"seed": 1}}, "set by the sweep itself"),
         ({"methods": {"none": {"grid": {"epochs": [1, 2]}}}}, "also in common"),
+        ({"contrasts": "OPM"}, "'contrasts' must be a list"),
+        ({"contrasts": [["OPM", "OPM"]]}, "not a pair of two different method names"),
+        ({"contrasts": [["OPM", "OGM"]]}, "OGM not under 'methods'"),
+        ({"contrasts": [["OPM", "none"], ["none", "OPM"]]}, "listed twice"),
     ],
 )
 def test_bad_grid_files_are_refused(tmp_path, change, message):
@@ -635,18 +660,21 @@ def test_verify_without_a_finished_protocol_is_one_line(tmp_path, capsys):
 def test_compare_verdicts_names_a_changed_one():
     from onthefly.experiments.verify import compare_verdicts
 
-    def summary(survives: bool, mean: float) -> dict:
+    def summary(survives: bool, mean: float, contrast_survives: bool = False) -> dict:
         return {
             "rows": [
                 {"method": "none", "diff_to_none": None},
                 {"method": "OPM", "diff_to_none": {"survives": survives, "mean": mean}},
-            ]
+            ],
+            "contrasts": [{"method": "OPM", "than": "OGM", "diff": {"survives": contrast_survives, "mean": 0.01}}],
         }
 
     assert compare_verdicts(summary(True, 0.02), summary(False, 0.01)) == [
-        {"method": "OPM", "before": "better", "after": "no difference shown"}
+        {"method": "OPM", "before": "better", "after": "no difference shown"},
+        {"method": "OPM − OGM", "before": "no difference shown", "after": "no difference shown"},
     ]
     assert compare_verdicts(summary(True, -0.02), summary(True, -0.01))[0]["after"] == "worse"
+    assert compare_verdicts(summary(True, 0.02), summary(True, 0.02, True))[1]["after"] == "better"
 
 
 def test_best_epoch_and_opm_drop_rates_from_metrics(tmp_path):

@@ -120,14 +120,16 @@ def weak_modality(grid: Grid, test: list[RunSpec]) -> tuple[str | None, dict[str
 
 def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any]:
     weak, alone_val = weak_modality(grid, test)
-    base = _test_values([s for s in test if s.method == BASELINE], "acc")
-    comparisons = {
-        m: compare_paired(_test_values([s for s in test if s.method == m], "acc"), base)
-        for m in grid.methods
-        if m != BASELINE
-    }
+    accs = {m: _test_values([s for s in test if s.method == m], "acc") for m in grid.methods}
+    base = accs.get(BASELINE, {})
+    comparisons = {m: compare_paired(accs[m], base) for m in grid.methods if m != BASELINE}
     for method, verdict in holm_verdicts(comparisons).items():
         comparisons[method].update(verdict)
+    # A second family, Holm-adjusted on its own: each contrast asks its own question (is the
+    # on-the-fly rule better than its fixed ablation?), not one more "better than none?".
+    contrasts = {pair: compare_paired(accs[pair[0]], accs[pair[1]]) for pair in grid.contrasts}
+    for pair, verdict in holm_verdicts(contrasts).items():
+        contrasts[pair].update(verdict)
     rows = []
     for method in [*grid.methods, *(f"{m} alone" for m in grid.references)]:
         runs = [s for s in test if s.method == method]
@@ -158,12 +160,14 @@ def summarize(grid: Grid, selection: dict, test: list[RunSpec]) -> dict[str, Any
         "baseline_acc": mean_std(list(base.values())),
         "opm_drop_rates": mean_drop_rates(opm),
         "rows": rows,
+        "contrasts": [{"method": a, "than": b, "diff": d} for (a, b), d in contrasts.items()],
     }
 
 
 def _resolved_options(runs: list[RunSpec], point: dict) -> dict[str, Any]:
     """The selected options as the runs resolved them (config.json), with the defaults they kept."""
-    keys = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
+    shared = ("lr", "weight_decay", "alpha", "ogm_form", "q_base", "lam", "p_exe", "warmup_epochs", "epochs")
+    keys = (*shared, *(k for k in point if k not in shared))  # and the method's own grid options
     for s in runs:
         config = read_json_object(s.run_dir / "config.json")
         if config:
@@ -338,6 +342,20 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
             f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.",
             "",
         ]
+    if summary["contrasts"]:
+        lines += [
+            "**Contrasts** (the grid file's `contrasts`): a method against another one rather than against none, "
+            "with the same statistics, paired by seed; Holm's adjustment runs across the contrasts, a family "
+            "of its own.",
+            "",
+        ]
+        rows = []
+        for c in summary["contrasts"]:
+            d = c["diff"]
+            stats = [_diff_text(d), _p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), verdict_text(d)]
+            rows.append([f"{c['method']} − {c['than']}", *stats, _diff_text(d, "boot_low", "boot_high")])
+        header = ["Contrast", f"Δ [{int(100 * CONFIDENCE)}% t]", "p (sign-flip)", "Holm p", "Verdict", "Bootstrap"]
+        lines += markdown_table(header, rows) + [""]
     late = sum(r["best_epoch"]["late"] for r in summary["rows"])
     runs = sum(len(r["best_epoch"]["per_seed"]) for r in summary["rows"])
     lines += [

@@ -1,5 +1,6 @@
 """The grid file (YAML): the train.py options every run shares, per method a grid of options,
-the tuning and test seeds, and the modalities trained alone as references.
+the tuning and test seeds, the modalities trained alone as references, and the contrasts: pairs
+of methods compared with each other as every method is compared with the baseline.
 
 `load_grid` reads and checks the file's structure; `with_overrides` applies sweep.py's `--set`
 and `--methods`. Whether every run's options are valid train.py options is checked by
@@ -20,7 +21,7 @@ import yaml
 from ..errors import UserError
 from ..yamlio import load_yaml
 
-GRID_KEYS = ("common", "tuning_seeds", "test_seeds", "references", "methods")
+GRID_KEYS = ("common", "tuning_seeds", "test_seeds", "references", "methods", "contrasts")
 # Options the sweep sets itself for every run: a grid file may not set them. print_config would
 # make every run print its options and exit 0 without training.
 RESERVED_OPTIONS = (
@@ -58,6 +59,7 @@ class Grid:
     test_seeds: list[int]
     references: list[str]
     methods: dict[str, MethodGrid]
+    contrasts: tuple[tuple[str, str], ...] = ()  # (method, than): method - than, paired by test seed
 
 
 def _check(ok: bool, path: Path, message: str) -> None:
@@ -154,7 +156,25 @@ def load_grid(path: str | Path) -> Grid:
         "every method needs the same budget (number of grid points); got "
         + ", ".join(f"{k} {v}" for k, v in sizes.items()),
     )
-    return Grid(path, dict(common), tuning, test, list(references), methods)
+    return Grid(path, dict(common), tuning, test, list(references), methods, _contrasts(raw, methods, path))
+
+
+def _contrasts(raw: dict, methods: dict[str, MethodGrid], path: Path) -> tuple[tuple[str, str], ...]:
+    """`contrasts: [[OPM, DROPOUT_UNIFORM], ...]`: each a pair of distinct methods of the file, once."""
+    pairs = raw.get("contrasts") or []
+    _check(isinstance(pairs, list), path, "'contrasts' must be a list of [method, method] pairs")
+    out: list[tuple[str, str]] = []
+    for pair in pairs:
+        _check(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair) and pair[0] != pair[1],
+            path,
+            f"contrasts: {pair!r} is not a pair of two different method names",
+        )
+        unknown = [m for m in pair if m not in methods]
+        _check(not unknown, path, f"contrasts: {', '.join(unknown)} not under 'methods'")
+        _check(tuple(pair) not in out and tuple(pair[::-1]) not in out, path, f"contrasts: {pair} listed twice")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -183,4 +203,5 @@ def with_overrides(grid: Grid, sets: list[str], methods: list[str] | None) -> Gr
     clash = sorted({k for m in chosen.values() for k in m.grid if k in common})
     if clash:
         raise UserError(f"--set: {', '.join(clash)} is a grid option of a method; it cannot be fixed")
-    return Grid(grid.path, common, grid.tuning_seeds, grid.test_seeds, grid.references, chosen)
+    contrasts = tuple(pair for pair in grid.contrasts if set(pair) <= set(chosen))  # of the methods run
+    return Grid(grid.path, common, grid.tuning_seeds, grid.test_seeds, grid.references, chosen, contrasts)

@@ -8,9 +8,10 @@ test_metrics.json is compared with the original's:
   - all equal: "reproduced exactly" (exit 0);
   - some differ: per method and number, the shift of the mean over seeds next to the original's
     seed-to-seed std, then the report's verdicts (better / worse / no difference shown, after
-    Holm) recomputed from the new runs. Exit 0 when every verdict holds and the environment
-    differs (another machine, other libraries: the shifts are expected); exit 1 when a verdict
-    changed, or when numbers differ although the environment is the same.
+    Holm; each method against none, and each contrast) recomputed from the new runs. Exit 0 when
+    every verdict holds and the environment differs (another machine, other libraries: the
+    shifts are expected); exit 1 when a verdict changed, or when numbers differ although the
+    environment is the same.
 """
 
 from __future__ import annotations
@@ -83,10 +84,16 @@ def shifts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _verdicts(summary: dict) -> dict[str, str]:
+    """Every verdict of a report: each method against none, then each contrast."""
+    out = {r["method"]: verdict_text(r["diff_to_none"]) for r in summary["rows"] if r.get("diff_to_none")}
+    out.update({f"{c['method']} − {c['than']}": verdict_text(c["diff"]) for c in summary["contrasts"] if c["diff"]})
+    return out
+
+
 def compare_verdicts(before: dict, after: dict) -> list[dict[str, str]]:
-    """Per compared method: its verdict in the report and recomputed from the rerun."""
-    old = {r["method"]: verdict_text(r["diff_to_none"]) for r in before["rows"] if r.get("diff_to_none")}
-    new = {r["method"]: verdict_text(r["diff_to_none"]) for r in after["rows"] if r.get("diff_to_none")}
+    """Per comparison (a method against none, or a contrast): its verdict in the report and from the rerun."""
+    old, new = _verdicts(before), _verdicts(after)
     return [{"method": m, "before": old[m], "after": new.get(m, "–")} for m in old]
 
 
