@@ -7,7 +7,7 @@
 # again after an interruption. Run as it is (no --out, --grid, --set, --methods), it also copies
 # the report's files to docs/results/benchmark_avdigits/, the results the README cites.
 #
-#   bash scripts/benchmark_avdigits.sh                       # the whole protocol (about 100 min, 2 cores)
+#   bash scripts/benchmark_avdigits.sh                       # the whole protocol (87 min on 2 CPU cores)
 #   bash scripts/benchmark_avdigits.sh --verify              # train its test phase again, compare every number
 #   bash scripts/benchmark_avdigits.sh --jobs 2 --out DIR    # options of code/sweep.py (see --help)
 #   bash scripts/benchmark_avdigits.sh --out /tmp/bm --methods none OPM --set epochs=1 limit_samples=128

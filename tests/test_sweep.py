@@ -230,6 +230,15 @@ def test_report_statistics(tmp_path):
     assert (out / "modality_curves.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("name", ["benchmark_avdigits.yaml", "benchmark_avdigits_resnet18.yaml"])
+def test_the_shipped_grid_files_are_valid(name):
+    """The grid files the README's commands run: every run's options pass train.py's parser and checks."""
+    grid = gridfile.load_grid(Path(__file__).parents[1] / "configs" / name)
+    runspec.check_run_options(grid)
+    sizes = {len(m.points()) for m in grid.methods.values()}
+    assert "none" in grid.methods and sizes == {6} and len(grid.test_seeds) == 10
+
+
 def test_contrasts_compare_two_methods_paired_by_seed(tmp_path):
     protocol(tmp_path, write_grid(tmp_path, {**GRID, "contrasts": [["OPM", "none"]]}), FakeRuns())
     out = tmp_path / "out"
