@@ -46,6 +46,13 @@ def test_sign_flip_p_by_hand_and_by_enumeration():
     assert sign_flip_p([1, 2, 3]) == pytest.approx(2 / 8)  # sums 6, 4, 2, 0, 0, -2, -4, -6
     assert sign_flip_p([1, 1]) == pytest.approx(2 / 4)  # sums 2, 0, 0, -2: ties count
     assert sign_flip_p(ISSUE_DIFFS) == pytest.approx(_brute_force_p(ISSUE_DIFFS))
+    # Accuracies out of 300 whose correct counts differ by (+1, +1, +1, -1): sum 2 of 4 steps; every
+    # pattern but the 6 with sum 0 reaches |sum| 2, p = 10/16, whether the accuracies are exact floats
+    # or written with 10 digits (as a CSV may hold them; unrounded, the ties broke to 6/16).
+    method, baseline = [215, 266, 252, 272], [214, 265, 251, 273]
+    exact = [m / 300 - b / 300 for m, b in zip(method, baseline)]
+    ten_digits = [float(f"{m / 300:.10g}") - float(f"{b / 300:.10g}") for m, b in zip(method, baseline)]
+    assert sign_flip_p(exact) == sign_flip_p(ten_digits) == pytest.approx(10 / 16)
     rng = np.random.default_rng(0)
     for _ in range(3):
         d = rng.normal(0.5, 1.0, size=10).round(2).tolist()  # rounded: ties between patterns do occur

@@ -253,7 +253,8 @@ def write_per_seed_csv(path: Path, test: list[RunSpec]) -> None:
     w = csv.writer(buf)
     w.writerow(["method", "seed", *keys])
     for method, seed, data in sorted(rows, key=lambda r: (r[0], r[1])):
-        w.writerow([method, seed, *("" if data.get(k) is None else f"{data[k]:.10g}" for k in keys)])
+        # repr: the shortest text that reads back as the same float, so a recomputation is exact
+        w.writerow([method, seed, *("" if data.get(k) is None else repr(float(data[k])) for k in keys)])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -26,6 +26,11 @@ ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 MAX_EXACT_SEEDS = 20  # 2^20 sign patterns: enumerating more would take minutes and gigabytes
+# Accuracies are ratios of counts, so many sign patterns tie the observed mean exactly, and a tie
+# must count (|mean| >= observed) whether the values came from test_metrics.json or from the
+# 10-digit per_seed.csv. Rounding the differences to 1e-9 makes the two identical; scipy's own
+# relative tolerance (~1e-14) then absorbs the summation order.
+TIE_DECIMALS = 9
 
 
 def paired_differences(method: Mapping[int, float], baseline: Mapping[int, float]) -> tuple[list[int], np.ndarray]:
@@ -49,7 +54,7 @@ def t_interval(d: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, 
 
 def sign_flip_p(d: Sequence[float]) -> float:
     """Exact two-sided sign-flip permutation p-value of the mean of d (all 2^n patterns)."""
-    d = np.asarray(d, dtype=np.float64)
+    d = np.round(np.asarray(d, dtype=np.float64), TIE_DECIMALS)
     if not 1 <= len(d) <= MAX_EXACT_SEEDS:
         raise ValueError(f"the exact sign-flip test takes 1 to {MAX_EXACT_SEEDS} differences (got {len(d)})")
     # The sign-flip null distribution is symmetric, so scipy's two-sided p (twice the smaller
