@@ -53,6 +53,13 @@ def test_sign_flip_p_by_hand_and_by_enumeration():
     exact = [m / 300 - b / 300 for m, b in zip(method, baseline)]
     ten_digits = [float(f"{m / 300:.10g}") - float(f"{b / 300:.10g}") for m, b in zip(method, baseline)]
     assert sign_flip_p(exact) == sign_flip_p(ten_digits) == pytest.approx(10 / 16)
+    # Ten seeds of accuracies out of 300, against the enumeration in integer counts (no float at all).
+    for seed in range(20):
+        counts = np.random.default_rng(seed).integers(230, 260, size=(2, 10))
+        diff = counts[0] - counts[1]
+        patterns = [abs(sum(s * x for s, x in zip(signs, diff))) for signs in itertools.product((1, -1), repeat=10)]
+        want = sum(p >= abs(diff.sum()) for p in patterns) / 1024
+        assert sign_flip_p([m / 300 - b / 300 for m, b in zip(*counts)]) == want, seed
     rng = np.random.default_rng(0)
     for _ in range(3):
         d = rng.normal(0.5, 1.0, size=10).round(2).tolist()  # rounded: ties between patterns do occur
