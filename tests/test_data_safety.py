@@ -120,7 +120,11 @@ _POOL_SCRIPT = textwrap.dedent(
     from onthefly.data.raw.pool import run_jobs
 
     def slow(job, folder):
-        open(os.path.join(folder, str(os.getpid())), "w").close()  # tell the test this worker runs
+        # tell the test this worker runs, and what it has imported (written whole, then renamed)
+        partial = os.path.join(os.path.dirname(folder), f"{os.getpid()}.partial")
+        with open(partial, "w") as f:
+            f.write(" ".join(m for m in ("torch", "torchvision") if m in sys.modules))
+        os.rename(partial, os.path.join(folder, str(os.getpid())))
         time.sleep(120)
         return job.clip_id, "ok", None
 
@@ -171,6 +175,9 @@ def test_sigkill_of_the_pool_owner_leaves_no_process_alive(tmp_path):
             time.sleep(0.2)
         family = _descendants(proc.pid)  # workers, the fork server, the resource tracker
         assert {int(p.name) for p in started.iterdir()} <= family
+        # Forked from a server that preloads the decoders (data/raw/warm.py) and nothing of torch:
+        # torch would cost each worker seconds of start-up and decoding never uses it.
+        assert [p.read_text() for p in started.iterdir()] == ["", ""]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
