@@ -43,6 +43,8 @@ CONFTEST = Path(__file__).with_name("conftest.py")
 TINY = ["--limit_samples", "8", "--batch_size", "4", "--device", "cpu", "--deterministic", "--run_name", "run"]
 # 3 epochs of 2 steps; OGM-GE draws noise every step, so exact resumption needs the RNG state.
 KILL_ARGS = [*TINY, "--epochs", "3", "--modulation", "OGM_GE", "--modulation_starts", "1", "--log_every", "1"]
+# One epoch of OGM that skips a batch with non-finite values instead of stopping.
+SKIP_ARGS = [*TINY, "--epochs", "1", "--modulation", "OGM", "--nonfinite", "skip", "--no-eval_test"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -264,20 +266,7 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tiny_encoders, tmp_p
 
 def test_nonfinite_skip_drops_only_the_bad_batch(tiny_encoders, tmp_path, capsys, monkeypatch):
     Injection(monkeypatch, at_step=1, what="inf gradient")
-    rc = runner.main(
-        [
-            *TINY,
-            "--epochs",
-            "1",
-            "--modulation",
-            "OGM",
-            "--nonfinite",
-            "skip",
-            "--no-eval_test",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    rc = runner.main([*SKIP_ARGS, "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 0 and "skipped a batch with a non-finite loss or gradient (epoch 0, step 1)" in err
     (record,) = metrics(tmp_path / "run")
@@ -586,20 +575,7 @@ def test_an_epoch_whose_every_batch_was_skipped_stops_the_run(tiny_encoders, tmp
         next(p for group in modulator.groups for p in group).grad[0].fill_(float("inf"))
 
     monkeypatch.setattr(Modulator, "modulate_gradients", always_inf)
-    rc = runner.main(
-        [
-            *TINY,
-            "--epochs",
-            "1",
-            "--modulation",
-            "OGM",
-            "--nonfinite",
-            "skip",
-            "--no-eval_test",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    rc = runner.main([*SKIP_ARGS, "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3 and "every batch of epoch 0 had a non-finite loss or gradient and was skipped" in err[-1], err
     assert not (tmp_path / "run" / "last.pt").exists()
