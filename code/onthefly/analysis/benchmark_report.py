@@ -300,13 +300,15 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         f"- **Bootstrap [{int(100 * CONFIDENCE)}%]** (secondary): percentile bootstrap interval of the mean difference "
         f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); with few seeds it cannot "
         "reach past the observed differences and is too narrow.",
-        f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of "
-        "the fusion head).",
-        f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on "
-        "val, test accuracy); "
-        "for a reference row, the probe of its own encoder.",
-        "",
     ]
+    if weak:
+        lines += [
+            f"- **Head {weak}**: test accuracy of the joint model's unimodal logits z_{weak} (its share of "
+            "the fusion head).",
+            f"- **Probe {weak}**: linear probe on the frozen {weak} encoder (fitted on train, L2 chosen on "
+            "val, test accuracy); for a reference row, the probe of its own encoder.",
+        ]
+    lines.append("")
     header = [
         "Method",
         "Seeds",
@@ -318,8 +320,7 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         "Holm p",
         "Verdict",
         f"Bootstrap [{int(100 * CONFIDENCE)}%]",
-        f"Head {weak}",
-        f"Probe {weak}",
+        *([f"Head {weak}", f"Probe {weak}"] if weak else []),
         "Best epoch / plateau",
         "Selected (val acc)",
     ]
@@ -333,14 +334,20 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
         d = r["diff_to_none"]
         stats = [format_stat(r[k]) for k in ("acc", "macro_f1")] + [_diff_text(d), base_std if d else "–"]
         stats += [_p_text(d and d["perm_p"]), _p_text(d and d["holm_p"]), verdict_text(d)]
-        stats += [_diff_text(d, "boot_low", "boot_high")] + [format_stat(r[k]) for k in ("weak_head", "weak_probe")]
+        stats += [_diff_text(d, "boot_low", "boot_high")]
+        stats += [format_stat(r[k]) for k in ("weak_head", "weak_probe")] if weak else []
         rows.append([r["method"], str(len(r["seeds"])), *stats, _epochs_text(r["best_epoch"]), selected])
     lines += markdown_table(header, rows) + [""]
     if summary["opm_drop_rates"]:
         rates = ", ".join(f"q_{m} {q:.3f}" for m, q in summary["opm_drop_rates"].items())
         lines += [
             "OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
-            f"{rates}; DROPOUT_UNIFORM's selected drop_prob is to be read against them.",
+            f"{rates}"
+            + (
+                "; DROPOUT_UNIFORM's selected drop_prob is to be read against them."
+                if "DROPOUT_UNIFORM" in grid.methods
+                else "."
+            ),
             "",
         ]
     if summary["contrasts"]:
