@@ -230,6 +230,31 @@ def test_report_statistics(tmp_path):
     assert (out / "modality_curves.png").stat().st_size > 0 and (out / "sensitivity.png").stat().st_size > 0
 
 
+class FakeOPMDropRates(FakeRuns):
+    """FakeRuns whose OPM runs log a drop probability per epoch, as train.py's metrics.jsonl does."""
+
+    def __call__(self, job, argv, env):
+        code = super().__call__(job, argv, env)
+        if job.kind != "probe" and job.spec.method == "OPM":
+            path = job.spec.run_dir / "metrics.jsonl"
+            epochs = [json.loads(line) for line in path.read_text().splitlines()]
+            for epoch, q in zip(epochs, (0.1, 0.3)):
+                epoch.update(train_q_audio=q, train_q_visual=None)
+            path.write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        return code
+
+
+def test_report_without_references_or_uniform_dropout(tmp_path):
+    """A grid with no trained-alone references has no weak modality: no 'Head'/'Probe' columns
+    (not 'Head None'); without DROPOUT_UNIFORM, OPM's drop rates are not read against it."""
+    protocol(tmp_path, write_grid(tmp_path, {**GRID, "references": []}), FakeOPMDropRates())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No trained-alone references, so no weak modality." in report
+    assert "None" not in report and "Head" not in report and "Probe" not in report
+    # q_audio 0.1 and 0.3 over the two epochs of each of the three test seeds: mean 0.2
+    assert "its selected point): q_audio 0.200." in report and "DROPOUT_UNIFORM" not in report
+
+
 @pytest.mark.parametrize("name", ["benchmark_avdigits.yaml", "benchmark_avdigits_resnet18.yaml"])
 def test_the_shipped_grid_files_are_valid(name):
     """The grid files the README's commands run: every run's options pass train.py's parser and checks."""
