@@ -340,14 +340,10 @@ def _markdown(grid: Grid, summary: dict, selection: dict, figures: list[tuple[st
     lines += markdown_table(header, rows) + [""]
     if summary["opm_drop_rates"]:
         rates = ", ".join(f"q_{m} {q:.3f}" for m, q in summary["opm_drop_rates"].items())
+        if "DROPOUT_UNIFORM" in grid.methods:
+            rates += "; DROPOUT_UNIFORM's selected drop_prob is to be read against them"
         lines += [
-            "OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): "
-            f"{rates}"
-            + (
-                "; DROPOUT_UNIFORM's selected drop_prob is to be read against them."
-                if "DROPOUT_UNIFORM" in grid.methods
-                else "."
-            ),
+            f"OPM's measured drop probabilities (mean over epochs and test seeds of its selected point): {rates}.",
             "",
         ]
     if summary["contrasts"]:
